@@ -1,0 +1,98 @@
+// Argument checks and the memory-layout view shared by the CPU and CUDA kernels.
+//
+// Every op sees its (N, C, *) activations as (outer, C, inner): NCHW-contiguous tensors have
+// outer = N and inner = H * W; channels_last tensors (and NCHW ones with inner == 1) have
+// outer = N * H * W and inner = 1, so the channel index varies fastest.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <string>
+
+namespace nasprune {
+
+struct ChannelView {
+  int64_t outer = 0, channels = 0, inner = 0;
+  bool channels_last = false;  // true: element (o, c) sits at o * channels + c
+  at::MemoryFormat format = at::MemoryFormat::Contiguous;
+  int64_t per_channel() const { return outer * inner; }
+};
+
+inline ChannelView channel_view(const at::Tensor& z, const char* name) {
+  TORCH_CHECK(z.dim() >= 2, name, " must have shape (N, C, ...), got ", z.sizes());
+  TORCH_CHECK(at::isFloatingType(z.scalar_type()) && z.scalar_type() != at::kDouble,
+              name, " must be float32, float16 or bfloat16, got ", z.scalar_type());
+  ChannelView v;
+  v.channels = z.size(1);
+  const int64_t n = z.size(0);
+  const int64_t inner = v.channels == 0 || n == 0 ? 0 : z.numel() / (n * v.channels);
+  const bool cl = z.dim() == 4 && !z.is_contiguous() &&
+                  z.is_contiguous(at::MemoryFormat::ChannelsLast);
+  v.format = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  v.channels_last = cl || inner == 1;
+  v.outer = v.channels_last ? n * inner : n;
+  v.inner = v.channels_last ? 1 : inner;
+  return v;
+}
+
+// The tensor in the layout channel_view chose for `like` (a no-op when already there).
+inline at::Tensor in_layout(const at::Tensor& t, const ChannelView& v) {
+  return t.contiguous(v.format);
+}
+
+inline void check_act(const std::string& act) {
+  TORCH_CHECK(act == "identity" || act == "relu",
+              "act must be \"identity\" or \"relu\", got \"", act, "\"");
+}
+
+inline bool is_relu(const std::string& act) {
+  check_act(act);
+  return act == "relu";
+}
+
+// Checks one per-channel parameter and returns it as a contiguous fp32 vector.
+inline at::Tensor channel_param(const at::Tensor& p, const char* name, int64_t channels,
+                                const at::Tensor& z) {
+  TORCH_CHECK(p.dim() == 1 && p.size(0) == channels, name, " must have shape (", channels,
+              ",) to match the output channels, got ", p.sizes());
+  TORCH_CHECK(at::isFloatingType(p.scalar_type()), name, " must be a floating tensor, got ",
+              p.scalar_type());
+  TORCH_CHECK(p.device() == z.device(), name, " is on ", p.device(), " but z is on ",
+              z.device());
+  return p.to(at::kFloat).contiguous();
+}
+
+// Per output channel: the z channel that feeds it, or -1 (an all-zero output channel).
+// Without out_index this is the identity map and z has as many channels as the gate.
+inline at::Tensor source_channels(const c10::optional<at::Tensor>& out_index,
+                                  int64_t out_channels, const at::Tensor& z) {
+  const int64_t k = z.size(1);
+  if (!out_index.has_value()) {
+    TORCH_CHECK(k == out_channels, "z has ", k, " channels but gate has ", out_channels,
+                " (pass out_index to scatter fewer channels)");
+    return at::arange(out_channels, z.options().dtype(at::kLong));
+  }
+  const at::Tensor& idx = *out_index;
+  TORCH_CHECK(idx.dim() == 1 && idx.size(0) == k && idx.scalar_type() == at::kLong,
+              "out_index must be an int64 vector of length ", k, " (z's channels), got ",
+              idx.scalar_type(), " of shape ", idx.sizes());
+  TORCH_CHECK(idx.device() == z.device(), "out_index is on ", idx.device(), " but z is on ",
+              z.device());
+  if (k > 0) {
+    const auto lo = idx.min().item<int64_t>(), hi = idx.max().item<int64_t>();
+    TORCH_CHECK(lo >= 0 && hi < out_channels, "out_index values must lie in [0, ",
+                out_channels, "), got range [", lo, ", ", hi, "]");
+  }
+  auto src = at::full({out_channels}, -1, z.options().dtype(at::kLong));
+  src.index_put_({idx}, at::arange(k, z.options().dtype(at::kLong)));
+  TORCH_CHECK(src.ge(0).sum().item<int64_t>() == k, "out_index values must be distinct");
+  return src;
+}
+
+// Shape of the full-width output: z's shape with out_channels in dimension 1.
+inline std::vector<int64_t> output_shape(const at::Tensor& z, int64_t out_channels) {
+  auto shape = z.sizes().vec();
+  shape[1] = out_channels;
+  return shape;
+}
+
+}  // namespace nasprune

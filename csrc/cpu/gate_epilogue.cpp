@@ -1,0 +1,295 @@
+// gate_epilogue and gate_epilogue_backward on the CPU.
+//
+// Forward:  y[:, c] = g[c] * act(a[c] * z[:, src[c]] + b[c]), zero where src[c] < 0 or g[c] == 0
+//           (those channels are written without reading z).
+// Backward: with u = a z + b and m = act'(u), one sweep over (dy, z) gives
+//           dz = dy g m a,  dgate = sum dy act(u),  dshift = sum dy g m,  dscale = sum dy g m z.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../common.h"
+#include "vec.h"
+
+namespace nasprune::cpu {
+namespace {
+
+struct Params {  // fp32 per output channel, plus the source map
+  const float *a, *b, *g;
+  const int64_t* src;
+};
+
+template <typename T, bool Relu>
+void forward_channels_first(const T* z, T* y, const ChannelView& zv, int64_t out_c,
+                            const Params& p) {
+  const int64_t L = zv.inner;
+  at::parallel_for(0, zv.outer * out_c, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t o = r / out_c, c = r % out_c, s = p.src[c];
+      T* yr = y + r * L;
+      const float g = p.g[c];
+      if (s < 0 || g == 0.f) {
+        std::fill(yr, yr + L, T(0));
+        continue;
+      }
+      const T* zr = z + (o * zv.channels + s) * L;
+      const float a = p.a[c], b = p.b[c];
+#pragma omp simd
+      for (int64_t i = 0; i < L; ++i) {
+        float u = a * to_float(zr[i]) + b;
+        if (Relu) u = u > 0.f ? u : 0.f;
+        yr[i] = static_cast<T>(g * u);
+      }
+    }
+  });
+}
+
+template <typename T, bool Relu>
+void forward_channels_last(const T* z, T* y, const ChannelView& zv, int64_t out_c,
+                           const Params& p, bool identity_map) {
+  const int64_t K = zv.channels;
+  at::parallel_for(0, zv.outer, 64, [&](int64_t p0, int64_t p1) {
+    for (int64_t q = p0; q < p1; ++q) {
+      const T* zr = z + q * K;
+      T* yr = y + q * out_c;
+      if (identity_map) {
+#pragma omp simd
+        for (int64_t c = 0; c < out_c; ++c) {
+          float u = p.a[c] * to_float(zr[c]) + p.b[c];
+          if (Relu) u = u > 0.f ? u : 0.f;
+          yr[c] = p.g[c] == 0.f ? T(0) : static_cast<T>(p.g[c] * u);
+        }
+      } else {
+        for (int64_t c = 0; c < out_c; ++c) {
+          const int64_t s = p.src[c];
+          float u = s < 0 ? 0.f : p.a[c] * to_float(zr[s]) + p.b[c];
+          if (Relu) u = u > 0.f ? u : 0.f;
+          yr[c] = s < 0 || p.g[c] == 0.f ? T(0) : static_cast<T>(p.g[c] * u);
+        }
+      }
+    }
+  });
+}
+
+// Sums of one channel's (dy, z) row: dgate, dshift, dscale; writes the dz row.
+template <typename T, bool Relu>
+inline void backward_row(const T* dy, const T* z, T* dz, int64_t L, float a, float b, float g,
+                         float& sg, float& sb, float& sa) {
+  float tg = 0.f, tb = 0.f, ta = 0.f;
+#pragma omp simd reduction(+ : tg, tb, ta)
+  for (int64_t i = 0; i < L; ++i) {
+    const float zi = to_float(z[i]), d = to_float(dy[i]);
+    const float u = a * zi + b;
+    const bool on = !Relu || u > 0.f;
+    const float act = on ? u : 0.f;
+    const float du = on ? d * g : 0.f;
+    tg += d * act;
+    tb += du;
+    ta += du * zi;
+    dz[i] = static_cast<T>(du * a);
+  }
+  sg = tg;
+  sb = tb;
+  sa = ta;
+}
+
+template <typename T, bool Relu>
+void backward_channels_first(const T* dy, const T* z, T* dz, const ChannelView& zv,
+                             int64_t out_c, const Params& p, const int64_t* index,
+                             float* da, float* db, float* dg) {
+  const int64_t L = zv.inner, K = zv.channels;
+  at::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t c = index ? index[k] : k;
+      double sg = 0, sb = 0, sa = 0;
+      for (int64_t o = 0; o < zv.outer; ++o) {
+        const T* dyr = dy + (o * out_c + c) * L;
+        const int64_t zoff = (o * K + k) * L;
+        for (int64_t i = 0; i < L; i += kBlock) {
+          const int64_t len = std::min(kBlock, L - i);
+          float tg, tb, ta;
+          backward_row<T, Relu>(dyr + i, z + zoff + i, dz + zoff + i, len, p.a[c], p.b[c],
+                                p.g[c], tg, tb, ta);
+          sg += tg;
+          sb += tb;
+          sa += ta;
+        }
+      }
+      dg[c] = sg;
+      db[c] = sb;
+      da[c] = sa;
+    }
+  });
+}
+
+template <typename T, bool Relu>
+void backward_channels_last(const T* dy, const T* z, T* dz, const ChannelView& zv,
+                            int64_t out_c, const Params& p, const int64_t* index, float* da,
+                            float* db, float* dg) {
+  const int64_t K = zv.channels;
+  const int64_t rows = std::max<int64_t>(1, kBlock / K);
+  const int64_t blocks = (zv.outer + rows - 1) / rows;
+  const int threads = at::get_num_threads();
+  std::vector<double> partial(static_cast<size_t>(threads) * 3 * K, 0.0);
+  // Per z channel k: the fp32 parameters of its output channel, gathered once.
+  std::vector<float> ak(K), bk(K), gk(K);
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t c = index ? index[k] : k;
+    ak[k] = p.a[c], bk[k] = p.b[c], gk[k] = p.g[c];
+  }
+  const bool identity_map = index == nullptr;
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    double* acc = partial.data() + static_cast<int64_t>(at::get_thread_num()) * 3 * K;
+    std::vector<float> tg(K), tb(K), ta(K);
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t q0 = blk * rows, q1 = std::min(zv.outer, q0 + rows);
+      std::fill(tg.begin(), tg.end(), 0.f);
+      std::fill(tb.begin(), tb.end(), 0.f);
+      std::fill(ta.begin(), ta.end(), 0.f);
+      for (int64_t q = q0; q < q1; ++q) {
+        const T* zr = z + q * K;
+        T* dzr = dz + q * K;
+        const T* dyr = dy + q * out_c;
+        float *pg = tg.data(), *pb = tb.data(), *pa = ta.data();
+        const float *a = ak.data(), *b = bk.data(), *g = gk.data();
+        if (identity_map) {
+#pragma omp simd
+          for (int64_t k = 0; k < K; ++k) {
+            const float zi = to_float(zr[k]), d = to_float(dyr[k]);
+            const float u = a[k] * zi + b[k];
+            const bool on = !Relu || u > 0.f;
+            const float du = on ? d * g[k] : 0.f;
+            pg[k] += on ? d * u : 0.f;
+            pb[k] += du;
+            pa[k] += du * zi;
+            dzr[k] = static_cast<T>(du * a[k]);
+          }
+        } else {
+          for (int64_t k = 0; k < K; ++k) {
+            const float zi = to_float(zr[k]), d = to_float(dyr[index[k]]);
+            const float u = a[k] * zi + b[k];
+            const bool on = !Relu || u > 0.f;
+            const float du = on ? d * g[k] : 0.f;
+            pg[k] += on ? d * u : 0.f;
+            pb[k] += du;
+            pa[k] += du * zi;
+            dzr[k] = static_cast<T>(du * a[k]);
+          }
+        }
+      }
+      for (int64_t k = 0; k < K; ++k) {
+        acc[3 * k] += tg[k];
+        acc[3 * k + 1] += tb[k];
+        acc[3 * k + 2] += ta[k];
+      }
+    }
+  });
+  for (int64_t k = 0; k < K; ++k) {
+    double sg = 0, sb = 0, sa = 0;
+    for (int t = 0; t < threads; ++t) {
+      const double* acc = partial.data() + static_cast<int64_t>(t) * 3 * K + 3 * k;
+      sg += acc[0], sb += acc[1], sa += acc[2];
+    }
+    const int64_t c = index ? index[k] : k;
+    dg[c] = sg, db[c] = sb, da[c] = sa;
+  }
+}
+
+struct Prepared {
+  ChannelView zv;
+  at::Tensor z, a, b, g, src;
+  int64_t out_c;
+  bool relu;
+};
+
+Prepared prepare(const at::Tensor& z_in, const at::Tensor& scale, const at::Tensor& shift,
+                 const at::Tensor& gate, const std::string& act,
+                 const c10::optional<at::Tensor>& out_index) {
+  Prepared P;
+  P.zv = channel_view(z_in, "z");
+  P.z = in_layout(z_in, P.zv);
+  P.out_c = gate.dim() == 1 ? gate.size(0) : -1;
+  P.g = channel_param(gate, "gate", P.out_c, z_in);
+  P.a = channel_param(scale, "scale", P.out_c, z_in);
+  P.b = channel_param(shift, "shift", P.out_c, z_in);
+  P.src = source_channels(out_index, P.out_c, z_in);
+  P.relu = is_relu(act);
+  return P;
+}
+
+at::Tensor gate_epilogue_cpu(const at::Tensor& z_in, const at::Tensor& scale,
+                             const at::Tensor& shift, const at::Tensor& gate,
+                             c10::string_view act, const c10::optional<at::Tensor>& out_index) {
+  const Prepared P = prepare(z_in, scale, shift, gate, std::string(act), out_index);
+  at::Tensor y = at::empty(output_shape(P.z, P.out_c), P.z.options().memory_format(P.zv.format));
+  if (y.numel() == 0) return y;
+  const Params p{P.a.const_data_ptr<float>(), P.b.const_data_ptr<float>(),
+                 P.g.const_data_ptr<float>(), P.src.const_data_ptr<int64_t>()};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, P.z.scalar_type(), "gate_epilogue", [&] {
+    const auto* zp = P.z.const_data_ptr<scalar_t>();
+    auto* yp = y.data_ptr<scalar_t>();
+    if (P.zv.channels_last) {
+      if (P.relu)
+        forward_channels_last<scalar_t, true>(zp, yp, P.zv, P.out_c, p, !out_index.has_value());
+      else
+        forward_channels_last<scalar_t, false>(zp, yp, P.zv, P.out_c, p, !out_index.has_value());
+    } else {
+      if (P.relu)
+        forward_channels_first<scalar_t, true>(zp, yp, P.zv, P.out_c, p);
+      else
+        forward_channels_first<scalar_t, false>(zp, yp, P.zv, P.out_c, p);
+    }
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_epilogue_backward_cpu(
+    const at::Tensor& dy_in, const at::Tensor& z_in, const at::Tensor& scale,
+    const at::Tensor& shift, const at::Tensor& gate, c10::string_view act,
+    const c10::optional<at::Tensor>& out_index) {
+  const Prepared P = prepare(z_in, scale, shift, gate, std::string(act), out_index);
+  const auto expected = output_shape(P.z, P.out_c);
+  TORCH_CHECK(dy_in.sizes().vec() == expected, "dy must have shape ", at::IntArrayRef(expected),
+              ", got ", dy_in.sizes());
+  TORCH_CHECK(dy_in.scalar_type() == z_in.scalar_type(), "dy has dtype ", dy_in.scalar_type(),
+              " but z has ", z_in.scalar_type());
+  const at::Tensor dy = in_layout(dy_in, P.zv);
+  at::Tensor dz = at::empty_like(P.z);
+  auto f32 = P.z.options().dtype(at::kFloat);
+  at::Tensor da = at::zeros({P.out_c}, f32), db = at::zeros({P.out_c}, f32),
+             dg = at::zeros({P.out_c}, f32);
+  if (P.z.numel() > 0) {
+    const Params p{P.a.const_data_ptr<float>(), P.b.const_data_ptr<float>(),
+                   P.g.const_data_ptr<float>(), P.src.const_data_ptr<int64_t>()};
+    const at::Tensor index = out_index.has_value() ? out_index->contiguous() : at::Tensor();
+    const int64_t* ip = out_index.has_value() ? index.const_data_ptr<int64_t>() : nullptr;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, P.z.scalar_type(),
+                                    "gate_epilogue_backward", [&] {
+      const auto* dyp = dy.const_data_ptr<scalar_t>();
+      const auto* zp = P.z.const_data_ptr<scalar_t>();
+      auto* dzp = dz.data_ptr<scalar_t>();
+      float *dap = da.data_ptr<float>(), *dbp = db.data_ptr<float>(), *dgp = dg.data_ptr<float>();
+      if (P.zv.channels_last) {
+        if (P.relu)
+          backward_channels_last<scalar_t, true>(dyp, zp, dzp, P.zv, P.out_c, p, ip, dap, dbp, dgp);
+        else
+          backward_channels_last<scalar_t, false>(dyp, zp, dzp, P.zv, P.out_c, p, ip, dap, dbp, dgp);
+      } else {
+        if (P.relu)
+          backward_channels_first<scalar_t, true>(dyp, zp, dzp, P.zv, P.out_c, p, ip, dap, dbp, dgp);
+        else
+          backward_channels_first<scalar_t, false>(dyp, zp, dzp, P.zv, P.out_c, p, ip, dap, dbp, dgp);
+      }
+    });
+  }
+  return {dz, da.to(scale.scalar_type()), db.to(shift.scalar_type()), dg.to(gate.scalar_type())};
+}
+
+}  // namespace
+}  // namespace nasprune::cpu
+
+TORCH_LIBRARY_IMPL(nasprune, CPU, m) {
+  m.impl("gate_epilogue", &nasprune::cpu::gate_epilogue_cpu);
+  m.impl("gate_epilogue_backward", &nasprune::cpu::gate_epilogue_backward_cpu);
+}

@@ -1,0 +1,50 @@
+// Helpers for the CPU kernels: fp32 views of fp16/bf16 data and a stable merge of partial
+// (count, mean, M2) statistics. Inner loops are plain loops marked `omp simd` (built with
+// -fopenmp-simd), which the compiler vectorises for every input dtype.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <algorithm>
+
+namespace nasprune::cpu {
+
+// Elements per cache-resident block: large enough to amortise loop overhead, small enough that
+// a second sweep over the block hits L1/L2 instead of memory.
+constexpr int64_t kBlock = 2048;
+
+template <typename T>
+inline float to_float(T v) {
+  return static_cast<float>(v);
+}
+
+// Chan et al.'s pairwise update: merges a block's (n, mean, m2) into a running total.
+struct Welford {
+  double n = 0, mean = 0, m2 = 0;
+  void merge(double bn, double bmean, double bm2) {
+    if (bn == 0) return;
+    const double total = n + bn, delta = bmean - mean;
+    mean += delta * bn / total;
+    m2 += bm2 + delta * delta * n * bn / total;
+    n = total;
+  }
+  void merge(const Welford& o) { merge(o.n, o.mean, o.m2); }
+};
+
+// Two sweeps over a short contiguous run (the second from cache): its mean and M2.
+template <typename T>
+inline void block_moments(const T* x, int64_t len, float& mean, float& m2) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < len; ++i) s += to_float(x[i]);
+  mean = s / static_cast<float>(len);
+  const float mu = mean;
+  float q = 0.f;
+#pragma omp simd reduction(+ : q)
+  for (int64_t i = 0; i < len; ++i) {
+    const float d = to_float(x[i]) - mu;
+    q += d * d;
+  }
+  m2 = q;
+}
+
+}  // namespace nasprune::cpu
