@@ -23,7 +23,8 @@ void stats_channels_first(const T* z, const ChannelView& v, float* mean, float* 
         const T* row = z + (o * v.channels + c) * v.inner;
         for (int64_t i = 0; i < v.inner; i += kBlock) {
           const int64_t len = std::min(kBlock, v.inner - i);
-          float bmean, bm2;
+          double bmean;
+          float bm2;
           block_moments(row + i, len, bmean, bm2);
           w.merge(len, bmean, bm2);
         }
@@ -43,11 +44,12 @@ void stats_channels_last(const T* z, const ChannelView& v, float* mean, float* v
   std::vector<Welford> partial(static_cast<size_t>(threads) * C);
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     Welford* acc = partial.data() + static_cast<int64_t>(at::get_thread_num()) * C;
-    std::vector<float> s(C), q(C);
+    std::vector<float> s(C), q(C), r(C);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t p0 = b * rows, len = std::min(rows, v.outer - p0);
       std::fill(s.begin(), s.end(), 0.f);
       std::fill(q.begin(), q.end(), 0.f);
+      std::fill(r.begin(), r.end(), 0.f);
       for (int64_t p = p0; p < p0 + len; ++p) {
         const T* x = z + p * C;
         float* sp = s.data();
@@ -59,14 +61,17 @@ void stats_channels_last(const T* z, const ChannelView& v, float* mean, float* v
       for (int64_t p = p0; p < p0 + len; ++p) {
         const T* x = z + p * C;
         const float* mp = s.data();
-        float* qp = q.data();
+        float *qp = q.data(), *rp = r.data();
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) {
           const float d = to_float(x[c]) - mp[c];
           qp[c] += d * d;
+          rp[c] += d;  // corrects the rounding of the block mean, as in block_moments
         }
       }
-      for (int64_t c = 0; c < C; ++c) acc[c].merge(len, s[c], q[c]);
+      for (int64_t c = 0; c < C; ++c)
+        acc[c].merge(len, static_cast<double>(s[c]) + static_cast<double>(r[c]) * inv,
+                     q[c] - r[c] * r[c] * inv);
     }
   });
   for (int64_t c = 0; c < C; ++c) {

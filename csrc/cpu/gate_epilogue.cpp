@@ -81,10 +81,9 @@ inline void backward_row(const T* dy, const T* z, T* dz, int64_t L, float a, flo
   for (int64_t i = 0; i < L; ++i) {
     const float zi = to_float(z[i]), d = to_float(dy[i]);
     const float u = a * zi + b;
-    const bool on = !Relu || u > 0.f;
-    const float act = on ? u : 0.f;
-    const float du = on ? d * g : 0.f;
-    tg += d * act;
+    const float on = !Relu || u > 0.f ? 1.f : 0.f;  // a multiply, not a branch: vectorises
+    const float du = d * g * on;
+    tg += d * u * on;
     tb += du;
     ta += du * zi;
     dz[i] = static_cast<T>(du * a);
@@ -158,9 +157,9 @@ void backward_channels_last(const T* dy, const T* z, T* dz, const ChannelView& z
           for (int64_t k = 0; k < K; ++k) {
             const float zi = to_float(zr[k]), d = to_float(dyr[k]);
             const float u = a[k] * zi + b[k];
-            const bool on = !Relu || u > 0.f;
-            const float du = on ? d * g[k] : 0.f;
-            pg[k] += on ? d * u : 0.f;
+            const float on = !Relu || u > 0.f ? 1.f : 0.f;
+            const float du = d * g[k] * on;
+            pg[k] += d * u * on;
             pb[k] += du;
             pa[k] += du * zi;
             dzr[k] = static_cast<T>(du * a[k]);
@@ -169,9 +168,9 @@ void backward_channels_last(const T* dy, const T* z, T* dz, const ChannelView& z
           for (int64_t k = 0; k < K; ++k) {
             const float zi = to_float(zr[k]), d = to_float(dyr[index[k]]);
             const float u = a[k] * zi + b[k];
-            const bool on = !Relu || u > 0.f;
-            const float du = on ? d * g[k] : 0.f;
-            pg[k] += on ? d * u : 0.f;
+            const float on = !Relu || u > 0.f ? 1.f : 0.f;
+            const float du = d * g[k] * on;
+            pg[k] += d * u * on;
             pb[k] += du;
             pa[k] += du * zi;
             dzr[k] = static_cast<T>(du * a[k]);

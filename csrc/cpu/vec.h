@@ -30,21 +30,24 @@ struct Welford {
   void merge(const Welford& o) { merge(o.n, o.mean, o.m2); }
 };
 
-// Two sweeps over a short contiguous run (the second from cache): its mean and M2.
+// Two sweeps over a short contiguous run (the second from cache): its mean and M2. The second
+// sweep also sums the deviations, which corrects the fp32 rounding of the first-sweep mean
+// (the corrected two-pass algorithm), so block means are exact enough for Chan's merge.
 template <typename T>
-inline void block_moments(const T* x, int64_t len, float& mean, float& m2) {
+inline void block_moments(const T* x, int64_t len, double& mean, float& m2) {
   float s = 0.f;
 #pragma omp simd reduction(+ : s)
   for (int64_t i = 0; i < len; ++i) s += to_float(x[i]);
-  mean = s / static_cast<float>(len);
-  const float mu = mean;
-  float q = 0.f;
-#pragma omp simd reduction(+ : q)
+  const float mu = s / static_cast<float>(len);
+  float q = 0.f, r = 0.f;
+#pragma omp simd reduction(+ : q, r)
   for (int64_t i = 0; i < len; ++i) {
     const float d = to_float(x[i]) - mu;
     q += d * d;
+    r += d;
   }
-  m2 = q;
+  mean = static_cast<double>(mu) + static_cast<double>(r) / len;  // fp32 would round it to ulp(mu)
+  m2 = q - r * r / static_cast<float>(len);
 }
 
 }  // namespace nasprune::cpu

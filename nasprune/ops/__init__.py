@@ -1,3 +1,10 @@
-"""Functional API of the nasprune ops (schemas in csrc/nasprune.cpp, one file per op here)."""
+"""Functional API of the nasprune ops. Each op has one file here (Python wrapper, autograd and fake
+registration); its schema is in csrc/nasprune.cpp, its kernels in csrc/cpu/<op>.cpp,
+csrc/cuda/<op>.cu and kernels/<op>.py, its reference math in nasprune/ops/reference.py."""
 from nasprune.ops import reference  # noqa: F401
 from nasprune.ops._backend import backend, cuda_kernels_built, set_backend, use_backend  # noqa: F401
+from nasprune.ops.channel_stats import channel_stats  # noqa: F401
+from nasprune.ops.gate_epilogue import gate_epilogue, gate_epilogue_backward  # noqa: F401
+from nasprune.ops import _backend as _b
+
+_b.select_default_backend()

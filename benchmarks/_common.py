@@ -1,0 +1,108 @@
+"""Shared benchmark plumbing: timing (medians, CUDA-synchronised), the device copy bandwidth that
+serves as the roofline, environment stamps, and appending results to benchmarks/results/."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(fn, device: torch.device, warmup: int = 3, reps: int = 20, min_time_s: float = 0.5) -> float:
+    """Median wall time of fn() in milliseconds (CUDA: event-timed, L2 not flushed)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    start_all = time.perf_counter()
+    while len(times) < reps or (time.perf_counter() - start_all < min_time_s and len(times) < 10 * reps):
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbs(device: torch.device, nbytes: int = 256 << 20) -> float:
+    """Measured device-to-device copy bandwidth (bytes read + written per second), the roofline."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), device)
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def environment(device: torch.device) -> dict:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, cwd=Path(__file__).parent).stdout.strip() or None
+    except OSError:
+        commit = None
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton_version,
+        "commit": commit,
+        "host": platform.node(),
+    }
+
+
+def record(name: str, device: torch.device, rows: list[dict]) -> Path:
+    """Appends one JSON line per row, stamped with the environment, to results/<name>.jsonl."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.jsonl"
+    env = environment(device)
+    with open(path, "a") as f:
+        for row in rows:
+            f.write(json.dumps({**env, **row}) + "\n")
+    return path
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+    widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    for r in rows:
+        lines.append("  ".join(_fmt(r.get(c)).ljust(w) for c, w in zip(columns, widths)))
+    return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return "" if v is None else str(v)
+
+
+def default_device() -> torch.device:
+    return torch.device(os.environ.get("NASPRUNE_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))

@@ -1,0 +1,219 @@
+"""Drop-in gated convolution layers.
+
+`GatedConv2d` is an nn.Conv2d whose output channels are multiplied by a per-channel `gate`;
+`GatedConvBNAct2d` is conv -> BatchNorm -> activation -> gate with the whole memory-bound tail in
+the fused `gate_epilogue` op (batch statistics from `channel_stats`). The convolution stays in
+cuDNN / oneDNN. When the gates are binary and frozen (a `FixedMask`, or a binary gate in eval
+mode) only the open output channels are convolved and the epilogue scatters them into the
+full-width output, so closed channels cost no conv FLOPs.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from nasprune import ops
+from nasprune.nn import gates as gate_params
+
+
+class _Gated:
+    """Gate handling shared by the gated layers: the raw `gate` parameter, its parameterisation,
+    the open-channel index for the sparse path, and input checks."""
+
+    gate: nn.Parameter
+    gate_fn: gate_params.GateParam
+    _active: tuple | None
+
+    def _init_gate(self, channels: int, gate, device, dtype) -> None:
+        self.gate_fn = gate_params.make(gate)
+        self.gate = nn.Parameter(torch.full((channels,), self.gate_fn.init_value,
+                                            device=device, dtype=dtype))
+        self._active = None
+
+    def gate_values(self) -> Tensor:
+        """The gate values the epilogue multiplies each output channel by."""
+        return self.gate_fn(self.gate)
+
+    def _check_gate(self, g: Tensor) -> None:
+        bad = ~torch.isfinite(g)
+        if bad.any():
+            raise ValueError(f"{self._describe()}: gate has non-finite values at channels "
+                             f"{bad.nonzero().flatten().tolist()[:8]}")
+
+    def active_index(self) -> Tensor | None:
+        """Sorted indices of the open channels when gates are binary and frozen for this forward
+        (and some are closed), else None. Cached until the gate parameter changes."""
+        fn = self.gate_fn
+        if not (fn.binary and (fn.frozen or not self.training)):
+            return None
+        if torch.compiler.is_compiling():  # no data-dependent shapes in a graph: use the cache
+            return self._active[1] if self._active is not None else None
+        key = (self.gate._version, self.gate.data_ptr(), fn.extra_repr(), type(fn))
+        if self._active is None or self._active[0] != key:
+            g = self.gate_values().detach()
+            self._check_gate(g)
+            index = g.nonzero().flatten()
+            self._active = (key, index if index.numel() < g.numel() else None)
+        return self._active[1]
+
+    def _check_input(self, x: Tensor, in_channels: int, weight: Tensor) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{self._describe()}: input must be a Tensor, got {type(x).__name__}")
+        if x.dim() != 4 or x.shape[1] != in_channels:
+            raise ValueError(f"{self._describe()}: expected input of shape (N, {in_channels}, H, W),"
+                             f" got {tuple(x.shape)}")
+        if x.device != weight.device:
+            raise RuntimeError(f"{self._describe()}: input is on {x.device} but the layer is on "
+                               f"{weight.device}")
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(f"{self._describe()}: input has dtype {x.dtype} but the weights have "
+                             f"{weight.dtype}")
+
+    def _gate_for_forward(self) -> Tensor:
+        g = self.gate_values()
+        if g.device.type == "cpu" and not torch.compiler.is_compiling():
+            self._check_gate(g.detach())  # cheap on the CPU; on a GPU it would cost a sync per call
+        return g
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A plain conv (or conv-BN pair) state dict has no gate: keep the current one.
+        state_dict.setdefault(prefix + "gate", self.gate.detach().clone())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _convolve(conv: nn.Conv2d, x: Tensor, index: Tensor | None) -> Tensor:
+    """conv(x) without bias; with `index`, only those output channels (dense conv on the gathered
+    filters; depthwise convs gather the matching input channels too)."""
+    if index is None:
+        return conv._conv_forward(x, conv.weight, None)
+    weight = conv.weight.index_select(0, index)
+    if conv.groups == 1:
+        return conv._conv_forward(x, weight, None)
+    if conv.padding_mode != "zeros" or conv.groups != conv.in_channels or \
+            conv.out_channels != conv.in_channels:
+        raise NotImplementedError  # callers check `_sparse_ok` first
+    return F.conv2d(x.index_select(1, index), weight, None, conv.stride, conv.padding,
+                    conv.dilation, index.numel())
+
+
+def _sparse_ok(conv: nn.Conv2d) -> bool:
+    depthwise = conv.groups == conv.in_channels == conv.out_channels and conv.padding_mode == "zeros"
+    return conv.groups == 1 or depthwise
+
+
+class GatedConv2d(_Gated, nn.Conv2d):
+    """nn.Conv2d with a per-output-channel gate: y[:, c] = g[c] * (conv(x)[:, c] + bias[c]).
+
+    Takes nn.Conv2d's arguments plus `gate`, a gate parameterisation (a `nasprune.nn.gates`
+    module or its name; default continuous). The state dict is nn.Conv2d's plus `gate`."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
+                 groups=1, bias=True, padding_mode="zeros", device=None, dtype=None, *, gate=None):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
+                         groups, bias, padding_mode, device, dtype)
+        self._init_gate(out_channels, gate, self.weight.device, self.weight.dtype)
+
+    def _describe(self) -> str:
+        return f"GatedConv2d({self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size})"
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x, self.in_channels, self.weight)
+        g = self._gate_for_forward()
+        index = self.active_index() if _sparse_ok(self) else None
+        z = _convolve(self, x, index)
+        ones = torch.ones_like(g)
+        shift = self.bias if self.bias is not None else torch.zeros_like(g)
+        return ops.gate_epilogue(z, ones, shift, g, "identity", index)
+
+
+class GatedConvBNAct2d(_Gated, nn.Module):
+    """conv -> BatchNorm2d -> activation -> gate, numerically the composition
+    `g * act(bn(conv(x)))` (training: batch statistics, running statistics updated as
+    nn.BatchNorm2d does; eval: running statistics), with the BN, activation and gate fused.
+
+    The state dict holds `conv.*` and `bn.*` exactly as an nn.Conv2d `conv` and an nn.BatchNorm2d
+    `bn` would, plus `gate`, so the weights of a plain conv-BN pair load into it."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
+                 groups=1, bias=False, act="relu", *, eps=1e-5, momentum=0.1, gate=None,
+                 padding_mode="zeros", device=None, dtype=None):
+        super().__init__()
+        if act not in ("relu", "identity"):
+            raise ValueError(f"act must be 'relu' or 'identity', got {act!r}")
+        kw = dict(device=device, dtype=dtype)
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation,
+                              groups, bias, padding_mode, **kw)
+        self.bn = nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum, **kw)
+        self.act = act
+        self._init_gate(out_channels, gate, self.conv.weight.device, self.conv.weight.dtype)
+
+    @classmethod
+    def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: str = "relu", gate=None):
+        """A gated layer holding copies of an existing conv's and BN's weights and statistics."""
+        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                    conv.padding, conv.dilation, conv.groups, conv.bias is not None, act,
+                    eps=bn.eps, momentum=bn.momentum, gate=gate, padding_mode=conv.padding_mode,
+                    device=conv.weight.device, dtype=conv.weight.dtype)
+        layer.conv.load_state_dict(conv.state_dict())
+        layer.bn.load_state_dict(bn.state_dict())
+        return layer
+
+    def _describe(self) -> str:
+        c = self.conv
+        return f"GatedConvBNAct2d({c.in_channels}, {c.out_channels}, kernel_size={c.kernel_size})"
+
+    def extra_repr(self) -> str:
+        return f"act={self.act!r}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        conv, bn = self.conv, self.bn
+        self._check_input(x, conv.in_channels, conv.weight)
+        g = self._gate_for_forward()
+        index = self.active_index() if _sparse_ok(conv) else None
+        z = _convolve(conv, x, index)  # the conv bias is folded into the BN shift below
+        mean, var = self._statistics(z, index)
+        centre = mean if conv.bias is None else mean - conv.bias
+        scale = torch.rsqrt(var + bn.eps)
+        if bn.weight is not None:
+            scale = bn.weight * scale
+        shift = -centre * scale
+        if bn.bias is not None:
+            shift = bn.bias + shift
+        return ops.gate_epilogue(z, scale, shift, g, self.act, index)
+
+    def _statistics(self, z: Tensor, index: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Full-width (mean, var) of the conv output (bias included) to normalise with: the batch's
+        in training (updating the running statistics of the convolved channels), the running ones
+        in eval. `z` is the conv output without bias."""
+        bn = self.bn
+        batch_stats = self.training or not bn.track_running_stats
+        count = z.numel() // max(z.shape[1], 1)
+        if not batch_stats or count == 0:  # an empty batch normalises nothing and updates nothing
+            return bn.running_mean, bn.running_var
+        if count == 1:
+            raise ValueError(f"{self._describe()}: batch norm needs more than 1 value per channel "
+                             f"in training, got input of shape {tuple(z.shape)}")
+        mean, var = ops.channel_stats(z)
+        bias = self.conv.bias
+        if bias is not None:
+            mean = mean + (bias if index is None else bias.index_select(0, index))
+        if self.training and bn.track_running_stats:
+            self._update_running(mean.detach(), var.detach() * (count / (count - 1)), index)
+        if index is not None:
+            c = bn.num_features
+            mean = mean.new_zeros(c).index_copy(0, index, mean)
+            var = var.new_ones(c).index_copy(0, index, var)
+        return mean, var
+
+    @torch.no_grad()
+    def _update_running(self, mean: Tensor, unbiased_var: Tensor, index: Tensor | None) -> None:
+        bn = self.bn
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / bn.num_batches_tracked if bn.momentum is None else bn.momentum
+        for stat, batch in ((bn.running_mean, mean), (bn.running_var, unbiased_var)):
+            batch = batch.to(stat.dtype)
+            if index is None:
+                stat.lerp_(batch, factor)
+            else:
+                stat.index_copy_(0, index, stat.index_select(0, index).lerp(batch, factor))

@@ -1,0 +1,71 @@
+"""Argument checks shared by every backend's entry point (the C++ kernels repeat them for callers
+of torch.ops.nasprune.* directly). Errors name the argument, its shape and the expected value."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+ACTIVATIONS = ("identity", "relu")
+
+
+def activations(name: str, z: Tensor) -> None:
+    if not isinstance(z, Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {type(z).__name__}")
+    if z.dim() < 2:
+        raise ValueError(f"{name} must have shape (N, C, ...), got {tuple(z.shape)}")
+    if z.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float32, float16 or bfloat16, got {z.dtype}")
+
+
+def per_channel(name: str, p: Tensor, channels: int, z: Tensor) -> None:
+    if not isinstance(p, Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {type(p).__name__}")
+    if p.dim() != 1 or p.shape[0] != channels:
+        raise ValueError(f"{name} must have shape ({channels},) to match the output channels, "
+                         f"got {tuple(p.shape)}")
+    if not p.is_floating_point():
+        raise ValueError(f"{name} must be a floating tensor, got {p.dtype}")
+    if p.device != z.device:
+        raise RuntimeError(f"{name} is on {p.device} but z is on {z.device}")
+
+
+def epilogue(z: Tensor, scale: Tensor, shift: Tensor, gate: Tensor, act: str,
+             out_index: Tensor | None) -> None:
+    activations("z", z)
+    if act not in ACTIVATIONS:
+        raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
+    if not isinstance(gate, Tensor) or gate.dim() != 1:
+        raise ValueError(f"gate must be a 1-D tensor, got "
+                         f"{tuple(gate.shape) if isinstance(gate, Tensor) else type(gate).__name__}")
+    channels = gate.shape[0]
+    for name, p in (("gate", gate), ("scale", scale), ("shift", shift)):
+        per_channel(name, p, channels, z)
+    if out_index is None:
+        if z.shape[1] != channels:
+            raise ValueError(f"z has {z.shape[1]} channels but gate has {channels} "
+                             "(pass out_index to scatter fewer channels)")
+    elif (out_index.dtype != torch.int64 or out_index.dim() != 1
+          or out_index.shape[0] != z.shape[1]):
+        raise ValueError(f"out_index must be an int64 vector of length {z.shape[1]} (z's "
+                         f"channels), got {out_index.dtype} of shape {tuple(out_index.shape)}")
+    elif out_index.device != z.device:
+        raise RuntimeError(f"out_index is on {out_index.device} but z is on {z.device}")
+
+
+def gradient(dy: Tensor, z: Tensor, out_channels: int) -> None:
+    activations("dy", dy)
+    expected = (z.shape[0], out_channels) + tuple(z.shape[2:])
+    if tuple(dy.shape) != expected:
+        raise ValueError(f"dy must have shape {expected}, got {tuple(dy.shape)}")
+    if dy.dtype != z.dtype:
+        raise ValueError(f"dy has dtype {dy.dtype} but z has {z.dtype}")
+    if dy.device != z.device:
+        raise RuntimeError(f"dy is on {dy.device} but z is on {z.device}")
+
+
+def memory_format(z: Tensor) -> torch.memory_format:
+    """The layout the kernels write: channels_last when z is (only) channels_last, else NCHW."""
+    if z.dim() == 4 and not z.is_contiguous() and z.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
