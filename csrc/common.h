@@ -88,6 +88,18 @@ inline at::Tensor source_channels(const c10::optional<at::Tensor>& out_index,
   return src;
 }
 
+// The optional batch statistics (mean, invstd) of gate_epilogue(_backward), both or neither, as
+// contiguous fp32 vectors of the output width.
+inline c10::optional<std::pair<at::Tensor, at::Tensor>> batch_stats(
+    const c10::optional<at::Tensor>& mean, const c10::optional<at::Tensor>& invstd,
+    int64_t out_channels, const at::Tensor& z) {
+  TORCH_CHECK(mean.has_value() == invstd.has_value(),
+              "mean and invstd must be given together (batch statistics of z) or not at all");
+  if (!mean.has_value()) return c10::nullopt;
+  return std::make_pair(channel_param(*mean, "mean", out_channels, z),
+                        channel_param(*invstd, "invstd", out_channels, z));
+}
+
 // Shape of the full-width output: z's shape with out_channels in dimension 1.
 inline std::vector<int64_t> output_shape(const at::Tensor& z, int64_t out_channels) {
   auto shape = z.sizes().vec();

@@ -13,12 +13,18 @@ TORCH_LIBRARY(nasprune, m) {
   m.def("channel_stats(Tensor z) -> (Tensor mean, Tensor var)");
   // y[:, c] = gate[c] * act(scale[c] * z[:, c] + shift[c]); act is "identity" or "relu".
   // With out_index (K distinct channel indices), z holds only K channels: z[:, k] feeds output
-  // channel out_index[k] and every other output channel is zero.
+  // channel out_index[k] and every other output channel is zero. mean and invstd (both or
+  // neither) declare scale and shift to be batch norm of z's own batch statistics,
+  // scale = weight * invstd, shift = bias - mean * scale: the forward ignores them, the
+  // backward then differentiates through those statistics too.
   m.def(
       "gate_epilogue(Tensor z, Tensor scale, Tensor shift, Tensor gate, str act, "
-      "Tensor? out_index=None) -> Tensor");
-  // One pass over (dy, z): dz and the per-channel dscale, dshift, dgate of gate_epilogue.
+      "Tensor? out_index=None, Tensor? mean=None, Tensor? invstd=None) -> Tensor");
+  // dz and the per-channel dscale, dshift, dgate of gate_epilogue: one pass over (dy, z), or
+  // with batch statistics a reduction pass and a dz pass (dz then includes the gradient through
+  // mean and invstd; dscale and dshift stay the partial sums, for the weight and bias).
   m.def(
       "gate_epilogue_backward(Tensor dy, Tensor z, Tensor scale, Tensor shift, Tensor gate, "
-      "str act, Tensor? out_index=None) -> (Tensor dz, Tensor dscale, Tensor dshift, Tensor dgate)");
+      "str act, Tensor? out_index=None, Tensor? mean=None, Tensor? invstd=None) "
+      "-> (Tensor dz, Tensor dscale, Tensor dshift, Tensor dgate)");
 }

@@ -72,74 +72,92 @@ void forward_channels_last(const T* z, T* y, const ChannelView& zv, int64_t out_
   });
 }
 
-// Sums of one channel's (dy, z) row: dgate, dshift, dscale; writes the dz row.
-template <typename T, bool Relu>
-inline void backward_row(const T* dy, const T* z, T* dz, int64_t L, float a, float b, float g,
-                         float& sg, float& sb, float& sa) {
+// Per z channel: the fp32 constants of its output channel. dz = a du + alpha + beta z, where
+// alpha = beta = 0 unless the backward also differentiates through batch statistics.
+struct Coef {
+  float a, b, g, alpha = 0.f, beta = 0.f;
+};
+
+// One sweep over a contiguous run of one channel: with Reduce, the sums of dy act(u), du and
+// du z; with Write, the dz values.
+template <typename T, bool Relu, bool Reduce, bool Write>
+inline void backward_run(const T* dy, const T* z, T* dz, int64_t L, const Coef& k, double* sums) {
   float tg = 0.f, tb = 0.f, ta = 0.f;
 #pragma omp simd reduction(+ : tg, tb, ta)
   for (int64_t i = 0; i < L; ++i) {
     const float zi = to_float(z[i]), d = to_float(dy[i]);
-    const float u = a * zi + b;
+    const float u = k.a * zi + k.b;
     const float on = !Relu || u > 0.f ? 1.f : 0.f;  // a multiply, not a branch: vectorises
-    const float du = d * g * on;
-    tg += d * u * on;
-    tb += du;
-    ta += du * zi;
-    dz[i] = static_cast<T>(du * a);
+    const float du = d * k.g * on;
+    if (Reduce) {
+      tg += d * u * on;
+      tb += du;
+      ta += du * zi;
+    }
+    if (Write) dz[i] = static_cast<T>(du * k.a + k.alpha + k.beta * zi);
   }
-  sg = tg;
-  sb = tb;
-  sa = ta;
+  if (Reduce) sums[0] += tg, sums[1] += tb, sums[2] += ta;
 }
+
+// Batch-norm correction: with scale = weight * invstd and shift = bias - mean * scale computed
+// from z's own statistics over M values per channel, the gradient through mean and invstd adds
+// alpha + beta z to dz (the standard two-pass batch-norm backward).
+inline void bn_correction(Coef& k, double dscale, double dshift, double mean, double invstd,
+                          double count) {
+  const double dweight_hat = invstd * (dscale - mean * dshift);  // sum du * xhat
+  const double beta = -k.a * invstd * dweight_hat / count;
+  k.beta = static_cast<float>(beta);
+  k.alpha = static_cast<float>(-k.a * dshift / count - beta * mean);
+}
+
+struct BatchStats {
+  const float *mean = nullptr, *invstd = nullptr;
+  bool on() const { return mean != nullptr; }
+};
 
 template <typename T, bool Relu>
 void backward_channels_first(const T* dy, const T* z, T* dz, const ChannelView& zv,
                              int64_t out_c, const Params& p, const int64_t* index,
-                             float* da, float* db, float* dg) {
+                             const BatchStats& bs, float* da, float* db, float* dg) {
   const int64_t L = zv.inner, K = zv.channels;
+  const double count = static_cast<double>(zv.outer) * L;
   at::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
       const int64_t c = index ? index[k] : k;
-      double sg = 0, sb = 0, sa = 0;
-      for (int64_t o = 0; o < zv.outer; ++o) {
-        const T* dyr = dy + (o * out_c + c) * L;
-        const int64_t zoff = (o * K + k) * L;
-        for (int64_t i = 0; i < L; i += kBlock) {
-          const int64_t len = std::min(kBlock, L - i);
-          float tg, tb, ta;
-          backward_row<T, Relu>(dyr + i, z + zoff + i, dz + zoff + i, len, p.a[c], p.b[c],
-                                p.g[c], tg, tb, ta);
-          sg += tg;
-          sb += tb;
-          sa += ta;
+      Coef coef{p.a[c], p.b[c], p.g[c]};
+      double sums[3] = {0, 0, 0};  // dgate, dshift, dscale
+      auto sweep = [&](auto reduce, auto write) {
+        for (int64_t o = 0; o < zv.outer; ++o) {
+          const T* dyr = dy + (o * out_c + c) * L;
+          const int64_t zoff = (o * K + k) * L;
+          backward_run<T, Relu, decltype(reduce)::value, decltype(write)::value>(
+              dyr, z + zoff, dz + zoff, L, coef, sums);
         }
+      };
+      if (bs.on()) {  // reduce, then write with the correction (the second sweep hits cache)
+        sweep(std::true_type{}, std::false_type{});
+        bn_correction(coef, sums[2], sums[1], bs.mean[c], bs.invstd[c], count);
+        sweep(std::false_type{}, std::true_type{});
+      } else {
+        sweep(std::true_type{}, std::true_type{});
       }
-      dg[c] = sg;
-      db[c] = sb;
-      da[c] = sa;
+      dg[c] = sums[0], db[c] = sums[1], da[c] = sums[2];
     }
   });
 }
 
-template <typename T, bool Relu>
-void backward_channels_last(const T* dy, const T* z, T* dz, const ChannelView& zv,
-                            int64_t out_c, const Params& p, const int64_t* index, float* da,
-                            float* db, float* dg) {
+// Channels last: one sweep over position blocks (all K channels of a position are contiguous),
+// each thread summing into its own partials; with batch statistics a second sweep writes dz.
+template <typename T, bool Relu, bool Reduce, bool Write>
+void sweep_channels_last(const T* dy, const T* z, T* dz, const ChannelView& zv, int64_t out_c,
+                         const std::vector<Coef>& coef, const int64_t* index,
+                         std::vector<double>& partial) {
   const int64_t K = zv.channels;
   const int64_t rows = std::max<int64_t>(1, kBlock / K);
   const int64_t blocks = (zv.outer + rows - 1) / rows;
-  const int threads = at::get_num_threads();
-  std::vector<double> partial(static_cast<size_t>(threads) * 3 * K, 0.0);
-  // Per z channel k: the fp32 parameters of its output channel, gathered once.
-  std::vector<float> ak(K), bk(K), gk(K);
-  for (int64_t k = 0; k < K; ++k) {
-    const int64_t c = index ? index[k] : k;
-    ak[k] = p.a[c], bk[k] = p.b[c], gk[k] = p.g[c];
-  }
-  const bool identity_map = index == nullptr;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    double* acc = partial.data() + static_cast<int64_t>(at::get_thread_num()) * 3 * K;
+    double* acc = Reduce ? partial.data() + static_cast<int64_t>(at::get_thread_num()) * 3 * K
+                         : nullptr;
     std::vector<float> tg(K), tb(K), ta(K);
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t q0 = blk * rows, q1 = std::min(zv.outer, q0 + rows);
@@ -151,48 +169,59 @@ void backward_channels_last(const T* dy, const T* z, T* dz, const ChannelView& z
         T* dzr = dz + q * K;
         const T* dyr = dy + q * out_c;
         float *pg = tg.data(), *pb = tb.data(), *pa = ta.data();
-        const float *a = ak.data(), *b = bk.data(), *g = gk.data();
-        if (identity_map) {
+        const Coef* cf = coef.data();
 #pragma omp simd
-          for (int64_t k = 0; k < K; ++k) {
-            const float zi = to_float(zr[k]), d = to_float(dyr[k]);
-            const float u = a[k] * zi + b[k];
-            const float on = !Relu || u > 0.f ? 1.f : 0.f;
-            const float du = d * g[k] * on;
+        for (int64_t k = 0; k < K; ++k) {
+          const float zi = to_float(zr[k]), d = to_float(dyr[index ? index[k] : k]);
+          const float u = cf[k].a * zi + cf[k].b;
+          const float on = !Relu || u > 0.f ? 1.f : 0.f;
+          const float du = d * cf[k].g * on;
+          if (Reduce) {
             pg[k] += d * u * on;
             pb[k] += du;
             pa[k] += du * zi;
-            dzr[k] = static_cast<T>(du * a[k]);
           }
-        } else {
-          for (int64_t k = 0; k < K; ++k) {
-            const float zi = to_float(zr[k]), d = to_float(dyr[index[k]]);
-            const float u = a[k] * zi + b[k];
-            const float on = !Relu || u > 0.f ? 1.f : 0.f;
-            const float du = d * g[k] * on;
-            pg[k] += d * u * on;
-            pb[k] += du;
-            pa[k] += du * zi;
-            dzr[k] = static_cast<T>(du * a[k]);
-          }
+          if (Write) dzr[k] = static_cast<T>(du * cf[k].a + cf[k].alpha + cf[k].beta * zi);
         }
       }
-      for (int64_t k = 0; k < K; ++k) {
-        acc[3 * k] += tg[k];
-        acc[3 * k + 1] += tb[k];
-        acc[3 * k + 2] += ta[k];
-      }
+      if (Reduce)
+        for (int64_t k = 0; k < K; ++k) {
+          acc[3 * k] += tg[k];
+          acc[3 * k + 1] += tb[k];
+          acc[3 * k + 2] += ta[k];
+        }
     }
   });
+}
+
+template <typename T, bool Relu>
+void backward_channels_last(const T* dy, const T* z, T* dz, const ChannelView& zv,
+                            int64_t out_c, const Params& p, const int64_t* index,
+                            const BatchStats& bs, float* da, float* db, float* dg) {
+  const int64_t K = zv.channels;
+  const int threads = at::get_num_threads();
+  std::vector<double> partial(static_cast<size_t>(threads) * 3 * K, 0.0);
+  std::vector<Coef> coef(K);
   for (int64_t k = 0; k < K; ++k) {
-    double sg = 0, sb = 0, sa = 0;
-    for (int t = 0; t < threads; ++t) {
-      const double* acc = partial.data() + static_cast<int64_t>(t) * 3 * K + 3 * k;
-      sg += acc[0], sb += acc[1], sa += acc[2];
-    }
     const int64_t c = index ? index[k] : k;
-    dg[c] = sg, db[c] = sb, da[c] = sa;
+    coef[k] = Coef{p.a[c], p.b[c], p.g[c]};
   }
+  if (bs.on())
+    sweep_channels_last<T, Relu, true, false>(dy, z, dz, zv, out_c, coef, index, partial);
+  else
+    sweep_channels_last<T, Relu, true, true>(dy, z, dz, zv, out_c, coef, index, partial);
+  for (int64_t k = 0; k < K; ++k) {
+    double sums[3] = {0, 0, 0};
+    for (int t = 0; t < threads; ++t)
+      for (int j = 0; j < 3; ++j) sums[j] += partial[(static_cast<size_t>(t) * K + k) * 3 + j];
+    const int64_t c = index ? index[k] : k;
+    dg[c] = sums[0], db[c] = sums[1], da[c] = sums[2];
+    if (bs.on())
+      bn_correction(coef[k], sums[2], sums[1], bs.mean[c], bs.invstd[c],
+                    static_cast<double>(zv.outer));
+  }
+  if (bs.on())
+    sweep_channels_last<T, Relu, false, true>(dy, z, dz, zv, out_c, coef, index, partial);
 }
 
 struct Prepared {
@@ -219,8 +248,11 @@ Prepared prepare(const at::Tensor& z_in, const at::Tensor& scale, const at::Tens
 
 at::Tensor gate_epilogue_cpu(const at::Tensor& z_in, const at::Tensor& scale,
                              const at::Tensor& shift, const at::Tensor& gate,
-                             c10::string_view act, const c10::optional<at::Tensor>& out_index) {
+                             c10::string_view act, const c10::optional<at::Tensor>& out_index,
+                             const c10::optional<at::Tensor>& mean,
+                             const c10::optional<at::Tensor>& invstd) {
   const Prepared P = prepare(z_in, scale, shift, gate, std::string(act), out_index);
+  batch_stats(mean, invstd, P.out_c, z_in);  // only checked: they matter to the backward
   at::Tensor y = at::empty(output_shape(P.z, P.out_c), P.z.options().memory_format(P.zv.format));
   if (y.numel() == 0) return y;
   const Params p{P.a.const_data_ptr<float>(), P.b.const_data_ptr<float>(),
@@ -246,8 +278,10 @@ at::Tensor gate_epilogue_cpu(const at::Tensor& z_in, const at::Tensor& scale,
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_epilogue_backward_cpu(
     const at::Tensor& dy_in, const at::Tensor& z_in, const at::Tensor& scale,
     const at::Tensor& shift, const at::Tensor& gate, c10::string_view act,
-    const c10::optional<at::Tensor>& out_index) {
+    const c10::optional<at::Tensor>& out_index, const c10::optional<at::Tensor>& mean,
+    const c10::optional<at::Tensor>& invstd) {
   const Prepared P = prepare(z_in, scale, shift, gate, std::string(act), out_index);
+  const auto stats = batch_stats(mean, invstd, P.out_c, z_in);
   const auto expected = output_shape(P.z, P.out_c);
   TORCH_CHECK(dy_in.sizes().vec() == expected, "dy must have shape ", at::IntArrayRef(expected),
               ", got ", dy_in.sizes());
@@ -263,6 +297,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_epilogue_backwar
                    P.g.const_data_ptr<float>(), P.src.const_data_ptr<int64_t>()};
     const at::Tensor index = out_index.has_value() ? out_index->contiguous() : at::Tensor();
     const int64_t* ip = out_index.has_value() ? index.const_data_ptr<int64_t>() : nullptr;
+    BatchStats bs;
+    if (stats.has_value()) bs = {stats->first.const_data_ptr<float>(), stats->second.const_data_ptr<float>()};
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, P.z.scalar_type(),
                                     "gate_epilogue_backward", [&] {
       const auto* dyp = dy.const_data_ptr<scalar_t>();
@@ -271,14 +307,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_epilogue_backwar
       float *dap = da.data_ptr<float>(), *dbp = db.data_ptr<float>(), *dgp = dg.data_ptr<float>();
       if (P.zv.channels_last) {
         if (P.relu)
-          backward_channels_last<scalar_t, true>(dyp, zp, dzp, P.zv, P.out_c, p, ip, dap, dbp, dgp);
+          backward_channels_last<scalar_t, true>(dyp, zp, dzp, P.zv, P.out_c, p, ip, bs, dap, dbp, dgp);
         else
-          backward_channels_last<scalar_t, false>(dyp, zp, dzp, P.zv, P.out_c, p, ip, dap, dbp, dgp);
+          backward_channels_last<scalar_t, false>(dyp, zp, dzp, P.zv, P.out_c, p, ip, bs, dap, dbp, dgp);
       } else {
         if (P.relu)
-          backward_channels_first<scalar_t, true>(dyp, zp, dzp, P.zv, P.out_c, p, ip, dap, dbp, dgp);
+          backward_channels_first<scalar_t, true>(dyp, zp, dzp, P.zv, P.out_c, p, ip, bs, dap, dbp, dgp);
         else
-          backward_channels_first<scalar_t, false>(dyp, zp, dzp, P.zv, P.out_c, p, ip, dap, dbp, dgp);
+          backward_channels_first<scalar_t, false>(dyp, zp, dzp, P.zv, P.out_c, p, ip, bs, dap, dbp, dgp);
       }
     });
   }

@@ -172,39 +172,44 @@ class GatedConvBNAct2d(_Gated, nn.Module):
         g = self._gate_for_forward()
         index = self.active_index() if _sparse_ok(conv) else None
         z = _convolve(conv, x, index)  # the conv bias is folded into the BN shift below
-        mean, var = self._statistics(z, index)
-        centre = mean if conv.bias is None else mean - conv.bias
-        scale = torch.rsqrt(var + bn.eps)
-        if bn.weight is not None:
-            scale = bn.weight * scale
+        batch = self._batch_statistics(z, index)
+        if batch is None:  # eval: normalise with the running statistics of conv(x) + bias
+            centre = bn.running_mean if conv.bias is None else bn.running_mean - conv.bias
+            invstd = torch.rsqrt(bn.running_var + bn.eps)
+        else:  # training: the batch's statistics of z; the kernel differentiates through them
+            centre, invstd = batch
+        scale = invstd if bn.weight is None else bn.weight * invstd
         shift = -centre * scale
         if bn.bias is not None:
             shift = bn.bias + shift
-        return ops.gate_epilogue(z, scale, shift, g, self.act, index)
+        mean, istd = (None, None) if batch is None else batch
+        return ops.gate_epilogue(z, scale, shift, g, self.act, index, mean, istd)
 
-    def _statistics(self, z: Tensor, index: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Full-width (mean, var) of the conv output (bias included) to normalise with: the batch's
-        in training (updating the running statistics of the convolved channels), the running ones
-        in eval. `z` is the conv output without bias."""
+    def _batch_statistics(self, z: Tensor, index: Tensor | None) -> tuple[Tensor, Tensor] | None:
+        """Full-width (mean, invstd) of z (the conv output without bias) to normalise with, or None
+        to use the running statistics (eval, or an empty batch, which updates nothing). Updates
+        the running statistics of the convolved channels as nn.BatchNorm2d does."""
         bn = self.bn
-        batch_stats = self.training or not bn.track_running_stats
         count = z.numel() // max(z.shape[1], 1)
-        if not batch_stats or count == 0:  # an empty batch normalises nothing and updates nothing
-            return bn.running_mean, bn.running_var
+        if not (self.training or not bn.track_running_stats) or count == 0:
+            return None
         if count == 1:
             raise ValueError(f"{self._describe()}: batch norm needs more than 1 value per channel "
                              f"in training, got input of shape {tuple(z.shape)}")
-        mean, var = ops.channel_stats(z)
-        bias = self.conv.bias
-        if bias is not None:
-            mean = mean + (bias if index is None else bias.index_select(0, index))
-        if self.training and bn.track_running_stats:
-            self._update_running(mean.detach(), var.detach() * (count / (count - 1)), index)
-        if index is not None:
-            c = bn.num_features
-            mean = mean.new_zeros(c).index_copy(0, index, mean)
-            var = var.new_ones(c).index_copy(0, index, var)
-        return mean, var
+        with torch.no_grad():
+            mean, var = ops.channel_stats(z)
+            if self.training and bn.track_running_stats:
+                bias = self.conv.bias
+                if bias is not None:
+                    bias = bias if index is None else bias.index_select(0, index)
+                self._update_running(mean if bias is None else mean + bias,
+                                     var * (count / (count - 1)), index)
+            invstd = torch.rsqrt(var + bn.eps)
+            if index is not None:
+                c = bn.num_features
+                mean = mean.new_zeros(c).index_copy(0, index, mean)
+                invstd = invstd.new_ones(c).index_copy(0, index, invstd)
+        return mean, invstd
 
     @torch.no_grad()
     def _update_running(self, mean: Tensor, unbiased_var: Tensor, index: Tensor | None) -> None:

@@ -53,6 +53,17 @@ def epilogue(z: Tensor, scale: Tensor, shift: Tensor, gate: Tensor, act: str,
         raise RuntimeError(f"out_index is on {out_index.device} but z is on {z.device}")
 
 
+def batch_stats(mean: Tensor | None, invstd: Tensor | None, channels: int, z: Tensor) -> None:
+    if (mean is None) != (invstd is None):
+        raise ValueError("mean and invstd must be given together (batch statistics of z) or not at all")
+    for name, v in (("mean", mean), ("invstd", invstd)):
+        if v is not None:
+            per_channel(name, v, channels, z)
+            if v.requires_grad:
+                raise ValueError(f"{name} must not require grad: the backward already differentiates "
+                                 "through the batch statistics (detach it)")
+
+
 def gradient(dy: Tensor, z: Tensor, out_channels: int) -> None:
     activations("dy", dy)
     expected = (z.shape[0], out_channels) + tuple(z.shape[2:])

@@ -32,9 +32,11 @@ def _scatter_channels(z: Tensor, out_index: Tensor | None, out_channels: int) ->
 
 
 def gate_epilogue(z: Tensor, scale: Tensor, shift: Tensor, gate: Tensor, act: str,
-                  out_index: Tensor | None = None) -> Tensor:
+                  out_index: Tensor | None = None, mean: Tensor | None = None,
+                  invstd: Tensor | None = None) -> Tensor:
     """y[:, c] = gate[c] * act(scale[c] * z[:, c] + shift[c]); with out_index, z[:, k] feeds output
-    channel out_index[k] and the other output channels are zero."""
+    channel out_index[k] and the other output channels are zero. mean and invstd matter only to
+    the backward (see gate_epilogue_backward)."""
     if act not in ACTIVATIONS:
         raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
     dt = _compute_dtype(z.dtype)
@@ -52,9 +54,12 @@ def gate_epilogue(z: Tensor, scale: Tensor, shift: Tensor, gate: Tensor, act: st
 
 
 def gate_epilogue_backward(dy: Tensor, z: Tensor, scale: Tensor, shift: Tensor, gate: Tensor,
-                           act: str, out_index: Tensor | None = None
-                           ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dz, dscale, dshift, dgate) of gate_epilogue, written out from the chain rule."""
+                           act: str, out_index: Tensor | None = None, mean: Tensor | None = None,
+                           invstd: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dz, dscale, dshift, dgate) of gate_epilogue, written out from the chain rule. With batch
+    statistics (scale = weight * invstd, shift = bias - mean * scale, mean and invstd those of z
+    over its M values per channel) dz also carries the gradient through them:
+    dz += -(scale / M) * dshift - (scale * invstd / M) * (z - mean) * sum(du * xhat)."""
     if act not in ACTIVATIONS:
         raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
     dt = _compute_dtype(z.dtype)
@@ -73,6 +78,11 @@ def gate_epilogue_backward(dy: Tensor, z: Tensor, scale: Tensor, shift: Tensor, 
     dshift = du.sum(dims)
     dscale = (du * zf).sum(dims)
     dz = du * _per_channel(scale.to(dt), nd)
+    if mean is not None:
+        count = z.numel() // max(z.shape[1], 1)
+        m, istd, a = (_per_channel(v.to(dt), nd) for v in (mean, invstd, scale))
+        dweight_hat = _per_channel(invstd.to(dt) * (dscale - mean.to(dt) * dshift), nd)
+        dz = dz - a * _per_channel(dshift, nd) / count - a * istd * (zf - m) * dweight_hat / count
     if out_index is not None:
         dz = dz.index_select(1, out_index)
     return (dz.to(z.dtype), dscale.to(scale.dtype), dshift.to(shift.dtype), dgate.to(gate.dtype))

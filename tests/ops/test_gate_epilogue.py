@@ -139,3 +139,66 @@ def test_backward_rejects_mismatched_dy():
         ops.gate_epilogue_backward(torch.randn(2, 4, 3, 2), z, p, p, p, "relu")
     with pytest.raises(ValueError, match=r"dy has dtype torch.float16 but z has torch.float32"):
         ops.gate_epilogue_backward(torch.randn(2, 4, 3, 3).half(), z, p, p, p, "relu")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("scatter", [False, True])
+@pytest.mark.parametrize("act", ["identity", "relu"])
+def test_batch_statistics_backward_equals_autograd_of_batch_norm(layout, scatter, act):
+    # With mean/invstd, the backward must equal autograd through batch norm's own statistics.
+    z, _, _, gate, index = _inputs((6, 8, 5, 3), torch.float32, layout, scatter)
+    c = gate.shape[0]
+    weight, bias = torch.rand(c) + 0.5, torch.randn(c)
+    var, mean = torch.var_mean(z, dim=(0, 2, 3), correction=0)
+    full = (lambda v, fill: v.new_full((c,), fill).index_copy(0, index, v)) if scatter else (lambda v, fill: v)
+    mean_f, invstd_f = full(mean, 0.0), full(torch.rsqrt(var + 1e-5), 1.0)
+    leaves = [t.clone().requires_grad_() for t in (z, weight, bias, gate)]
+    zl, wl, bl, gl = leaves
+    scale = wl * invstd_f
+    y = ops.gate_epilogue(zl, scale, bl - mean_f * scale, gl, act, index, mean_f, invstd_f)
+    dy = torch.randn(y.shape)
+    y.backward(dy)
+
+    ref = [t.double().clone().requires_grad_() for t in (z, weight, bias, gate)]
+    zr, wr, br, gr = ref
+    zf = reference._scatter_channels(zr, index, c)
+    xhat = torch.nn.functional.batch_norm(zr, None, None, training=True, eps=1e-5)
+    xhat = reference._scatter_channels(xhat, index, c)
+    u = wr.view(1, -1, 1, 1) * xhat + br.view(1, -1, 1, 1)
+    if act == "relu":
+        u = torch.relu(u)
+    y_ref = gr.view(1, -1, 1, 1) * u
+    if scatter:
+        present = torch.zeros(c, dtype=torch.bool)
+        present[index] = True
+        y_ref = y_ref * present.view(1, -1, 1, 1)
+    torch.testing.assert_close(y.double(), y_ref, atol=1e-5, rtol=1e-4)
+    y_ref.backward(dy.double())
+    for got, exp in zip(leaves, ref):
+        if scatter and got is not zl:  # absent channels get no gradient in either
+            exp = exp.grad * present
+            torch.testing.assert_close(got.grad.double() * present, exp, atol=1e-4, rtol=1e-4)
+        else:
+            torch.testing.assert_close(got.grad.double(), exp.grad, atol=1e-4, rtol=1e-4)
+    del zf
+
+
+def test_batch_statistics_arguments_are_checked():
+    z, scale, shift, gate, _ = _inputs((2, 4, 3, 3), torch.float32, "contiguous", False)
+    with pytest.raises(ValueError, match="mean and invstd must be given together"):
+        ops.gate_epilogue(z, scale, shift, gate, "relu", None, torch.zeros(4), None)
+    with pytest.raises(ValueError, match="mean must not require grad"):
+        ops.gate_epilogue(z, scale, shift, gate, "relu", None, torch.zeros(4, requires_grad=True), torch.ones(4))
+    with pytest.raises(ValueError, match=r"invstd must have shape \(4,\)"):
+        ops.gate_epilogue(z, scale, shift, gate, "relu", None, torch.zeros(4), torch.ones(3))
+
+
+def test_opcheck_with_batch_statistics():
+    z, scale, shift, gate, _ = _inputs((3, 4, 5, 2), torch.float32, "channels_last", False)
+    for t in (z, scale, shift, gate):
+        t.requires_grad_()
+    stats = (torch.randn(4), torch.rand(4) + 0.5)
+    torch.library.opcheck(torch.ops.nasprune.gate_epilogue.default, (z, scale, shift, gate, "relu", None, *stats))
+    torch.library.opcheck(torch.ops.nasprune.gate_epilogue_backward.default,
+                          (torch.randn(3, 4, 5, 2), z.detach(), scale.detach(), shift.detach(), gate.detach(),
+                           "relu", None, *stats))
