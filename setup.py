@@ -78,7 +78,7 @@ setup(
     ext_modules=[ext],
     cmdclass={"build_ext": build_ext.with_options(no_python_abi_suffix=False)},
     python_requires=">=3.10",
-    install_requires=["torch>=2.11", "numpy", "safetensors", "tqdm", "matplotlib"],
+    install_requires=["torch>=2.11", "numpy", "safetensors", "tqdm", "matplotlib", "pillow", "scikit-learn"],
     extras_require={"triton": ["triton"], "test": ["pytest", "onnx", "onnxruntime", "torchvision"]},
     entry_points={"console_scripts": ["nasprune=nasprune.cli:main"]},
 )
