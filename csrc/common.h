@@ -24,7 +24,8 @@ inline ChannelView channel_view(const at::Tensor& z, const char* name) {
   ChannelView v;
   v.channels = z.size(1);
   const int64_t n = z.size(0);
-  const int64_t inner = v.channels == 0 || n == 0 ? 0 : z.numel() / (n * v.channels);
+  int64_t inner = 1;  // from the shape, not numel / (n * C): correct when n or C is 0
+  for (int64_t d = 2; d < z.dim(); ++d) inner *= z.size(d);
   const bool cl = z.dim() == 4 && !z.is_contiguous() &&
                   z.is_contiguous(at::MemoryFormat::ChannelsLast);
   v.format = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;

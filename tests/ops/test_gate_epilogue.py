@@ -202,3 +202,13 @@ def test_opcheck_with_batch_statistics():
     torch.library.opcheck(torch.ops.nasprune.gate_epilogue_backward.default,
                           (torch.randn(3, 4, 5, 2), z.detach(), scale.detach(), shift.detach(), gate.detach(),
                            "relu", None, *stats))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_empty_out_index_gives_all_zero_output(layout):
+    z = make_layout(torch.randn(2, 0, 3, 3), layout)
+    p = torch.rand(4) + 1
+    y = ops.gate_epilogue(z, p, p, p, "relu", torch.zeros(0, dtype=torch.long))
+    assert y.shape == (2, 4, 3, 3) and torch.equal(y, torch.zeros_like(y))
+    grads = ops.gate_epilogue_backward(torch.randn(2, 4, 3, 3), z, p, p, p, "relu", torch.zeros(0, dtype=torch.long))
+    assert grads[0].shape == (2, 0, 3, 3) and all(torch.equal(g, torch.zeros(4)) for g in grads[1:])
