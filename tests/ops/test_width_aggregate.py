@@ -239,3 +239,63 @@ def test_backward_rejects_mismatched_dy():
         ops.width_aggregate_backward(torch.randn(2, 6, 3, 2), z, scale, shift, w, weights)
     with pytest.raises(ValueError, match=r"dy has dtype torch.float16 but z has torch.float32"):
         ops.width_aggregate_backward(torch.randn(2, 6, 3, 3).half(), z, scale, shift, w, weights)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA: both backends against the reference, and no host synchronisation
+
+
+def _cuda_backends():
+    if not torch.cuda.is_available():
+        return []
+    names = ["triton"] if ops._backend.triton_available() else []
+    return (["cuda"] if ops.cuda_kernels_built() else []) + names
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case", [((4, 64, 9, 9), [38, 57]), ((3, 16, 5, 7), [16, 1]),
+                                  ((2, 24, 6, 6), [7, 13, 24]), ((0, 8, 3, 3), [4, 8]),
+                                  ((5, 12), [5, 12])], ids=_case_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("act", ["identity", "relu"])
+def test_cuda_backends_match_reference(case, dtype, layout, act):
+    for backend in _cuda_backends():
+        with ops.use_backend(backend):
+            z, scale, shift, w, weights = _inputs(*case, dtype=dtype, layout=layout, device="cuda")
+            y = ops.width_aggregate(z, scale, shift, w, weights, act)
+            expected = reference.width_aggregate(z.double(), scale, shift, w, weights, act)
+            torch.testing.assert_close(y.double(), expected, **TOLERANCE[dtype])
+            dy = torch.randn(z.shape, device="cuda").to(dtype)
+            got = ops.width_aggregate_backward(dy, z, scale, shift, w, weights, act)
+            exp = reference.width_aggregate_backward(dy.double(), z.double(), scale.double(),
+                                                     shift.double(), w, weights.double(), act)
+            torch.testing.assert_close(got[0].double(), exp[0], **TOLERANCE[dtype])
+            n = z.numel() // z.shape[1]
+            for g, e in zip(got[1:], exp[1:]):
+                torch.testing.assert_close(g.double(), e, **_reduction_tol(dtype, n))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_step_never_synchronises():
+    """Sampling, aggregation and its backward run with the widths on the device only."""
+    for backend in _cuda_backends():
+        with ops.use_backend(backend):
+            logits = torch.randn(8, device="cuda", requires_grad=True)
+            candidates = torch.tensor([19, 25, 32, 38, 44, 51, 57, 64], device="cuda")
+            z, scale, shift, _, _ = _inputs((8, 64, 8, 8), [64, 64], device="cuda")
+            z.requires_grad_()
+
+            def step():
+                index, weights = ops.gumbel_topk(logits, 2, 1.0)
+                y = ops.width_aggregate(z, scale, shift, candidates[index], weights, "relu")
+                y.sum().backward()
+
+            step()  # autotuning and first-call set-up may synchronise
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            assert logits.grad.abs().sum() > 0
