@@ -538,6 +538,13 @@ void dispatch_candidates(int64_t K, F&& f) {
     f(std::integral_constant<int, kMaxCandidates>{});
 }
 
+// Elements per vector access of the channels-first kernels: 16 bytes, 8 with up to 8 candidates
+// (each thread holds a vector per slot in flight; 16 bytes there would spill).
+template <typename T, int MAXK>
+constexpr int vec_width() {
+  return static_cast<int>((MAXK > 2 ? 8 : 16) / sizeof(T));
+}
+
 template <typename T>
 bool aligned(const T* p, int vec) {
   return reinterpret_cast<uintptr_t>(p) % (sizeof(T) * vec) == 0;
@@ -590,7 +597,7 @@ at::Tensor width_aggregate_cuda(const at::Tensor& z_in, const at::Tensor& scale,
   NASPRUNE_WA_DISPATCH_TYPES(A.z.scalar_type(), "width_aggregate_cuda", [&] {
     dispatch_candidates(A.K, [&](auto mk) {
       constexpr int MAXK = decltype(mk)::value;
-      constexpr int V = static_cast<int>(16 / sizeof(scalar_t));
+      constexpr int V = vec_width<scalar_t, MAXK>();
       const auto* zp = A.z.const_data_ptr<scalar_t>();
       auto* yp = y.data_ptr<scalar_t>();
       if (A.zv.channels_last) {
@@ -692,7 +699,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> width_aggregate_backw
       dispatch_candidates(A.K, [&](auto mk) {
         constexpr int MAXK = decltype(mk)::value;
         constexpr int NS = 1 + 2 * MAXK;
-        constexpr int V = static_cast<int>(16 / sizeof(scalar_t));
+        constexpr int V = vec_width<scalar_t, MAXK>();
         const int64_t nkc = A.K * A.C;
         inv_len_kernel<MAXK><<<static_cast<unsigned>(std::min<int64_t>(ceil_div(nkc, kThreads), 1024)),
                                kThreads, 0, stream>>>(p, inv.data_ptr<float>());
