@@ -27,4 +27,15 @@ TORCH_LIBRARY(nasprune, m) {
       "gate_epilogue_backward(Tensor dy, Tensor z, Tensor scale, Tensor shift, Tensor gate, "
       "str act, Tensor? out_index=None, Tensor? mean=None, Tensor? invstd=None) "
       "-> (Tensor dz, Tensor dscale, Tensor dshift, Tensor dgate)");
+  // TAS width aggregation over K sampled candidate widths c_j = widths[j] (int64, on z's device)
+  // of z (N, C, *): y = act(sum_j weights[j] * CWI(scale[j, :c_j] * z[:, :c_j] + shift[j, :c_j],
+  // C_max)) on channels [0, C_max), C_max = max_j c_j, and y = 0 on [C_max, C). CWI is adaptive
+  // average pooling along channels; scale and shift are (K, C), zero beyond each width.
+  m.def(
+      "width_aggregate(Tensor z, Tensor scale, Tensor shift, Tensor widths, Tensor weights, "
+      "str act) -> Tensor");
+  // One pass over (dy, z) for dz and the per-channel dscale, dshift (K, C) and dweights (K,).
+  m.def(
+      "width_aggregate_backward(Tensor dy, Tensor z, Tensor scale, Tensor shift, Tensor widths, "
+      "Tensor weights, str act) -> (Tensor dz, Tensor dscale, Tensor dshift, Tensor dweights)");
 }

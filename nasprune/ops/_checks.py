@@ -80,3 +80,33 @@ def memory_format(z: Tensor) -> torch.memory_format:
     if z.dim() == 4 and not z.is_contiguous() and z.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     return torch.contiguous_format
+
+
+def width_aggregate(z: Tensor, scale: Tensor, shift: Tensor, widths: Tensor, weights: Tensor,
+                    act: str) -> None:
+    activations("z", z)
+    if act not in ACTIVATIONS:
+        raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
+    if not isinstance(widths, Tensor) or widths.dtype != torch.int64 or widths.dim() != 1 \
+            or widths.shape[0] < 1:
+        raise ValueError("widths must be a non-empty int64 vector (one width per candidate), got "
+                         + (f"{widths.dtype} of shape {tuple(widths.shape)}"
+                            if isinstance(widths, Tensor) else type(widths).__name__))
+    k, c = widths.shape[0], z.shape[1]
+    for name, p in (("scale", scale), ("shift", shift)):
+        if not isinstance(p, Tensor):
+            raise TypeError(f"{name} must be a Tensor, got {type(p).__name__}")
+        if tuple(p.shape) != (k, c):
+            raise ValueError(f"{name} must have shape ({k}, {c}) (candidates, z's channels), "
+                             f"got {tuple(p.shape)}")
+        if not p.is_floating_point():
+            raise ValueError(f"{name} must be a floating tensor, got {p.dtype}")
+    if not isinstance(weights, Tensor) or tuple(weights.shape) != (k,):
+        raise ValueError(f"weights must have shape ({k},) (one per candidate), got "
+                         + (f"{tuple(weights.shape)}" if isinstance(weights, Tensor)
+                            else type(weights).__name__))
+    if not weights.is_floating_point():
+        raise ValueError(f"weights must be a floating tensor, got {weights.dtype}")
+    for name, p in (("scale", scale), ("shift", shift), ("widths", widths), ("weights", weights)):
+        if p.device != z.device:
+            raise RuntimeError(f"{name} is on {p.device} but z is on {z.device}")

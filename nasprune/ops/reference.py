@@ -3,7 +3,10 @@ when no compiled backend is present. Plain differentiable torch (fp64 gradcheck-
 runs in fp32 or wider and results come back in the input's dtype, as the kernels do."""
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 ACTIVATIONS = ("identity", "relu")
@@ -86,3 +89,62 @@ def gate_epilogue_backward(dy: Tensor, z: Tensor, scale: Tensor, shift: Tensor, 
     if out_index is not None:
         dz = dz.index_select(1, out_index)
     return (dz.to(z.dtype), dscale.to(scale.dtype), dshift.to(shift.dtype), dgate.to(gate.dtype))
+
+
+def _check_widths(widths: Tensor, channels: int) -> list[int]:
+    ws = [int(c) for c in widths.tolist()]  # the oracle may synchronise; the kernels do not
+    if not ws or any(c < 1 or c > channels for c in ws):
+        raise ValueError(f"widths must lie in [1, {channels}] (z's channels), got {ws}")
+    return ws
+
+
+def channel_interpolate(x: Tensor, channels: int) -> Tensor:
+    """CWI: adaptive average pooling of (N, C, *) along the channel axis to `channels` channels,
+    as TAS computes it (adaptive_avg_pool3d over (C, H, W) -> (channels, H, W))."""
+    n, c = x.shape[:2]
+    spatial = tuple(x.shape[2:])
+    length = math.prod(spatial)
+    if x.numel() == 0 or length == 0:
+        return x.new_zeros((n, channels) + spatial)
+    pooled = F.adaptive_avg_pool3d(x.reshape(n, 1, c, length, 1), (channels, length, 1))
+    return pooled.reshape((n, channels) + spatial)
+
+
+def width_aggregate(z: Tensor, scale: Tensor, shift: Tensor, widths: Tensor, weights: Tensor,
+                    act: str) -> Tensor:
+    """TAS width aggregation: y = act(sum_j weights[j] * CWI(scale[j, :c_j] * z[:, :c_j]
+    + shift[j, :c_j], C_max)) zero-padded from C_max = max_j c_j to z's C channels, c_j = widths[j].
+    Composed as TAS writes it: prefix slices, per-candidate affine (the folded BN),
+    adaptive_avg_pool3d, weighted sum, zero padding."""
+    if act not in ACTIVATIONS:
+        raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
+    dt = _compute_dtype(z.dtype)
+    nd = z.dim()
+    channels = z.shape[1]
+    ws = _check_widths(widths, channels)
+    cmax = max(ws)
+    zf = z.to(dt)
+    total = None
+    for j, c in enumerate(ws):
+        fragment = (zf[:, :c] * _per_channel(scale[j, :c].to(dt), nd)
+                    + _per_channel(shift[j, :c].to(dt), nd))
+        term = weights[j].to(dt) * channel_interpolate(fragment, cmax)
+        total = term if total is None else total + term
+    pad = [0, 0] * (nd - 2) + [0, channels - cmax]
+    y = F.pad(total, pad)
+    if act == "relu":
+        y = torch.relu(y)
+    return y.to(z.dtype)
+
+
+def width_aggregate_backward(dy: Tensor, z: Tensor, scale: Tensor, shift: Tensor, widths: Tensor,
+                             weights: Tensor, act: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dz, dscale, dshift, dweights) of width_aggregate: autograd through the composition."""
+    dt = _compute_dtype(z.dtype)
+    leaves = [t.detach().to(dt).requires_grad_() for t in (z, scale, shift, weights)]
+    with torch.enable_grad():
+        y = width_aggregate(leaves[0], leaves[1], leaves[2], widths, leaves[3], act)
+        grads = torch.autograd.grad(y, leaves, dy.to(dt), allow_unused=True)
+    grads = [torch.zeros_like(leaf) if g is None else g for g, leaf in zip(grads, leaves)]
+    return (grads[0].to(z.dtype), grads[1].to(scale.dtype), grads[2].to(shift.dtype),
+            grads[3].to(weights.dtype))
