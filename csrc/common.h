@@ -108,4 +108,36 @@ inline std::vector<int64_t> output_shape(const at::Tensor& z, int64_t out_channe
   return shape;
 }
 
+// Checked and prepared arguments of gate_epilogue(_backward), shared by every backend.
+struct Prepared {
+  ChannelView zv;
+  at::Tensor z, a, b, g, src;  // z in its layout; fp32 scale, shift, gate; the source map
+  int64_t out_c;
+  bool relu;
+};
+
+inline Prepared prepare(const at::Tensor& z_in, const at::Tensor& scale, const at::Tensor& shift,
+                        const at::Tensor& gate, const std::string& act,
+                        const c10::optional<at::Tensor>& out_index) {
+  Prepared P;
+  P.zv = channel_view(z_in, "z");
+  P.z = in_layout(z_in, P.zv);
+  P.out_c = gate.dim() == 1 ? gate.size(0) : -1;
+  P.g = channel_param(gate, "gate", P.out_c, z_in);
+  P.a = channel_param(scale, "scale", P.out_c, z_in);
+  P.b = channel_param(shift, "shift", P.out_c, z_in);
+  P.src = source_channels(out_index, P.out_c, z_in);
+  P.relu = is_relu(act);
+  return P;
+}
+
+inline void check_gradient(const at::Tensor& dy, const at::Tensor& z, const Prepared& P) {
+  const auto expected = output_shape(P.z, P.out_c);
+  TORCH_CHECK(dy.sizes().vec() == expected, "dy must have shape ", at::IntArrayRef(expected),
+              ", got ", dy.sizes());
+  TORCH_CHECK(dy.scalar_type() == z.scalar_type(), "dy has dtype ", dy.scalar_type(),
+              " but z has ", z.scalar_type());
+  TORCH_CHECK(dy.device() == z.device(), "dy is on ", dy.device(), " but z is on ", z.device());
+}
+
 }  // namespace nasprune

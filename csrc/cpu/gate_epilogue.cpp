@@ -224,28 +224,6 @@ void backward_channels_last(const T* dy, const T* z, T* dz, const ChannelView& z
     sweep_channels_last<T, Relu, false, true>(dy, z, dz, zv, out_c, coef, index, partial);
 }
 
-struct Prepared {
-  ChannelView zv;
-  at::Tensor z, a, b, g, src;
-  int64_t out_c;
-  bool relu;
-};
-
-Prepared prepare(const at::Tensor& z_in, const at::Tensor& scale, const at::Tensor& shift,
-                 const at::Tensor& gate, const std::string& act,
-                 const c10::optional<at::Tensor>& out_index) {
-  Prepared P;
-  P.zv = channel_view(z_in, "z");
-  P.z = in_layout(z_in, P.zv);
-  P.out_c = gate.dim() == 1 ? gate.size(0) : -1;
-  P.g = channel_param(gate, "gate", P.out_c, z_in);
-  P.a = channel_param(scale, "scale", P.out_c, z_in);
-  P.b = channel_param(shift, "shift", P.out_c, z_in);
-  P.src = source_channels(out_index, P.out_c, z_in);
-  P.relu = is_relu(act);
-  return P;
-}
-
 at::Tensor gate_epilogue_cpu(const at::Tensor& z_in, const at::Tensor& scale,
                              const at::Tensor& shift, const at::Tensor& gate,
                              c10::string_view act, const c10::optional<at::Tensor>& out_index,
@@ -282,11 +260,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_epilogue_backwar
     const c10::optional<at::Tensor>& invstd) {
   const Prepared P = prepare(z_in, scale, shift, gate, std::string(act), out_index);
   const auto stats = batch_stats(mean, invstd, P.out_c, z_in);
-  const auto expected = output_shape(P.z, P.out_c);
-  TORCH_CHECK(dy_in.sizes().vec() == expected, "dy must have shape ", at::IntArrayRef(expected),
-              ", got ", dy_in.sizes());
-  TORCH_CHECK(dy_in.scalar_type() == z_in.scalar_type(), "dy has dtype ", dy_in.scalar_type(),
-              " but z has ", z_in.scalar_type());
+  check_gradient(dy_in, z_in, P);
   const at::Tensor dy = in_layout(dy_in, P.zv);
   at::Tensor dz = at::empty_like(P.z);
   auto f32 = P.z.options().dtype(at::kFloat);
