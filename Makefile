@@ -11,9 +11,12 @@ SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h c
 
 .PHONY: demo test test-fast bench env clean
 
+DATA ?= digits
+
 demo: $(VENV)/.built
 	$(PY) -m nasprune.env
-	$(PY) benchmarks/bench_gate_epilogue.py
+	$(PY) -m nasprune search --method tas --model resnet20 --data $(DATA) --flops-target 0.5 \
+		--baseline-epochs 8 --epochs 10 --finetune-epochs 8 --batch-size 64 --out runs/demo
 
 test: $(VENV)/.built
 	$(PY) -m nasprune.env
@@ -21,7 +24,7 @@ test: $(VENV)/.built
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/kernels/test_triton_interpret*.py
 
 bench: $(VENV)/.built
-	$(PY) benchmarks/bench_gate_epilogue.py
+	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
 
 env: $(VENV)/.built
 	$(PY) -m nasprune.env
