@@ -76,6 +76,7 @@ def environment(device: torch.device) -> dict:
         "triton": triton_version,
         "commit": commit,
         "host": platform.node(),
+        "load_avg_1m": round(os.getloadavg()[0], 2),  # other work on the machine skews CPU figures
     }
 
 

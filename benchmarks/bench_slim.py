@@ -1,0 +1,188 @@
+"""Graph + slim pipeline benchmark.
+
+1. Trace + group + slim of torchvision ResNet-50 (224x224): target under 2 s on the CI CPU.
+2. Real speed from slimming: ResNet-50 and MobileNetV2 slimmed (uniform keep ratio, channel
+   counts rounded to multiples of 8) to about half the MACs; CPU latency at batch 8 against
+   the original (target >= 1.6x for ResNet-50), and GPU throughput when a GPU is present.
+
+Appends one JSON line per figure to benchmarks/results/slim.jsonl with the device, the torch
+version, the commit and the machine load (other processes distort CPU timings).
+
+    python benchmarks/bench_slim.py [--repeats 5] [--latency-iters 20] [--models resnet50,mobilenet_v2]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+
+import nasprune.flops as flops
+import nasprune.graph as graph_mod
+import nasprune.slim as slim
+
+RESULTS = Path(__file__).parent / "results" / "slim.jsonl"
+
+
+def _device() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cpus)"
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def record(entry: dict) -> None:
+    entry.update(device=_device(), torch=torch.__version__, commit=_commit(),
+                 threads=torch.get_num_threads(), load_avg_1m=round(os.getloadavg()[0], 2),
+                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS, "a") as fh:
+        fh.write(json.dumps(entry) + "\n")
+    print(json.dumps(entry))
+
+
+def bench_pipeline(repeats: int) -> None:
+    model = torchvision.models.resnet50()
+    x = torch.randn(1, 3, 224, 224)
+    trace_s, slim_s = [], []
+    for _ in range(repeats + 1):  # the first run warms caches and is dropped
+        t = time.perf_counter()
+        graph = graph_mod.trace(model, x)
+        t1 = time.perf_counter()
+        slim.apply(model, graph, slim.uniform_keep(graph, 0.5))
+        t2 = time.perf_counter()
+        trace_s.append(t1 - t)
+        slim_s.append(t2 - t1)
+    trace_s, slim_s = trace_s[1:], slim_s[1:]
+    totals = [a + b for a, b in zip(trace_s, slim_s)]
+    record({"bench": "trace_group_slim", "model": "resnet50", "input": [1, 3, 224, 224],
+            "groups": len(graph.groups), "trace_s_median": round(statistics.median(trace_s), 3),
+            "slim_s_median": round(statistics.median(slim_s), 3),
+            "total_s_median": round(statistics.median(totals), 3), "total_s_min": round(min(totals), 3),
+            "target_s": 2.0, "repeats": repeats})
+
+
+def half_flops_keep(model, x, round_to=8):
+    """Uniform keep ratio whose slimmed MACs are closest to half the original's."""
+    graph = graph_mod.trace(model, x)
+    cost = flops.CostModel(graph)
+    total = cost.total()
+    lo, hi = 0.3, 1.0
+    for _ in range(20):
+        mid = (lo + hi) / 2
+        if cost.exact(slim.uniform_keep(graph, mid, round_to)) > total / 2:
+            hi = mid
+        else:
+            lo = mid
+    keep = slim.uniform_keep(graph, lo, round_to)
+    return graph, keep, lo, cost.exact(keep) / total
+
+
+def _latency(model, x, iters: int) -> tuple[float, float]:
+    """Median wall time and median CPU time (all threads) of one batch. On a shared, loaded
+    machine wall time mostly measures waiting; CPU time still measures the work."""
+    with torch.inference_mode():
+        for _ in range(2):
+            model(x)
+        wall, cpu = [], []
+        for _ in range(iters):
+            t, c = time.perf_counter(), time.process_time()
+            model(x)
+            wall.append(time.perf_counter() - t)
+            cpu.append(time.process_time() - c)
+    return statistics.median(wall), statistics.median(cpu)
+
+
+def bench_latency(name: str, iters: int) -> None:
+    model = torchvision.models.get_model(name).eval()
+    graph, keep, ratio, macs_ratio = half_flops_keep(model, torch.zeros(1, 3, 224, 224))
+    slimmed = slim.apply(model, graph, keep).eval()
+    for layout in ("nchw", "channels_last"):
+        x = torch.randn(8, 3, 224, 224)
+        if layout == "channels_last":  # oneDNN's preferred layout: no reorders around each conv
+            model, slimmed = (m.to(memory_format=torch.channels_last) for m in (model, slimmed))
+            x = x.to(memory_format=torch.channels_last)
+        _record_latency(name, layout, model, slimmed, x, iters, ratio, macs_ratio)
+    _gpu_throughput(name, model, slimmed)
+
+
+def _record_latency(name, layout, model, slimmed, x, iters, ratio, macs_ratio) -> None:
+    # alternate to spread load changes evenly over both models
+    original, pruned = [], []
+    for _ in range(3):
+        original.append(_latency(model, x, max(1, iters // 3)))
+        pruned.append(_latency(slimmed, x, max(1, iters // 3)))
+    t_orig, t_slim = (statistics.median(t[0] for t in runs) for runs in (original, pruned))
+    c_orig, c_slim = (statistics.median(t[1] for t in runs) for runs in (original, pruned))
+    entry = {"bench": "slimmed_latency", "model": name, "layout": layout, "batch": 8, "input": 224,
+             "keep_ratio": round(ratio, 4), "macs_original": flops.count(model, x[:1]),
+             "macs_slimmed": flops.count(slimmed, x[:1]), "macs_ratio": round(macs_ratio, 4),
+             "params_original": flops.count_params(model), "params_slimmed": flops.count_params(slimmed),
+             "latency_ms_original": round(t_orig * 1e3, 1), "latency_ms_slimmed": round(t_slim * 1e3, 1),
+             "speedup": round(t_orig / t_slim, 3), "cpu_ms_original": round(c_orig * 1e3, 1),
+             "cpu_ms_slimmed": round(c_slim * 1e3, 1), "speedup_cpu_time": round(c_orig / c_slim, 3)}
+    if name == "resnet50":
+        entry["target_speedup"] = 1.6
+    record(entry)
+
+
+def _gpu_throughput(name, model, slimmed) -> None:
+    if torch.cuda.is_available():
+        x = torch.randn(8, 3, 224, 224)
+        xs = x.cuda()
+        model, slimmed = model.cuda(), slimmed.cuda()
+        thr = {}
+        for label, m in (("original", model), ("slimmed", slimmed)):
+            with torch.inference_mode():
+                for _ in range(5):
+                    m(xs)
+                torch.cuda.synchronize()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(50):
+                    m(xs)
+                end.record()
+                torch.cuda.synchronize()
+                thr[label] = 50 * xs.shape[0] / (start.elapsed_time(end) / 1e3)
+        record({"bench": "slimmed_throughput_gpu", "model": name, "batch": 8,
+                "images_per_s_original": round(thr["original"], 1), "images_per_s_slimmed": round(thr["slimmed"], 1),
+                "speedup": round(thr["slimmed"] / thr["original"], 3)})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--latency-iters", type=int, default=21)
+    parser.add_argument("--models", default="resnet50,mobilenet_v2")
+    parser.add_argument("--skip-pipeline", action="store_true")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    if not args.skip_pipeline:
+        bench_pipeline(args.repeats)
+    for name in filter(None, args.models.split(",")):
+        bench_latency(name, args.latency_iters)
+
+
+if __name__ == "__main__":
+    main()

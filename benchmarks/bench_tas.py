@@ -1,0 +1,143 @@
+"""TAS search step (weight update + architecture update) on a CIFAR ResNet: nasprune's TAS
+against a straightforward eager implementation of the same layer math as TAS's official code
+(zero-padded input, full-width conv, prefix slices, per-candidate BN, adaptive_avg_pool3d CWI,
+weighted sum; top-2 sampling by torch.multinomial on the host, per layer per step; arg-max FLOPs
+read on the host), sharing the same weights, optimisers and data, in one process.
+
+    python benchmarks/bench_tas.py                      # CPU: ResNet-56, batch 64
+    python benchmarks/bench_tas.py --device cuda        # GPU: ResNet-56, batch 256
+
+Appends rows to benchmarks/results/tas.jsonl.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+
+from nasprune.models import CifarResNet  # noqa: E402
+from nasprune.search import TAS, cost_loss  # noqa: E402
+from nasprune.search.tas_net import add_unequal, cwi_reference  # noqa: E402
+
+
+# ---------------------------------------------------------------- the eager reference
+def eager_conv(layer, x, index, w):
+    if layer.avg:
+        x = F.avg_pool2d(x, 2)
+    cin = layer.conv.in_channels
+    if x.size(1) < cin:
+        x = torch.cat([x, x.new_zeros(x.size(0), cin - x.size(1), x.size(2), x.size(3))], 1)
+    o = layer.conv(x)
+    widths = [layer.choices[i] for i in index]
+    frags = [o[:, :c] for c in widths]
+    if layer.bns is not None:
+        frags = [layer.bns[i](f) for i, f in zip(index, frags)]
+    c_max = max(widths)
+    out = cwi_reference(frags[0], c_max) * w[0] + cwi_reference(frags[1], c_max) * w[1]
+    return F.relu(out) if layer.relu else out
+
+
+def eager_sample(net, tau):
+    index, weights = [], []
+    for row, mask in zip(net.width_logits, net.width_mask):
+        logits = row[mask]
+        new = (logits.log_softmax(0) + -torch.empty_like(logits).exponential_().log()) / tau
+        with torch.no_grad():
+            probs = new.softmax(0).cpu()                       # host copy, per layer
+            idx = torch.multinomial(probs + 1e-7, 2, False)
+        index.append(idx.tolist())
+        weights.append(new[idx.to(new.device)].softmax(0))
+    depth = ((net.depth_logits.log_softmax(1) - torch.empty_like(net.depth_logits).exponential_().log()) / tau).softmax(1)
+    return index, weights, depth
+
+
+def eager_forward(net, x, tau):
+    index, w, q = eager_sample(net, tau)
+    x = eager_conv(net.stem, x, index[0], w[0])
+    n = net.blocks_per_stage
+    for s in range(len(net.stage_widths)):
+        ends = []
+        for a in range(n):
+            i = s * n + a
+            blk, ra, rb = net.blocks[i], 1 + 2 * i, 2 + 2 * i
+            out = eager_conv(blk.conv_b, eager_conv(blk.conv_a, x, index[ra], w[ra]), index[rb], w[rb])
+            res = x if blk.shortcut is None else eager_conv(blk.shortcut, x, index[rb], w[rb])
+            x = F.relu(add_unequal(res, out))
+            if a + 1 in net.depth_choices:
+                ends.append(x)
+        c_max = max(t.size(1) for t in ends)
+        x = sum(cwi_reference(t, c_max) * q[s, k] for k, t in enumerate(ends))
+    f = F.adaptive_avg_pool2d(x, 1).flatten(1)
+    return F.linear(f, net.fc.weight[:, :f.size(1)], net.fc.bias)
+
+
+def eager_step(s: TAS, batch_w, batch_a):
+    net = s.model
+    net.train()
+    x, y = batch_w
+    loss = F.cross_entropy(eager_forward(net, x, s.tau), y)
+    s.w_opt.zero_grad(set_to_none=True); s.a_opt.zero_grad(set_to_none=True)
+    loss.backward()
+    s.w_opt.step()
+    xa, ya = batch_a
+    logits = eager_forward(net, xa, s.tau)
+    current = float(net.argmax_cost())                          # host read, as get_flop('genotype')
+    l_cost = cost_loss(net.expected_cost() / 1e6, torch.tensor(current), s.target, s.tolerance)
+    loss_a = F.cross_entropy(logits, ya) + s.cost_weight * l_cost
+    s.w_opt.zero_grad(set_to_none=True); s.a_opt.zero_grad(set_to_none=True)
+    loss_a.backward()
+    s.a_opt.step()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default=str(_common.default_device()))
+    p.add_argument("--depth", type=int, default=56)
+    p.add_argument("--batch", type=int, default=None, help="default 64 on CPU, 256 on GPU")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-record", action="store_true")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    batch = args.batch or (256 if device.type == "cuda" else 64)
+    torch.manual_seed(0)
+    s = TAS(CifarResNet(args.depth), 0.5, device=device, seed=0)
+    s.begin_epoch(0, 10, 100)
+    g = torch.Generator().manual_seed(0)
+    bw = (torch.randn(batch, 3, 32, 32, generator=g).to(device), torch.randint(0, 10, (batch,), generator=g).to(device))
+    ba = (torch.randn(batch, 3, 32, 32, generator=g).to(device), torch.randint(0, 10, (batch,), generator=g).to(device))
+    # Both at the same state of the logits (the start of a search, widest candidates likely).
+    state = {k: v.clone() for k, v in s.model.state_dict().items()}
+
+    def ours():
+        s.model.load_state_dict(state)
+        s.step(bw, ba)
+
+    def eager():
+        s.model.load_state_dict(state)
+        eager_step(s, bw, ba)
+
+    rows = []
+    timings = {}
+    for name, fn in (("eager", eager), ("nasprune", ours), ("eager", eager), ("nasprune", ours)):
+        ms = _common.median_ms(fn, device, warmup=1, reps=args.reps, min_time_s=0.0)
+        timings.setdefault(name, []).append(ms)
+    t_eager, t_ours = min(timings["eager"]), min(timings["nasprune"])
+    for name, ms in (("eager", t_eager), ("nasprune", t_ours)):
+        rows.append({"bench": "tas_search_step", "impl": name, "model": f"resnet{args.depth}", "batch": batch,
+                     "median_ms": ms, "speedup_vs_eager": t_eager / ms})
+    print(_common.table(rows, ["impl", "model", "batch", "median_ms", "speedup_vs_eager"]))
+    if not args.no_record:
+        print("recorded to", _common.record("tas", device, rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+import sys
+
+from nasprune.cli import main
+
+sys.exit(main())

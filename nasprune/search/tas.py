@@ -1,0 +1,202 @@
+"""TAS: Network Pruning via Transformable Architecture Search (Dong & Yang, NeurIPS 2019).
+
+    searcher = nasprune.search.TAS(model, flops_target=0.5)     # keep 50 % of model's MACs
+    arch = searcher.search(weight_set, arch_set, epochs=600)    # alternating SGD / Adam
+    pruned = searcher.export()                                  # plain nn.Module
+
+See docs/tas.md and methods.md section 2 for the algorithm and its defaults.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nasprune.search.base import Searcher
+from nasprune.search.tas_net import (TASSupernet, inherit_weights, sample_depths, sample_widths,
+                                     tas_resnet)
+
+TAU_SCHEDULES = ("cosine", "linear")
+
+
+def cost_loss(expected, current, target, tolerance):
+    """TAS's piecewise FLOPs loss (official code variant), on the device without a host sync.
+
+    log E if current > target (too large); -log E if current < target - tolerance (too small);
+    0 otherwise. expected: differentiable expected cost (MFLOPs); current: arg-max cost;
+    tolerance: absolute (t * unpruned cost)."""
+    log_e = torch.log(expected)
+    zero = torch.zeros_like(log_e)
+    return torch.where(current > target, log_e, torch.where(current < target - tolerance, -log_e, zero))
+
+
+def temperature(epoch: int, epochs: int, tau_max: float, tau_min: float, schedule: str = "cosine") -> float:
+    """Gumbel temperature of an epoch: cosine (official code, 5 -> 0.1) or linear (paper, 10 -> 0.1)."""
+    if schedule == "cosine":
+        return tau_min + (tau_max - tau_min) * (1 + math.cos(math.pi * epoch / epochs)) / 2
+    if schedule == "linear":
+        return tau_max - (tau_max - tau_min) * epoch / max(epochs - 1, 1)
+    raise ValueError(f"tau schedule must be one of {TAU_SCHEDULES}, got {schedule!r}")
+
+
+def _resnet_spec(model: nn.Module):
+    from nasprune.models import CifarResNet
+    if not isinstance(model, CifarResNet):
+        raise TypeError(f"TAS searches CIFAR ResNets (nasprune.models.CifarResNet); got "
+                        f"{type(model).__name__}")
+    return (model.depth - 2) // 6, model.linear.out_features, model.conv1.in_channels
+
+
+class TAS(Searcher):
+    """Width and depth search of a CIFAR ResNet under a FLOPs (MACs) budget.
+
+    model: the unpruned nasprune.models.CifarResNet (its structure; its weights warm-start the
+        supernet when init_from_model, which TAS's code does not do but short searches need).
+    flops_target: fraction of model's MACs to keep, in (0, 1].
+    flops_tolerance: t of the cost loss, relative to the supernet's maximum MACs.
+    cost_weight: lambda_cost. tau: (tau_max, tau_min); tau_schedule: "cosine" or "linear".
+    lr, momentum, weight_decay, nesterov: weight SGD (cosine decay to 0 over the search);
+    arch_lr, arch_betas, arch_weight_decay: architecture Adam. seed: every random draw.
+    """
+
+    def __init__(self, model: nn.Module, flops_target: float = 0.5, *, input_size: int = 32,
+                 flops_tolerance: float = 0.05, cost_weight: float = 2.0, tau=(5.0, 0.1),
+                 tau_schedule: str = "cosine", lr: float = 0.1, momentum: float = 0.9,
+                 weight_decay: float = 5e-4, arch_lr: float = 1e-3, arch_betas=(0.5, 0.999),
+                 arch_weight_decay: float = 1e-3, init_from_model: bool = True, device=None, seed: int = 0):
+        if not 0 < flops_target <= 1:
+            raise ValueError(f"flops_target is the fraction of FLOPs kept, in (0, 1]; got {flops_target}")
+        if tau_schedule not in TAU_SCHEDULES:
+            raise ValueError(f"tau_schedule must be one of {TAU_SCHEDULES}, got {tau_schedule!r}")
+        from nasprune import flops
+        n, classes, cin = _resnet_spec(model)
+        self.device = torch.device(device if device is not None else
+                                   ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.seed = int(seed)
+        torch.manual_seed(self.seed)
+        self.model = TASSupernet(n, classes, input_size, in_channels=cin)
+        if init_from_model:
+            self.model.load_base(model)
+        self.model.to(self.device)
+        self.base_flops = int(flops.count(model, torch.zeros(1, cin, input_size, input_size)))
+        self.max_flops = self.model.max_cost()
+        self.flops_target = float(flops_target)
+        self.target = self.flops_target * self.base_flops
+        self.tolerance = flops_tolerance * self.max_flops
+        self.cost_weight = float(cost_weight)
+        self.tau_max, self.tau_min = map(float, tau)
+        self.tau_schedule, self.tau = tau_schedule, float(tau[0])
+        self.lr = float(lr)
+        self.w_opt = torch.optim.SGD(self.model.weight_parameters(), lr=lr, momentum=momentum,
+                                     weight_decay=weight_decay, nesterov=True)
+        self.a_opt = torch.optim.Adam(self.model.arch_parameters(), lr=arch_lr, betas=tuple(arch_betas),
+                                      weight_decay=arch_weight_decay)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(self.seed)
+        self.global_step, self.total_steps, self.history = 0, 0, []
+        self._sums = torch.zeros(5, dtype=torch.float64, device=self.device)  # loss, acc_w, acc_a, n, cost-loss
+        self.config = dict(flops_target=flops_target, input_size=input_size, flops_tolerance=flops_tolerance,
+                           cost_weight=cost_weight, tau=list(tau), tau_schedule=tau_schedule, lr=lr,
+                           momentum=momentum, weight_decay=weight_decay, arch_lr=arch_lr,
+                           arch_betas=list(arch_betas), arch_weight_decay=arch_weight_decay,
+                           init_from_model=init_from_model, seed=seed)
+
+    # -- one iteration
+    def _sample(self):
+        m = self.model
+        index, weights = sample_widths(m.width_logits, m.width_mask, self.tau, self.generator)
+        depth = sample_depths(m.depth_logits, m.depth_mask, self.tau, self.generator)
+        return index.tolist(), weights, depth   # the one host copy per forward
+
+    def _set_lr(self):
+        if self.total_steps:
+            lr = 0.5 * self.lr * (1 + math.cos(math.pi * min(self.global_step, self.total_steps) / self.total_steps))
+            for g in self.w_opt.param_groups:
+                g["lr"] = lr
+
+    def step(self, weight_batch, arch_batch) -> dict:
+        """One search iteration: SGD on the weights with CE on weight_batch, then Adam on the
+        architecture logits with CE + cost_weight * cost loss on arch_batch. Returns tensors."""
+        m = self.model
+        m.train()
+        self._set_lr()
+        x, y = weight_batch
+        logits = m(x, *self._sample())
+        loss_w = F.cross_entropy(logits, y)
+        self.w_opt.zero_grad(set_to_none=True)
+        self.a_opt.zero_grad(set_to_none=True)
+        loss_w.backward()
+        self.w_opt.step()
+        acc_w = (logits.detach().argmax(1) == y).double().mean()
+
+        xa, ya = arch_batch
+        logits_a = m(xa, *self._sample())
+        expected = m.expected_cost()
+        current = m.argmax_cost()
+        l_cost = cost_loss(expected / 1e6, current, self.target, self.tolerance)
+        loss_a = F.cross_entropy(logits_a, ya) + self.cost_weight * l_cost
+        self.w_opt.zero_grad(set_to_none=True)
+        self.a_opt.zero_grad(set_to_none=True)
+        loss_a.backward()
+        self.a_opt.step()
+        self.w_opt.zero_grad(set_to_none=True)
+        acc_a = (logits_a.detach().argmax(1) == ya).double().mean()
+        self.global_step += 1
+        with torch.no_grad():
+            self._sums += torch.stack([loss_w.detach().double(), acc_w, acc_a, acc_w.new_ones(()),
+                                       l_cost.detach().double()])
+        return {"loss": loss_w.detach(), "arch_loss": loss_a.detach(), "acc": acc_w, "arch_acc": acc_a,
+                "cost_loss": l_cost.detach(), "expected_flops": expected.detach(), "flops": current}
+
+    # -- schedule hooks
+    def begin_epoch(self, epoch, epochs, steps_per_epoch):
+        self.tau = temperature(epoch, epochs, self.tau_max, self.tau_min, self.tau_schedule)
+        self.total_steps = epochs * steps_per_epoch
+
+    def epoch_metrics(self) -> dict:
+        loss, acc_w, acc_a, n, lc = (self._sums / self._sums[3].clamp_min(1)).tolist()
+        self._sums.zero_()
+        arch = self.architecture()
+        return {"loss": loss, "train_acc": acc_w, "arch_acc": acc_a, "cost_loss": lc, "tau": self.tau,
+                "flops": arch["flops"], "expected_flops": arch["expected_flops"],
+                "flops_ratio": arch["flops"] / self.base_flops, "widths": arch["widths"],
+                "blocks": arch["blocks"]}
+
+    # -- results
+    def architecture(self) -> dict:
+        """The arg-max architecture, its MACs (estimate = exact MACs of export()) and the budget."""
+        arch = self.model.architecture()
+        arch["flops"] = float(self.model.argmax_cost())
+        arch["expected_flops"] = float(self.model.expected_cost().detach())
+        arch["base_flops"] = self.base_flops
+        arch["target_flops"] = self.target
+        return arch
+
+    def export(self, init: str = "inherit") -> nn.Module:
+        """The derived network (plain nn.Module, CPU, train mode). init: "inherit" (prefix filters
+        and arg-max BNs of the supernet) or "random" (as the TAS paper, trained from scratch)."""
+        if init not in ("inherit", "random"):
+            raise ValueError(f"init must be 'inherit' or 'random', got {init!r}")
+        net = tas_resnet(**self.model.architecture())
+        if init == "inherit":
+            inherit_weights(net, self.model.cpu())
+            self.model.to(self.device)
+        return net
+
+    # -- checkpoint state
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "w_opt": self.w_opt.state_dict(),
+                "a_opt": self.a_opt.state_dict(), "generator": self.generator.get_state(),
+                "global_step": self.global_step, "history": self.history, "sums": self._sums,
+                "tau": self.tau, "config": self.config}
+
+    def load_state_dict(self, state):
+        self.model.load_state_dict(state["model"])
+        self.w_opt.load_state_dict(state["w_opt"])
+        self.a_opt.load_state_dict(state["a_opt"])
+        self.generator.set_state(state["generator"])
+        self.global_step, self.history = int(state["global_step"]), list(state["history"])
+        self._sums.copy_(state["sums"])
+        self.tau = float(state["tau"])

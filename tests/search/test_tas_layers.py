@@ -1,0 +1,155 @@
+"""TAS search-space math: sampling, CWI, width aggregation, expected FLOPs, cost loss."""
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nasprune import flops
+from nasprune.search import cost_loss, temperature
+from nasprune.search.tas_net import (TASSupernet, aggregate_widths, cwi, cwi_reference, depth_choices,
+                                     gumbel_topk, sample_widths, tas_resnet, width_choices)
+
+
+def test_width_and_depth_choices_match_tas_tables():
+    assert width_choices(16) == [4, 6, 8, 9, 11, 12, 14, 16]
+    assert width_choices(32) == [9, 12, 16, 19, 22, 25, 28, 32]
+    assert width_choices(64) == [19, 25, 32, 38, 44, 51, 57, 64]
+    assert depth_choices(2) == [1, 2] and depth_choices(3) == [1, 2, 3]
+    assert depth_choices(9) == [1, 3, 5, 7, 9]
+    assert depth_choices(18) == [1, 3, 5, 7, 9, 11, 13, 15, 17, 18]
+
+
+def test_gumbel_top2_frequencies_equal_sampling_without_replacement():
+    p = torch.tensor([0.4, 0.25, 0.15, 0.12, 0.08], dtype=torch.float64)
+    n = 400_000
+    g = torch.Generator().manual_seed(0)
+    idx = gumbel_topk(p.log().expand(n, -1).clone(), 2, generator=g)
+    counts = torch.zeros(5, 5, dtype=torch.float64)
+    counts.index_put_((idx[:, 0], idx[:, 1]), torch.ones(n, dtype=torch.float64), accumulate=True)
+    freq = counts / n
+    for i, j in itertools.permutations(range(5), 2):
+        exact = float(p[i] * p[j] / (1 - p[i]))     # first i, then j from the rest
+        assert abs(freq[i, j] - exact) < 4 * math.sqrt(exact / n) + 1e-4, (i, j, float(freq[i, j]), exact)
+    assert counts.diagonal().sum() == 0              # never the same candidate twice
+
+
+def test_sample_widths_respects_mask_and_weights_are_softmax_of_selected():
+    logits = torch.randn(6, 8, requires_grad=True)
+    mask = torch.ones(6, 8, dtype=torch.bool)
+    mask[0, 3:] = False                              # a layer with 3 candidates
+    g = torch.Generator().manual_seed(1)
+    for _ in range(50):
+        index, w = sample_widths(logits, mask, 0.7, g)
+        assert (index[0] < 3).all() and (index[:, 0] != index[:, 1]).all()
+        assert torch.allclose(w.sum(1), torch.ones(6))
+    w[:, 0].sum().backward()
+    assert logits.grad is not None and logits.grad[mask].abs().sum() > 0
+    assert logits.grad[~mask].abs().sum() == 0
+
+
+@pytest.mark.parametrize("c_in,c_out", [(9, 16), (12, 16), (16, 16), (7, 32), (16, 9), (25, 64)])
+def test_cwi_equals_adaptive_avg_pool3d_and_formula(c_in, c_out):
+    x = torch.randn(3, c_in, 5, 4, dtype=torch.float64, requires_grad=True)
+    y, ref = cwi(x, c_out), cwi_reference(x, c_out)
+    torch.testing.assert_close(y, ref)
+    # the definition: mean over [floor(o*C/C'), ceil((o+1)*C/C'))
+    for o in range(c_out):
+        s, e = math.floor(o * c_in / c_out), math.ceil((o + 1) * c_in / c_out)
+        torch.testing.assert_close(y[:, o], x[:, s:e].mean(1))
+    dy = torch.randn_like(ref)
+    g1, = torch.autograd.grad(y, x, dy)
+    g2, = torch.autograd.grad(ref, x, dy)
+    torch.testing.assert_close(g1, g2)
+
+
+def test_aggregate_widths_is_weighted_sum_of_cwi_of_candidate_bns():
+    o = torch.randn(4, 12, 3, 3, dtype=torch.float64)
+    bns = [(torch.rand(c, dtype=torch.float64) + 0.5, torch.randn(c, dtype=torch.float64),
+            torch.zeros(c, dtype=torch.float64), torch.ones(c, dtype=torch.float64)) for c in (8, 12)]
+    w = torch.tensor([0.3, 0.7], dtype=torch.float64)
+    out = aggregate_widths(o, bns, [8, 12], w, "relu")
+
+    def bn(t, p):
+        mean, var = t.mean((0, 2, 3), keepdim=True), t.var((0, 2, 3), unbiased=False, keepdim=True)
+        return (t - mean) / torch.sqrt(var + 1e-5) * p[0].view(1, -1, 1, 1) + p[1].view(1, -1, 1, 1)
+    a = F.adaptive_avg_pool3d(bn(o[:, :8], bns[0]), (12, 3, 3))
+    expected = torch.relu(0.3 * a + 0.7 * bn(o, bns[1]))
+    torch.testing.assert_close(out, expected)
+    # training-mode BN updated the running statistics of the sampled candidates
+    torch.testing.assert_close(bns[1][2], 0.1 * o.mean((0, 2, 3)))
+
+
+def test_max_cost_equals_tas_published_totals():
+    assert TASSupernet(3).max_cost() == pytest.approx(40.813184e6)    # ResNet-20, docs/BASELINE.md
+    assert TASSupernet(9).max_cost() == pytest.approx(125.74784e6)    # ResNet-56
+
+
+@pytest.mark.parametrize("n,size", [(3, 32), (9, 32), (2, 16)])
+def test_expected_flops_at_one_hot_equals_exact_flops_of_derived_net(n, size):
+    net = TASSupernet(n, 10, size)
+    g = torch.Generator().manual_seed(n)
+    for trial in range(4):
+        with torch.no_grad():
+            net.width_logits.copy_(torch.randn(net.width_logits.shape, generator=g))
+            net.depth_logits.copy_(torch.randn(net.depth_logits.shape, generator=g))
+            if trial == 0:   # equal widths inside stages: no stride-1 projections
+                for row in range(net.width_logits.size(0)):
+                    net.width_logits[row, :] = 0
+                    net.width_logits[row, 5] = 1
+        arch = net.architecture()
+        derived = tas_resnet(**arch)
+        exact = flops.count(derived, torch.zeros(1, 3, size, size))
+        assert float(net.cost(*net.argmax_onehot())) == exact
+        # and the expectation is differentiable and strictly between min and max
+        e = net.expected_cost()
+        assert 0 < float(e.detach()) < net.max_cost() and e.requires_grad
+
+
+def test_expected_cost_is_the_chained_expectation():
+    """Depth weight P(depth >= a) and E[C] = sum p_j C_j, checked on one layer by hand."""
+    net = TASSupernet(2, 10, 8)
+    wp, dp = net.probabilities()
+    base = net.cost(wp, dp)
+    # perturb only the last stage's depth distribution: the cost changes by the last block's
+    # conv_a+conv_b cost (block index 1 of stage 2) times the change in P(depth >= 2)
+    dp2 = dp.detach().clone().double()
+    dp2[2] = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    dp3 = dp2.clone()
+    dp3[2] = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    wpd = wp.detach().double()
+    e = (wpd * net.width_table).sum(1)
+    ra, rb = 1 + 2 * 5, 2 + 2 * 5         # rows of the last block
+    h = 2                                 # 8 -> 4 -> 2
+    block = 9 * h * h * (e[rb - 2] * e[ra] + e[ra] * e[rb])
+    proj = h * h * e[rb - 2] * e[rb] * (1 - (wpd[rb - 2] * wpd[rb]).sum())
+    # with depth 2 the classifier reads block 2's width instead of block 1's
+    fc = 10 * (e[rb] - e[rb - 2])
+    diff = net.cost(wpd, dp3) - net.cost(wpd, dp2)
+    torch.testing.assert_close(diff, block + proj + fc)
+    assert base.dtype == torch.float64
+
+
+def test_cost_loss_branches():
+    e = torch.tensor(20.0, requires_grad=True)
+    target, tol = 10.0, 2.0
+    too_big = cost_loss(e, torch.tensor(10.5), target, tol)       # F > R (no tolerance above)
+    assert float(too_big) == pytest.approx(math.log(20.0))
+    too_small = cost_loss(e, torch.tensor(7.9), target, tol)     # F < R - t
+    assert float(too_small) == pytest.approx(-math.log(20.0))
+    ok = cost_loss(e, torch.tensor(8.5), target, tol)            # R - t <= F <= R
+    assert float(ok) == 0.0
+    g_big, = torch.autograd.grad(too_big, e)
+    g_ok, = torch.autograd.grad(ok, e)
+    assert float(g_big) == pytest.approx(1 / 20.0) and float(g_ok) == 0.0
+
+
+def test_temperature_schedules():
+    assert temperature(0, 10, 5, 0.1) == pytest.approx(5.0)
+    assert temperature(5, 10, 5, 0.1) == pytest.approx(2.55)
+    assert temperature(0, 11, 10, 0.1, "linear") == pytest.approx(10.0)
+    assert temperature(10, 11, 10, 0.1, "linear") == pytest.approx(0.1)
+    assert temperature(5, 11, 10, 0.1, "linear") == pytest.approx(5.05)
+    with pytest.raises(ValueError):
+        temperature(0, 10, 5, 0.1, "step")

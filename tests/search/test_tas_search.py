@@ -1,0 +1,90 @@
+"""TAS searcher on the embedded digits (16x16, a 14-layer CIFAR ResNet): budget met, export
+consistent, checkpoints resume exactly."""
+import glob
+import os
+
+import pytest
+import torch
+
+from nasprune import flops
+from nasprune.data import load_dataset, tas_split
+from nasprune.models import CifarResNet
+from nasprune.search import TAS, Callback, load_checkpoint
+
+SIZE = 16
+
+
+@pytest.fixture(scope="module")
+def splits():
+    train, test = load_dataset(None, size=SIZE)
+    return tas_split(train)
+
+
+def _searcher(seed=0, target=0.5):
+    torch.manual_seed(0)
+    return TAS(CifarResNet(14), target, input_size=SIZE, device="cpu", seed=seed)
+
+
+def test_tiny_search_meets_flops_target_and_export_matches_estimate(splits):
+    w, a = splits
+    s = _searcher()
+    arch = s.search(w, a, epochs=4, batch_size=64)
+    ratio = arch["flops"] / s.base_flops
+    # the cost loss is zero only in [R - t*F_max, R]; allow one more tolerance band either side
+    assert 0.5 - 2 * 0.05 * s.max_flops / s.base_flops <= ratio <= 0.5 + 0.05, ratio
+    net = s.export()
+    assert flops.count(net, torch.zeros(1, 3, SIZE, SIZE)) == arch["flops"]
+    assert isinstance(net, torch.nn.Module) and not any("logits" in n for n, _ in net.named_parameters())
+    assert net(torch.randn(2, 3, SIZE, SIZE)).shape == (2, 10)
+    assert len(s.history) == 4 and s.history[-1]["tau"] < s.history[0]["tau"]
+    # the architecture logits moved (Adam steps on CE + cost), so the search did something
+    assert s.model.width_logits.detach().abs().max() > 0.03
+
+
+def test_exported_network_inherits_supernet_weights(splits):
+    s = _searcher()
+    net = s.export(init="inherit")
+    i = s.model.probabilities()[0].argmax(1)[0].item()
+    c = net.stem.conv.out_channels
+    torch.testing.assert_close(net.stem.conv.weight, s.model.stem.conv.weight[:c])
+    torch.testing.assert_close(net.stem.bn.weight, s.model.stem.bns[i].weight)
+    fresh = s.export(init="random")
+    assert not torch.equal(fresh.stem.conv.weight, net.stem.conv.weight)
+
+
+class _Kill(Callback):
+    def __init__(self, at):
+        self.at = at
+
+    def on_step_end(self, searcher, step, metrics):
+        if step == self.at:
+            raise KeyboardInterrupt("killed")
+
+
+def test_resume_after_kill_mid_epoch_reaches_the_same_architecture(splits, tmp_path):
+    w, a = splits
+    full = _searcher(seed=3)
+    arch_full = full.search(w, a, epochs=2, batch_size=128, checkpoint=tmp_path / "full.safetensors")
+
+    ckpt = tmp_path / "run.safetensors"
+    first = _searcher(seed=3)
+    with pytest.raises(KeyboardInterrupt):
+        first.search(w, a, epochs=2, batch_size=128, checkpoint=ckpt, checkpoint_every=2, callbacks=[_Kill(9)])
+    state = load_checkpoint(ckpt)
+    steps_per_epoch = len(w) // 128
+    assert state["searcher"]["global_step"] == 8 and state["epoch"] == 8 // steps_per_epoch  # mid-epoch
+    assert not glob.glob(os.path.join(tmp_path, ".ckpt-*"))          # no temp file left behind
+
+    second = _searcher(seed=3)
+    arch_resumed = second.search(w, a, epochs=2, batch_size=128, checkpoint=ckpt, resume=True)
+    assert arch_resumed["widths"] == arch_full["widths"] and arch_resumed["blocks"] == arch_full["blocks"]
+    torch.testing.assert_close(second.model.width_logits, full.model.width_logits, rtol=0, atol=0)
+    torch.testing.assert_close(second.model.stem.conv.weight, full.model.stem.conv.weight, rtol=0, atol=0)
+    assert [h["loss"] for h in second.history] == pytest.approx([h["loss"] for h in full.history], rel=1e-12)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="fraction"):
+        TAS(CifarResNet(14), 1.5, device="cpu")
+    with pytest.raises(TypeError, match="CIFAR ResNet"):
+        TAS(torch.nn.Linear(3, 3), 0.5, device="cpu")

@@ -1,0 +1,116 @@
+"""Sweep: every torchvision classification and segmentation model and every CIFAR ResNet,
+traced and slimmed to half of each prunable group with random weights.
+
+The models run in two worker processes (a model's memory is freed when its worker moves on,
+and a crash costs one model, not the session); the tests assert on the facts they report.
+Set NASPRUNE_SWEEP_MODELS=a,b,c to sweep a subset.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+import zoo  # noqa: E402
+
+WORKERS = 2
+MODEL_TIMEOUT_S = 420
+# largest first, so that the two workers finish together
+HEAVY = ["vit_h_14", "regnet_y_128gf", "vit_l_16", "vit_l_32", "maxvit_t", "regnet_y_32gf",
+         "convnext_large", "efficientnet_v2_l", "efficientnet_b7", "vgg19_bn", "vgg19", "vgg16_bn",
+         "vgg16", "wide_resnet101_2", "regnet_x_32gf", "swin_v2_b", "swin_b", "vgg13_bn", "vgg13",
+         "vgg11_bn", "vgg11", "regnet_y_16gf", "efficientnet_b6", "resnext101_64x4d",
+         "resnext101_32x8d", "convnext_base", "regnet_x_16gf", "efficientnet_v2_m", "deeplabv3_resnet101",
+         "fcn_resnet101", "inception_v3"]
+
+
+def _names() -> list[str]:
+    chosen = os.environ.get("NASPRUNE_SWEEP_MODELS")
+    names = zoo.all_names() if not chosen else [n for n in chosen.split(",") if n]
+    heavy = [n for n in HEAVY if n in names]
+    return heavy + [n for n in names if n not in heavy]
+
+
+def _worker():
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    return subprocess.Popen([sys.executable, str(HERE / "sweep_worker.py"), "1"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+
+
+def _drive(todo: queue.Queue, results: dict) -> None:
+    proc = _worker()
+    while True:
+        try:
+            name = todo.get_nowait()
+        except queue.Empty:
+            break
+        start = time.perf_counter()
+        proc.stdin.write(name + "\n")
+        proc.stdin.flush()
+        line_box = []
+        reader = threading.Thread(target=lambda: line_box.append(proc.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(MODEL_TIMEOUT_S)
+        line = line_box[0] if line_box else ""
+        if not line:
+            proc.kill()
+            proc.wait()
+            why = "timed out" if reader.is_alive() else f"worker died (exit {proc.returncode})"
+            results[name] = {"name": name, "error": f"{why} after {time.perf_counter() - start:.0f} s"}
+            proc = _worker()
+            continue
+        results[name] = json.loads(line)
+    proc.stdin.close()
+    proc.wait()
+
+
+@pytest.fixture(scope="session")
+def sweep() -> dict:
+    todo: queue.Queue = queue.Queue()
+    for name in _names():
+        todo.put(name)
+    results: dict = {}
+    start = time.perf_counter()
+    threads = [threading.Thread(target=_drive, args=(todo, results)) for _ in range(WORKERS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    results["_wall_s"] = time.perf_counter() - start
+    report = os.environ.get("NASPRUNE_SWEEP_REPORT")
+    if report:  # per-model facts (groups, timings, MACs) for the README table
+        Path(report).write_text(json.dumps(results, indent=1))
+    return results
+
+
+@pytest.mark.parametrize("name", _names())
+def test_slim_half_of_every_group(sweep, name):
+    facts = sweep[name]
+    assert "error" not in facts, f"{name}: {facts.get('error')}\n{facts.get('traceback', '')}"
+    assert facts["original_untouched"]
+    assert facts["pruned_groups"] > 0 and facts["dims_pruned"] > 0, f"{name}: nothing was pruned"
+    assert facts["width_mismatches"] == [], f"{name}: {facts['width_mismatches']}"
+    assert facts["shapes_equal"] and facts["finite"]
+    assert facts["macs_slim_predicted"] == facts["macs_slim_counted"] < facts["macs"]
+    if "contract_err" in facts:
+        assert facts["contract_err"] <= 1e-5, f"{name}: masked and slimmed differ by {facts['contract_err']:.2e}"
+    assert facts["train_loss_finite"] and facts["grads_finite"]
+    assert facts["grads_present"] == 1.0, f"{name}: only {facts['grads_present']:.0%} of parameters got a gradient"
+
+
+def test_sweep_covers_every_classification_model():
+    if os.environ.get("NASPRUNE_SWEEP_MODELS"):
+        pytest.skip("subset requested")
+    names = set(_names())
+    assert set(zoo.classification_names()) <= names
+    assert set(zoo.SEGMENTATION) <= names and set(zoo.CIFAR) <= names
+    assert len(zoo.classification_names()) >= 80
