@@ -21,4 +21,8 @@ TORCH_LIBRARY(nasprune, m) {
   m.def(
       "gate_epilogue_backward(Tensor dy, Tensor z, Tensor scale, Tensor shift, Tensor gate, "
       "str act, Tensor? out_index=None) -> (Tensor dz, Tensor dscale, Tensor dshift, Tensor dgate)");
+  // One score per filter (row along dim 0) of every weight tensor, concatenated in fp32: kind "l1"
+  // (sum |w|), "l2" (sqrt sum w^2) or "taylor" (|sum w * grad|, grads matching weights; for the
+  // other kinds grads is empty). A segmented reduction over all the tensors in one launch.
+  m.def("filter_scores(Tensor[] weights, Tensor[] grads, str kind) -> Tensor");
 }

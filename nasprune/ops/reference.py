@@ -3,6 +3,8 @@ when no compiled backend is present. Plain differentiable torch (fp64 gradcheck-
 runs in fp32 or wider and results come back in the input's dtype, as the kernels do."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -76,3 +78,27 @@ def gate_epilogue_backward(dy: Tensor, z: Tensor, scale: Tensor, shift: Tensor, 
     if out_index is not None:
         dz = dz.index_select(1, out_index)
     return (dz.to(z.dtype), dscale.to(scale.dtype), dshift.to(shift.dtype), dgate.to(gate.dtype))
+
+
+SCORE_KINDS = ("l1", "l2", "taylor")
+
+
+def filter_scores(weights: list[Tensor], grads: list[Tensor], kind: str) -> Tensor:
+    """One score per row along dim 0 of every tensor, concatenated: "l1" sum |w|, "l2"
+    sqrt(sum w^2), "taylor" |sum w * grad| (grads matching weights). fp32 (fp64 for fp64 input)."""
+    if kind not in SCORE_KINDS:
+        raise ValueError(f"kind must be one of {SCORE_KINDS}, got {kind!r}")
+    out = []
+    for i, w in enumerate(weights):
+        dt = _compute_dtype(w.dtype)
+        rows = w.reshape(w.shape[0], math.prod(w.shape[1:])).to(dt)
+        if kind == "l1":
+            s = rows.abs().sum(1)
+        elif kind == "l2":
+            s = torch.linalg.vector_norm(rows, 2, dim=1)  # its gradient at a zero row is zero
+        else:
+            s = (rows * grads[i].reshape(rows.shape).to(dt)).sum(1).abs()
+        out.append(s)
+    if not out:
+        return torch.empty(0)
+    return torch.cat(out)
