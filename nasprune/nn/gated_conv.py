@@ -41,7 +41,7 @@ class _Gated:
 
     def track_activation_taylor(self, enabled: bool = True) -> None:
         """Start (or stop) accumulating the activation-Taylor score over the backward passes that
-        follow, one term per forward call. Eager mode only. Frozen gates (FixedMask) are scored too:
+        follow, one term per forward call. Frozen gates (FixedMask) are scored too:
         their gate values get a gradient of their own, which updates nothing."""
         self._taylor_on = bool(enabled)
 

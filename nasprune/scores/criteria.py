@@ -52,8 +52,8 @@ def _fused(layers: dict[str, nn.Module], kind: str) -> dict[str, Tensor]:
                          f"{len(missing)} layers have none, e.g. {', '.join(missing[:4])}")
     out = {}
     for names in buckets.values():
-        weights = [layers[n].weight.detach() for n in names]
-        grads = [layers[n].weight.grad.detach() for n in names] if kind == "taylor" else None
+        weights = [layers[n].weight for n in names]  # the caller runs under no_grad
+        grads = [layers[n].weight.grad for n in names] if kind == "taylor" else None
         scores = ops.filter_scores(weights, kind, grads)
         out.update(zip(names, scores.split([w.shape[0] for w in weights])))
     return {n: out[n] for n in layers}

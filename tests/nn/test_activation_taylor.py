@@ -111,3 +111,16 @@ def test_no_extra_pass_over_activations():
     assert "nasprune.gate_epilogue_backward.default" in heavy[True]
     extra = len(runs[True]) - len(runs[False])
     assert 0 < extra <= 6 and layer.activation_taylor is not None
+
+
+def test_under_torch_compile():
+    eager, compiled = _layer("bn", None), _layer("bn", None)
+    eager.track_activation_taylor()
+    compiled.track_activation_taylor()
+    step = torch.compile(compiled, backend="aot_eager")
+    for _ in range(2):
+        x = torch.randn(2, 3, 6, 6)
+        eager(x).sin().sum().backward()
+        step(x).sin().sum().backward()
+    assert compiled.activation_taylor_batches == 2
+    torch.testing.assert_close(compiled.activation_taylor, eager.activation_taylor)
