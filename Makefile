@@ -17,8 +17,8 @@ demo: $(VENV)/.built
 
 test: $(VENV)/.built
 	$(PY) -m nasprune.env
-	$(PY) -m pytest -q tests --ignore=tests/kernels/test_triton_interpret.py
-	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/kernels/test_triton_interpret.py
+	$(PY) -m pytest -q tests --ignore-glob='*test_triton_interpret*'
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/kernels/test_triton_interpret*.py
 
 bench: $(VENV)/.built
 	$(PY) benchmarks/bench_gate_epilogue.py

@@ -99,9 +99,14 @@ def nasprune_groups(model, example, device):
     return trace(model, torch.randn(example, device=device))
 
 
-def median_of(fn, device, repeats: int) -> float:
-    return statistics.median(_common.median_ms(fn, device, warmup=2, reps=10, min_time_s=0.3)
-                             for _ in range(repeats))
+def interleaved(fns: dict, device, repeats: int) -> dict[str, float]:
+    """Median over `repeats` rounds of each function's median time, the functions taking turns
+    in every round, so that a change in machine load hits all of them alike."""
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(_common.median_ms(fn, device, warmup=2, reps=10, min_time_s=0.2))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def score_cases(name, model, example, kind, device, dtype, repeats, compile_, peers):
@@ -114,35 +119,38 @@ def score_cases(name, model, example, kind, device, dtype, repeats, compile_, pe
             m.weight.grad = torch.randn_like(m.weight)
         gs = [m.weight.grad for m in layers.values()]
     nbytes = sum(w.numel() * w.element_size() for w in ws) * (2 if kind == "taylor" else 1)
-    rows = []
 
-    def add(impl, ms, gbs=True):
-        rows.append({"model": name, "criterion": kind, "impl": impl, "ms": ms,
-                     "GB/s": nbytes / (ms * 1e-3) / 1e9 if gbs else None})
+    def no_grad(fn):
+        def run():
+            with torch.no_grad():
+                return fn()
+        return run
 
-    with torch.no_grad():
-        add("nasprune op", median_of(lambda: ops.filter_scores(ws, kind, gs or None), device, repeats))
-        add("nasprune filter_scores(model)", median_of(lambda: S.filter_scores(model, kind), device,
-                                                       repeats))
-        best = None
-        for impl, fn in loops(kind).items():
-            ms = median_of(lambda: fn(ws, gs), device, repeats)
-            add(impl, ms)
-            best = ms if best is None else min(best, ms)
-        if compile_:
-            fn = next(iter(loops(kind).values()))
-            compiled = torch.compile(fn)
-            add("torch.compile(loop)", median_of(lambda: compiled(ws, gs), device, repeats))
-    for r in rows:
-        r["x best loop"] = best / r["ms"]
+    fns = {"nasprune op": no_grad(lambda: ops.filter_scores(ws, kind, gs or None)),
+           "nasprune filter_scores(model)": lambda: S.filter_scores(model, kind)}
+    loop_names = []
+    for impl, fn in loops(kind).items():
+        fns[impl] = no_grad(lambda fn=fn: fn(ws, gs))
+        loop_names.append(impl)
+    if compile_:
+        compiled = torch.compile(next(iter(loops(kind).values())))
+        fns["torch.compile(loop)"] = no_grad(lambda: compiled(ws, gs))
+    group_fns = {}
     if peers:
         graph = nasprune_groups(model, example, device)
         if graph is not None:
-            add("nasprune group scores", median_of(
-                lambda: S.group_scores(S.filter_scores(model, kind), graph), device, repeats), gbs=False)
+            group_fns["nasprune group scores"] = lambda: S.group_scores(S.filter_scores(model, kind), graph)
         tp_run = torch_pruning_importance(model, example, kind, device)
         if tp_run is not None:
-            add("torch-pruning group importance", median_of(tp_run, device, repeats), gbs=False)
+            group_fns["torch-pruning group importance"] = tp_run
+    ms = interleaved({**fns, **group_fns}, device, repeats)
+    best = min(ms[n] for n in loop_names)
+    rows = []
+    for impl, t in ms.items():
+        fused_pass = impl in fns
+        rows.append({"model": name, "criterion": kind, "impl": impl, "ms": t,
+                     "x best loop": best / t if fused_pass else None,
+                     "GB/s": nbytes / (t * 1e-3) / 1e9 if fused_pass else None})
     return rows
 
 
@@ -171,19 +179,27 @@ def activation_taylor_cases(device, dtype, repeats):
             module(x).backward(dy)
         return run
 
-    rows = []
-    for impl, module, track in (("nasprune gated step", layer, False),
-                                ("nasprune gated step + activation_taylor", layer, True),
-                                ("plain step", plain, False), ("plain step + hook dy*y", plain, True)):
-        if module is layer:
-            layer.track_activation_taylor(track)
-        elif track:
-            handle = plain.register_forward_hook(hook)
-        rows.append({"model": f"conv-bn-relu {tuple(shape)}", "criterion": "activation_taylor",
-                     "impl": impl, "ms": median_of(step(module), device, repeats)})
-        if handle is not None:
-            handle.remove()
-            handle = None
+    def variant(module, track):
+        def run():
+            nonlocal handle
+            if module is layer:
+                layer.track_activation_taylor(track)
+            elif track:
+                handle = plain.register_forward_hook(hook)
+            try:
+                step(module)()
+            finally:
+                if handle is not None:
+                    handle.remove()
+                    handle = None
+        return run
+
+    ms = interleaved({"nasprune gated step": variant(layer, False),
+                      "nasprune gated step + activation_taylor": variant(layer, True),
+                      "plain step": variant(plain, False),
+                      "plain step + hook dy*y": variant(plain, True)}, device, repeats)
+    rows = [{"model": f"conv-bn-relu {tuple(shape)}", "criterion": "activation_taylor",
+             "impl": impl, "ms": t} for impl, t in ms.items()]
     base = {r["impl"]: r["ms"] for r in rows}
     rows[1]["overhead %"] = 100 * (base["nasprune gated step + activation_taylor"] /
                                    base["nasprune gated step"] - 1)
@@ -212,7 +228,7 @@ def main(argv=None):
                      "GB/s": _common.copy_bandwidth_gbs(device)})
     else:  # a read-only stream: the best a reduction over 102 MB (ResNet-50) can do
         big = torch.randn(25_600_000, device=device)
-        ms = median_of(lambda: big.sum(), device, args.repeats)
+        ms = interleaved({"sum": lambda: big.sum()}, device, args.repeats)["sum"]
         rows.append({"model": "-", "criterion": "-", "impl": "torch.sum of 102 MB (read bw)",
                      "ms": ms, "GB/s": big.numel() * 4 / (ms * 1e-3) / 1e9})
         del big
