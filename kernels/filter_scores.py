@@ -139,7 +139,11 @@ def filter_scores(weights, grads, kind: str) -> torch.Tensor:
     table, row_tensor, total = _tables(ws, gs, device)
     out = torch.empty(total, dtype=torch.float32, device=device)
     if total:
-        _filter_scores_kernel[(total,)](table, row_tensor, out, len(ws), ws[0], KIND=KINDS[kind],
+        # any non-empty tensor of the weights' dtype tells the kernel the element type
+        carrier = next((w for w in ws if w.numel()), None)
+        if carrier is None:
+            carrier = torch.empty(1, dtype=ws[0].dtype, device=device)
+        _filter_scores_kernel[(total,)](table, row_tensor, out, len(ws), carrier, KIND=KINDS[kind],
                                         BLOCK=BLOCK, VEC=16 // ws[0].element_size(),
                                         num_warps=NUM_WARPS)
     # Contiguous copies made above may be freed now: the caching allocator reuses their memory

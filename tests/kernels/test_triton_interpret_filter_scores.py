@@ -78,6 +78,11 @@ def test_unaligned_rows_and_zero_filters():
     assert got[2] == 0
 
 
+def test_only_empty_rows():
+    got = fs.filter_scores([torch.randn(0, 3), torch.randn(4, 0)], [], "l2")
+    assert torch.equal(got, torch.zeros(4))
+
+
 def test_cached_table_follows_the_data():
     w = torch.randn(4, 20)
     first = fs.filter_scores([w], [], "l2")
