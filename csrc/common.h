@@ -141,3 +141,88 @@ inline void check_gradient(const at::Tensor& dy, const at::Tensor& z, const Prep
 }
 
 }  // namespace nasprune
+
+// ---------------------------------------------------------------------------------------------
+// filter_scores: the table of row segments shared by the CPU and CUDA kernels.
+
+namespace nasprune {
+
+enum class ScoreKind { L1, L2, Taylor };
+
+inline ScoreKind score_kind(c10::string_view kind) {
+  if (kind == "l1") return ScoreKind::L1;
+  if (kind == "l2") return ScoreKind::L2;
+  if (kind == "taylor") return ScoreKind::Taylor;
+  TORCH_CHECK(false, "kind must be \"l1\", \"l2\" or \"taylor\", got \"", std::string(kind), "\"");
+}
+
+// One weight tensor seen as (rows, row_len): row r is the row_len elements at data + r * row_len.
+// A score sums over a row, so the element order inside a row is free: any dense tensor whose
+// dim 0 is outermost (contiguous, channels_last conv weights) is read in place, and a gradient
+// is read in place when it has the weight's strides. Anything else is made contiguous first.
+struct ScoreSegment {
+  at::Tensor w, g;  // g is undefined unless the kind is taylor
+  int64_t rows = 0, row_len = 0;
+  int64_t first = 0;  // output index of row 0
+};
+
+struct ScoreTable {
+  std::vector<ScoreSegment> segments;
+  int64_t total_rows = 0;
+  ScoreKind kind = ScoreKind::L1;
+  at::ScalarType dtype = at::kFloat;
+};
+
+inline bool rows_dense(const at::Tensor& t) {
+  return t.is_non_overlapping_and_dense() && (t.size(0) <= 1 || t.stride(0) * t.size(0) == t.numel());
+}
+
+inline ScoreTable score_table(at::TensorList weights, at::TensorList grads, c10::string_view kind) {
+  ScoreTable table;
+  table.kind = score_kind(kind);
+  const bool taylor = table.kind == ScoreKind::Taylor;
+  TORCH_CHECK(!weights.empty(), "weights must hold at least one tensor");
+  if (taylor) {
+    TORCH_CHECK(grads.size() == weights.size(), "kind \"taylor\" needs one gradient per weight: got ",
+                grads.size(), " grads for ", weights.size(), " weights");
+  } else {
+    TORCH_CHECK(grads.empty(), "grads must be empty unless kind is \"taylor\", got ", grads.size(),
+                " tensors");
+  }
+  const at::Tensor& w0 = weights[0];
+  table.dtype = w0.scalar_type();
+  for (size_t t = 0; t < weights.size(); ++t) {
+    const at::Tensor& w = weights[t];
+    TORCH_CHECK(w.defined() && w.dim() >= 1, "weights[", t, "] must have at least one dimension");
+    TORCH_CHECK(w.scalar_type() == table.dtype, "weights[", t, "] has dtype ", w.scalar_type(),
+                " but weights[0] has ", table.dtype);
+    TORCH_CHECK(w.device() == w0.device(), "weights[", t, "] is on ", w.device(),
+                " but weights[0] is on ", w0.device());
+    ScoreSegment s;
+    s.rows = w.size(0);
+    s.row_len = s.rows == 0 ? 0 : w.numel() / s.rows;
+    s.first = table.total_rows;
+    table.total_rows += s.rows;
+    if (taylor) {
+      const at::Tensor& g = grads[t];
+      TORCH_CHECK(g.defined() && g.sizes() == w.sizes(), "grads[", t, "] must have the shape of ",
+                  "weights[", t, "], ", w.sizes(), ", got ",
+                  g.defined() ? g.sizes() : at::IntArrayRef());
+      TORCH_CHECK(g.scalar_type() == w.scalar_type(), "grads[", t, "] has dtype ", g.scalar_type(),
+                  " but weights[", t, "] has ", w.scalar_type());
+      TORCH_CHECK(g.device() == w.device(), "grads[", t, "] is on ", g.device(), " but weights[", t,
+                  "] is on ", w.device());
+      const bool in_place = rows_dense(w) && g.strides() == w.strides();
+      s.w = in_place ? w : w.contiguous();
+      s.g = in_place ? g : g.contiguous();
+    } else {
+      s.w = rows_dense(w) ? w : w.contiguous();
+    }
+    table.segments.push_back(std::move(s));
+  }
+  TORCH_CHECK(at::isFloatingType(table.dtype) && table.dtype != at::kDouble,
+              "weights must be float32, float16 or bfloat16, got ", table.dtype);
+  return table;
+}
+
+}  // namespace nasprune

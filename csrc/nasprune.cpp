@@ -38,4 +38,8 @@ TORCH_LIBRARY(nasprune, m) {
   m.def(
       "width_aggregate_backward(Tensor dy, Tensor z, Tensor scale, Tensor shift, Tensor widths, "
       "Tensor weights, str act) -> (Tensor dz, Tensor dscale, Tensor dshift, Tensor dweights)");
+  // One score per filter (row along dim 0) of every weight tensor, concatenated in fp32: kind "l1"
+  // (sum |w|), "l2" (sqrt sum w^2) or "taylor" (|sum w * grad|, grads matching weights; for the
+  // other kinds grads is empty). A segmented reduction over all the tensors in one launch.
+  m.def("filter_scores(Tensor[] weights, Tensor[] grads, str kind) -> Tensor");
 }

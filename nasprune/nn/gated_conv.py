@@ -30,6 +30,52 @@ class _Gated:
         self.gate = nn.Parameter(torch.full((channels,), self.gate_fn.init_value,
                                             device=device, dtype=dtype))
         self._active = None
+        self._taylor_on = False
+        self._taylor: Tensor | None = None  # not a buffer: scores stay out of the state dict
+        self._taylor_batches = 0
+
+    # FFP's filter importance, activation-Taylor: s[c] += |sum_{n,h,w} dy * y| per backward.
+    # The fused backward already reduces dgate = sum dy * act(u) per channel, and y = g * act(u),
+    # so sum dy * y = g * dgate: a hook on the gate's gradient adds |g * dgate|, C values per
+    # batch, with no pass over the activations.
+
+    def track_activation_taylor(self, enabled: bool = True) -> None:
+        """Start (or stop) accumulating the activation-Taylor score over the backward passes that
+        follow, one term per forward call. Frozen gates (FixedMask) are scored too:
+        their gate values get a gradient of their own, which updates nothing."""
+        self._taylor_on = bool(enabled)
+
+    def reset_activation_taylor(self) -> None:
+        """Zero the accumulated activation-Taylor score."""
+        self._taylor = None
+        self._taylor_batches = 0
+
+    @property
+    def activation_taylor(self) -> Tensor | None:
+        """sum over batches of |sum_{n,h,w} dy * y| per output channel (fp32), None before any
+        tracked backward. `activation_taylor_batches` counts the terms."""
+        return self._taylor
+
+    @property
+    def activation_taylor_batches(self) -> int:
+        return self._taylor_batches
+
+    def _add_taylor(self, g: Tensor, dgate: Tensor) -> None:
+        with torch.no_grad():
+            term = (g.float() * dgate.float()).abs()
+            self._taylor = term if self._taylor is None else self._taylor.add_(term)
+            self._taylor_batches += 1
+
+    def _track_gate(self, g: Tensor) -> Tensor:
+        """g, hooked so that its gradient feeds the activation-Taylor score. A fresh node per
+        forward (a view of a leaf, or a detached copy that requires grad for a frozen gate), so
+        hooks never pile up on the gate parameter."""
+        if not (getattr(self, "_taylor_on", False) and torch.is_grad_enabled()):
+            return g
+        g = g.view_as(g) if g.requires_grad else g.detach().requires_grad_()
+        values = g.detach()
+        g.register_hook(lambda dgate: self._add_taylor(values, dgate))
+        return g
 
     def gate_values(self) -> Tensor:
         """The gate values the epilogue multiplies each output channel by."""
@@ -74,7 +120,7 @@ class _Gated:
         g = self.gate_values()
         if g.device.type == "cpu" and not torch.compiler.is_compiling():
             self._check_gate(g.detach())  # cheap on the CPU; on a GPU it would cost a sync per call
-        return g
+        return self._track_gate(g)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A plain conv (or conv-BN pair) state dict has no gate: keep the current one.

@@ -110,3 +110,41 @@ def width_aggregate(z: Tensor, scale: Tensor, shift: Tensor, widths: Tensor, wei
     for name, p in (("scale", scale), ("shift", shift), ("widths", widths), ("weights", weights)):
         if p.device != z.device:
             raise RuntimeError(f"{name} is on {p.device} but z is on {z.device}")
+
+
+SCORE_KINDS = ("l1", "l2", "taylor")
+
+
+def filter_scores(weights, grads, kind: str) -> None:
+    if kind not in SCORE_KINDS:
+        raise ValueError(f"kind must be one of {SCORE_KINDS}, got {kind!r}")
+    if isinstance(weights, Tensor) or not isinstance(weights, (list, tuple)):
+        raise TypeError(f"weights must be a list of tensors, got {type(weights).__name__}")
+    for i, w in enumerate(weights):
+        if not isinstance(w, Tensor):
+            raise TypeError(f"weights[{i}] must be a Tensor, got {type(w).__name__}")
+        if w.dim() < 1:
+            raise ValueError(f"weights[{i}] must have at least one dimension (filters along dim 0)")
+        if w.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"weights[{i}] must be float32, float16 or bfloat16, got {w.dtype}")
+        if w.dtype != weights[0].dtype:
+            raise ValueError(f"weights[{i}] has dtype {w.dtype} but weights[0] has {weights[0].dtype}")
+        if w.device != weights[0].device:
+            raise RuntimeError(f"weights[{i}] is on {w.device} but weights[0] is on {weights[0].device}")
+    if kind != "taylor":
+        if grads:
+            raise ValueError(f"grads are only used by kind 'taylor', got {len(grads)} for {kind!r}")
+        return
+    if grads is None or isinstance(grads, Tensor) or len(grads) != len(weights):
+        n = "none" if grads is None else (type(grads).__name__ if isinstance(grads, Tensor) else len(grads))
+        raise ValueError(f"kind 'taylor' needs one gradient per weight: got {n} for {len(weights)} weights")
+    for i, (w, g) in enumerate(zip(weights, grads)):
+        if not isinstance(g, Tensor):
+            raise TypeError(f"grads[{i}] must be a Tensor, got {type(g).__name__}")
+        if g.shape != w.shape:
+            raise ValueError(f"grads[{i}] must have the shape of weights[{i}], {tuple(w.shape)}, "
+                             f"got {tuple(g.shape)}")
+        if g.dtype != w.dtype:
+            raise ValueError(f"grads[{i}] has dtype {g.dtype} but weights[{i}] has {w.dtype}")
+        if g.device != w.device:
+            raise RuntimeError(f"grads[{i}] is on {g.device} but weights[{i}] is on {w.device}")

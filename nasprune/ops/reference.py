@@ -148,3 +148,27 @@ def width_aggregate_backward(dy: Tensor, z: Tensor, scale: Tensor, shift: Tensor
     grads = [torch.zeros_like(leaf) if g is None else g for g, leaf in zip(grads, leaves)]
     return (grads[0].to(z.dtype), grads[1].to(scale.dtype), grads[2].to(shift.dtype),
             grads[3].to(weights.dtype))
+
+
+from nasprune.ops._checks import SCORE_KINDS  # noqa: E402  (one list of kinds)
+
+
+def filter_scores(weights: list[Tensor], grads: list[Tensor], kind: str) -> Tensor:
+    """One score per row along dim 0 of every tensor, concatenated: "l1" sum |w|, "l2"
+    sqrt(sum w^2), "taylor" |sum w * grad| (grads matching weights). fp32 (fp64 for fp64 input)."""
+    if kind not in SCORE_KINDS:
+        raise ValueError(f"kind must be one of {SCORE_KINDS}, got {kind!r}")
+    out = []
+    for i, w in enumerate(weights):
+        dt = _compute_dtype(w.dtype)
+        rows = w.reshape(w.shape[0], math.prod(w.shape[1:])).to(dt)
+        if kind == "l1":
+            s = rows.abs().sum(1)
+        elif kind == "l2":
+            s = torch.linalg.vector_norm(rows, 2, dim=1)  # its gradient at a zero row is zero
+        else:
+            s = (rows * grads[i].reshape(rows.shape).to(dt)).sum(1).abs()
+        out.append(s)
+    if not out:
+        return torch.empty(0)
+    return torch.cat(out)
