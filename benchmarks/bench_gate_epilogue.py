@@ -33,9 +33,16 @@ def eager_epilogue(z, weight, bias, gate, running_mean, running_var):
 
 
 def fused_epilogue(z, weight, bias, gate, running_mean, running_var):
-    mean, var = ops.channel_stats(z)
-    scale = weight * torch.rsqrt(var + 1e-5)
-    return ops.gate_epilogue(z, scale, bias - mean * scale, gate, "relu")
+    # As GatedConvBNAct2d runs it: statistics without autograd, the backward differentiates
+    # through them itself (batch-statistics mode), running statistics updated like nn.BatchNorm2d.
+    with torch.no_grad():
+        mean, var = ops.channel_stats(z)
+        n = z.numel() // z.shape[1]
+        running_mean.lerp_(mean, 0.1)
+        running_var.lerp_(var * (n / (n - 1)), 0.1)
+        invstd = torch.rsqrt(var + 1e-5)
+    scale = weight * invstd
+    return ops.gate_epilogue(z, scale, bias - mean * scale, gate, "relu", None, mean, invstd)
 
 
 class EagerLayer(nn.Module):
