@@ -217,8 +217,11 @@ def main(argv=None):
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile of the loop")
     ap.add_argument("--no-peers", action="store_true", help="skip group importance (nasprune, Torch-Pruning)")
     ap.add_argument("--backends", nargs="*", default=None, help="CUDA backends (default: all built)")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.manual_seed(0)
     load_before = os.getloadavg()
@@ -254,10 +257,16 @@ def main(argv=None):
             part = activation_taylor_cases(device, dtype, args.repeats)
             rows += part
             print(_common.table(part, ["model", "criterion", "impl", "ms", "overhead %"]), flush=True)
+    if device.type == "cuda":
+        bw = rows[0]["GB/s"]
+        for r in rows[1:]:
+            if r.get("GB/s"):
+                r["% copy bw"] = 100 * r["GB/s"] / bw
     load_after = os.getloadavg()
     print(f"\n{_common.device_name(device)}; {dtype}; torch {torch.__version__}; "
           f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after")
-    print(_common.table(rows, ["model", "criterion", "impl", "ms", "x best loop", "GB/s", "overhead %"]))
+    print(_common.table(rows, ["model", "criterion", "impl", "ms", "x best loop", "GB/s", "% copy bw",
+                               "overhead %"]))
     if not args.no_record:
         for r in rows:
             r.update(dtype=args.dtype, load_before=load_before[0], load_after=load_after[0])

@@ -10,6 +10,7 @@ layer's output channel carrying group channel c (-1 where the layer does not hol
 """
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -100,27 +101,30 @@ def normalize_scores(scores: Mapping[str, Tensor], how: str) -> dict[str, Tensor
     return out
 
 
-def group_scores(scores: Mapping[str, Tensor], groups, *, reduce: str = "mean",
-                 normalize: str | None = None) -> GroupScores:
-    """Channel scores of every group, from per-layer `scores` (nasprune.scores.filter_scores).
-    `groups`: a ChannelGraph or plain group lists (see the module docstring). `reduce` combines the
-    layers producing a channel: "mean", "sum" or "max". `normalize` first scales each layer's
-    scores on their own (see normalize_scores), so that layers of different sizes compare.
-    A member named "x" whose scores are keyed "x.conv" (a GatedConvBNAct2d) is matched to them."""
-    if reduce not in REDUCTIONS:
-        raise ValueError(f"reduce must be one of {tuple(REDUCTIONS)}, got {reduce!r}")
-    if normalize is not None:
-        scores = normalize_scores(scores, normalize)
+@dataclass
+class _Plan:
+    """Where every producer score lands: flat score index -> flat group-channel index."""
+    specs: list
+    starts: list
+    total: int
+    src: Tensor
+    dst: Tensor
+
+
+_PLANS: dict[int, tuple] = {}  # id(graph) -> (weak reference, layout, plan)
+
+
+def _plan(groups, layout: tuple) -> _Plan:
+    """The index plan for `groups` and a score layout ((name, numel), ...); cached per graph
+    object (a ChannelGraph is immutable once traced), rebuilt for plain group lists."""
+    cached = _PLANS.get(id(groups))
+    if cached is not None and cached[0]() is groups and cached[1] == layout:
+        return cached[2]
     specs = _specs(groups)
-    names = list(scores)
-    if names:
-        flat = torch.cat([scores[n].detach().float().flatten() for n in names])
-    else:
-        flat = torch.zeros(0)
     offset, at = {}, 0
-    for n in names:
-        offset[n] = (at, scores[n].numel())
-        at += scores[n].numel()
+    for n, numel in layout:
+        offset[n] = (at, numel)
+        at += numel
     src, dst, starts, total = [], [], [], 0
     for spec in specs:
         starts.append(total)
@@ -138,12 +142,43 @@ def group_scores(scores: Mapping[str, Tensor], groups, *, reduce: str = "mean",
             src.append(base + pos)
             dst.append(total + channels.unsqueeze(1).expand_as(positions)[valid])
         total += spec.size
-    out = torch.full((total,), float("nan"), device=flat.device)
-    if src:
-        src_i, dst_i = torch.cat(src).to(flat.device), torch.cat(dst).to(flat.device)
-        out.scatter_reduce_(0, dst_i, flat[src_i], REDUCTIONS[reduce], include_self=False)
+    empty = torch.zeros(0, dtype=torch.long)
+    plan = _Plan(specs, starts, total, torch.cat(src) if src else empty,
+                 torch.cat(dst) if dst else empty)
+    try:
+        ref = weakref.ref(groups, lambda _, key=id(groups): _PLANS.pop(key, None))
+    except TypeError:  # plain lists cannot be weakly referenced: no cache
+        return plan
+    _PLANS[id(groups)] = (ref, layout, plan)
+    return plan
+
+
+def group_scores(scores: Mapping[str, Tensor], groups, *, reduce: str = "mean",
+                 normalize: str | None = None) -> GroupScores:
+    """Channel scores of every group, from per-layer `scores` (nasprune.scores.filter_scores).
+    `groups`: a ChannelGraph or plain group lists (see the module docstring). `reduce` combines the
+    layers producing a channel: "mean", "sum" or "max". `normalize` first scales each layer's
+    scores on their own (see normalize_scores), so that layers of different sizes compare.
+    A member named "x" whose scores are keyed "x.conv" (a GatedConvBNAct2d) is matched to them.
+    The index plan is built once per ChannelGraph and score layout, then one scatter_reduce
+    gathers every group."""
+    if reduce not in REDUCTIONS:
+        raise ValueError(f"reduce must be one of {tuple(REDUCTIONS)}, got {reduce!r}")
+    if normalize is not None:
+        scores = normalize_scores(scores, normalize)
+    names = list(scores)
+    plan = _plan(groups, tuple((n, scores[n].numel()) for n in names))
+    if names:
+        flat = torch.cat([scores[n].detach().float().flatten() for n in names])
+    else:
+        flat = torch.zeros(0)
+    out = torch.full((plan.total,), float("nan"), device=flat.device)
+    if plan.src.numel():
+        src, dst = plan.src.to(flat.device), plan.dst.to(flat.device)
+        out.scatter_reduce_(0, dst, flat[src], REDUCTIONS[reduce], include_self=False)
+    specs = plan.specs
     return GroupScores(
-        scores={s.index: out[b:b + s.size] for s, b in zip(specs, starts)},
+        scores={s.index: out[b:b + s.size] for s, b in zip(specs, plan.starts)},
         prunable={s.index: s.prunable for s in specs},
         partial={s.index: s.partial for s in specs if s.partial},
     )
