@@ -54,9 +54,13 @@ def extension():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-fopenmp-simd", "-DNASPRUNE_CPU_ONLY" if not with_cuda else "-DNASPRUNE_WITH_CUDA"]
+    # -fopenmp: at::parallel_for is an OpenMP pragma in ATen's headers; without it every CPU
+    # kernel runs on one thread. It links the libgomp.so.1 torch already loaded (same soname).
+    cxx = ["-O3", "-fopenmp", "-DNASPRUNE_CPU_ONLY" if not with_cuda else "-DNASPRUNE_WITH_CUDA"]
+    link = ["-fopenmp"]
     if not with_cuda:
-        return CppExtension("nasprune._C", sources, extra_compile_args={"cxx": cxx}), BuildExtension
+        return CppExtension("nasprune._C", sources, extra_compile_args={"cxx": cxx},
+                            extra_link_args=link), BuildExtension
     sources += sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))
     nvcc = ["-O3", "-lineinfo", "--use_fast_math", "--threads", os.environ.get("NVCC_THREADS", "2")]
     ext = CUDAExtension(
@@ -64,6 +68,7 @@ def extension():
         sources,
         include_dirs=pip_cuda_includes(),
         extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        extra_link_args=link,
     )
     return ext, BuildExtension
 
