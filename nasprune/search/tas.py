@@ -108,7 +108,7 @@ class TAS(Searcher):
         m = self.model
         index, weights = sample_widths(m.width_logits, m.width_mask, self.tau, self.generator)
         depth = sample_depths(m.depth_logits, m.depth_mask, self.tau, self.generator)
-        return index.tolist(), weights, depth   # the one host copy per forward
+        return index, weights, depth   # the supernet copies index to the host once per forward
 
     def _set_lr(self):
         if self.total_steps:

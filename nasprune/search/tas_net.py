@@ -5,8 +5,8 @@ its filters. Every conv has logits over its width candidates, every stage over i
 candidates. Sampling is on the device (Gumbel top-2 for widths, Gumbel-softmax for depths) and
 the sampled indices reach the host in one copy per forward (shapes need them), never per layer.
 
-The width aggregation is the single function :func:`aggregate_widths`, a plain PyTorch
-composition, so a fused op can replace it in one place.
+The width aggregation of every searched conv is the fused op ``nasprune.ops.width_aggregate``
+(:func:`aggregate_widths`); :func:`cwi` stays for depth aggregation and as the tests' reference.
 """
 from __future__ import annotations
 
@@ -98,23 +98,58 @@ def cwi(x: torch.Tensor, channels: int) -> torch.Tensor:
     return torch.matmul(cwi_matrix(c, channels, x.dtype, x.device), x.reshape(n, c, h * w)).view(n, channels, h, w)
 
 
-def aggregate_widths(o, bn_params, widths, weights, act=None, *, training=True, momentum=0.1, eps=1e-5):
-    """TAS width aggregation: sum_j weights[j] * CWI(BN_j(o[:, :widths[j]]), max(widths)), then act.
+def _pad_rows(vectors, channels: int, value: float = 0.0) -> torch.Tensor:
+    """Stack per-candidate vectors of lengths c_j into a (K, channels) tensor, padded with value."""
+    return torch.stack([F.pad(v, (0, channels - v.numel()), value=value) for v in vectors])
 
-    o: conv output with at least max(widths) channels. bn_params: per candidate
-    (weight, bias, running_mean, running_var), or None for no BN. weights: tensor (len(widths),).
-    act: None or "relu". The one place a fused ``nasprune.ops.width_aggregate`` goes.
+
+def aggregate_widths(o, bn_params, widths, weights, act=None, *, training=True, momentum=0.1,
+                     eps=1e-5, width_values=None):
+    """TAS width aggregation: act(sum_j weights[j] * CWI(BN_j(o[:, :widths[j]]), max(widths))).
+
+    o: conv output with max(widths) channels. bn_params: per candidate (weight, bias,
+    running_mean, running_var), or None for no BN. widths: host list of the K candidate widths;
+    width_values: the same as an int64 device tensor (made from widths when omitted; the
+    supernet gathers it on the device so no layer copies to the device). weights: (K,).
+    act: None or "relu".
+
+    One fused op (``nasprune.ops.width_aggregate``) does the slicing, per-candidate affine,
+    CWI, weighted sum and activation. Every candidate's BN normalises a prefix of the same
+    channels, so one ``channel_stats(o)`` gives all batch statistics (differentiable: the
+    gradient through them is one more pass), folded with each candidate's gamma and beta into
+    (K, C) scale and shift rows. Running statistics update as nn.BatchNorm2d's (momentum,
+    unbiased variance) for the sampled candidates only.
     """
-    c_max = max(widths)
-    out = None
-    for j, c in enumerate(widths):
-        frag = o[:, :c]
-        if bn_params is not None:
-            w, b, rm, rv = bn_params[j]
-            frag = F.batch_norm(frag, rm, rv, w, b, training, momentum, eps)
-        term = cwi(frag, c_max) * weights[j]
-        out = term if out is None else out + term
-    return F.relu(out) if act == "relu" else out
+    from nasprune import ops
+
+    c = o.size(1)
+    if c != max(widths):
+        raise ValueError(f"aggregate_widths: o has {c} channels, the widest candidate {max(widths)}")
+    if width_values is None:
+        width_values = torch.tensor(widths, dtype=torch.long, device=o.device)
+    if bn_params is None:
+        scale = _pad_rows([o.new_ones(w, dtype=torch.float32) for w in widths], c)
+        shift = torch.zeros_like(scale)
+    else:
+        gamma = _pad_rows([p[0] for p in bn_params], c)
+        beta = _pad_rows([p[1] for p in bn_params], c)
+        if training:
+            count = o.numel() // max(c, 1)
+            if count < 2:
+                raise ValueError(f"aggregate_widths: batch norm in training needs more than one value "
+                                 f"per channel; o has shape {tuple(o.shape)}")
+            mean, var = ops.channel_stats(o)
+            with torch.no_grad():
+                unbiased = var * (count / (count - 1))
+                for (_, _, rm, rv), w in zip(bn_params, widths):
+                    rm.lerp_(mean[:w].to(rm.dtype), momentum)
+                    rv.lerp_(unbiased[:w].to(rv.dtype), momentum)
+            scale = gamma * (var + eps).rsqrt()
+            shift = beta - mean * scale
+        else:
+            scale = gamma * (_pad_rows([p[3] for p in bn_params], c, 1.0) + eps).rsqrt()
+            shift = beta - _pad_rows([p[2] for p in bn_params], c) * scale
+    return ops.width_aggregate(o, scale, shift, width_values, weights, act or "identity")
 
 
 def add_unequal(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -137,7 +172,8 @@ class SearchConv(nn.Module):
         self.bns = nn.ModuleList(nn.BatchNorm2d(c) for c in self.choices) if bn else None
         self.relu, self.avg = relu, avg
 
-    def forward(self, x, index, weights):
+    def forward(self, x, index, weights, width_values=None):
+        """index: host list of the sampled candidates; width_values: their widths on the device."""
         if self.avg:
             x = F.avg_pool2d(x, 2)
         widths = [self.choices[i] for i in index]
@@ -149,7 +185,8 @@ class SearchConv(nn.Module):
             bns = [self.bns[i] for i in index]
             bn_params = [(b.weight, b.bias, b.running_mean, b.running_var) for b in bns]
         return aggregate_widths(o, bn_params, widths, weights, "relu" if self.relu else None,
-                                training=self.training, momentum=0.1, eps=1e-5)
+                                training=self.training, momentum=0.1, eps=1e-5,
+                                width_values=width_values)
 
 
 class SearchBlock(nn.Module):
@@ -165,9 +202,10 @@ class SearchBlock(nn.Module):
             self.shortcut = None
         self.stride = stride
 
-    def forward(self, x, ia, wa, ib, wb):
-        out = self.conv_b(self.conv_a(x, ia, wa), ib, wb)
-        residual = x if self.shortcut is None else self.shortcut(x, ib, wb)  # shares conv_b's sample
+    def forward(self, x, a, b):
+        """a, b: (index, weights, width_values) samples of conv_a and conv_b."""
+        out = self.conv_b(self.conv_a(x, *a), *b)
+        residual = x if self.shortcut is None else self.shortcut(x, *b)  # shares conv_b's sample
         return F.relu(add_unequal(residual, out))
 
 
@@ -197,6 +235,7 @@ class TASSupernet(nn.Module):
         dtable = torch.tensor([self.depth_choices] * len(stage_widths), dtype=torch.float64)
         self.register_buffer("width_table", table, persistent=False)
         self.register_buffer("width_mask", table > 0, persistent=False)
+        self.register_buffer("width_values", table.long(), persistent=False)
         self.register_buffer("depth_table", dtable, persistent=False)
         self.register_buffer("depth_mask", dtable > 0, persistent=False)
         self.width_logits = nn.Parameter(1e-2 * torch.randn(len(self.convs), k))
@@ -211,23 +250,26 @@ class TASSupernet(nn.Module):
         return [p for n, p in self.named_parameters() if not n.endswith("_logits")]
 
     # -- forward
-    def forward(self, x, widths=None, width_weights=None, depth_weights=None):
-        """Search forward with a given sample: widths a host list (L, k) of candidate indices,
-        width_weights (L, k), depth_weights (S, D). Without a sample: the arg-max architecture
-        through the supernet (one candidate per conv, deterministic depth)."""
-        if widths is None:
-            widths = self.width_logits.masked_fill(~self.width_mask, _FILL).argmax(1)[:, None].tolist()
-            width_weights = self.width_logits.new_ones(len(widths), 1)
+    def forward(self, x, index=None, width_weights=None, depth_weights=None):
+        """Search forward with a given sample: index (L, k) int64 candidate indices on the
+        device, width_weights (L, k), depth_weights (S, D). Without a sample: the arg-max
+        architecture through the supernet (one candidate per conv, deterministic depth).
+        The indices reach the host in one copy (the conv shapes need them)."""
+        if index is None:
+            index = self.width_logits.masked_fill(~self.width_mask, _FILL).argmax(1, keepdim=True)
+            width_weights = self.width_logits.new_ones(index.shape)
             depth_weights = F.one_hot(self.depth_logits.masked_fill(~self.depth_mask, _FILL).argmax(1),
                                       len(self.depth_choices)).to(self.width_logits.dtype)
-        x = self.stem(x, widths[0], width_weights[0])
+        values = self.width_values.gather(1, index)
+        host = index.tolist()
+        sample = [(host[r], width_weights[r], values[r]) for r in range(len(host))]
+        x = self.stem(x, *sample[0])
         n = self.blocks_per_stage
         for s in range(len(self.stage_widths)):
             ends = []
             for a in range(n):
                 i = s * n + a
-                ra, rb = 1 + 2 * i, 2 + 2 * i
-                x = self.blocks[i](x, widths[ra], width_weights[ra], widths[rb], width_weights[rb])
+                x = self.blocks[i](x, sample[1 + 2 * i], sample[2 + 2 * i])
                 if a + 1 in self.depth_choices:
                     ends.append(x)
             c_max = max(t.size(1) for t in ends)

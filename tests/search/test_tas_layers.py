@@ -64,21 +64,53 @@ def test_cwi_equals_adaptive_avg_pool3d_and_formula(c_in, c_out):
     torch.testing.assert_close(g1, g2)
 
 
-def test_aggregate_widths_is_weighted_sum_of_cwi_of_candidate_bns():
-    o = torch.randn(4, 12, 3, 3, dtype=torch.float64)
-    bns = [(torch.rand(c, dtype=torch.float64) + 0.5, torch.randn(c, dtype=torch.float64),
-            torch.zeros(c, dtype=torch.float64), torch.ones(c, dtype=torch.float64)) for c in (8, 12)]
-    w = torch.tensor([0.3, 0.7], dtype=torch.float64)
-    out = aggregate_widths(o, bns, [8, 12], w, "relu")
+def _candidate_bns(widths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g),
+             0.1 * torch.randn(c, generator=g), torch.rand(c, generator=g) + 0.5) for c in widths]
 
-    def bn(t, p):
-        mean, var = t.mean((0, 2, 3), keepdim=True), t.var((0, 2, 3), unbiased=False, keepdim=True)
-        return (t - mean) / torch.sqrt(var + 1e-5) * p[0].view(1, -1, 1, 1) + p[1].view(1, -1, 1, 1)
-    a = F.adaptive_avg_pool3d(bn(o[:, :8], bns[0]), (12, 3, 3))
-    expected = torch.relu(0.3 * a + 0.7 * bn(o, bns[1]))
-    torch.testing.assert_close(out, expected)
-    # training-mode BN updated the running statistics of the sampled candidates
-    torch.testing.assert_close(bns[1][2], 0.1 * o.mean((0, 2, 3)))
+
+def _composed(o, bns, widths, w, act, training):
+    """TAS's layer math as its code writes it: per-candidate BN of the prefix, adaptive_avg_pool3d."""
+    c_max = max(widths)
+    out = sum(w[j] * cwi_reference(F.batch_norm(o[:, :c], p[2], p[3], p[0], p[1], training, 0.1, 1e-5), c_max)
+              for j, (c, p) in enumerate(zip(widths, bns)))
+    return torch.relu(out) if act == "relu" else out
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("widths,act", [([8, 12], "relu"), ([12, 5], None), ([7], "relu")])
+def test_aggregate_widths_equals_per_candidate_bn_composition(widths, act, training):
+    """The fused aggregation (one channel_stats, folded BN, width_aggregate op) equals TAS's
+    composition in output, every gradient (o, gamma, beta, mixing weights) and running stats."""
+    g = torch.Generator().manual_seed(len(widths))
+    o = (3 * torch.randn(4, max(widths), 5, 3, generator=g) + 1).requires_grad_()
+    w = torch.rand(len(widths), generator=g).softmax(0).requires_grad_()
+    ours_bn = [tuple(t.clone().requires_grad_(i < 2) for i, t in enumerate(p)) for p in _candidate_bns(widths)]
+    ref_bn = [tuple(t.clone().requires_grad_(i < 2) for i, t in enumerate(p)) for p in _candidate_bns(widths)]
+    out = aggregate_widths(o, ours_bn, widths, w, act, training=training)
+    ref = _composed(o, ref_bn, widths, w, act, training)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    dy = torch.randn(ref.shape, generator=g)
+    leaves_ours = [o, w] + [t for p in ours_bn for t in p[:2]]
+    leaves_ref = [o, w] + [t for p in ref_bn for t in p[:2]]
+    for a, b in zip(torch.autograd.grad(out, leaves_ours, dy), torch.autograd.grad(ref, leaves_ref, dy)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for p, q in zip(ours_bn, ref_bn):            # running statistics (changed only in training)
+        torch.testing.assert_close(p[2], q[2]); torch.testing.assert_close(p[3], q[3])
+    if training:
+        assert not torch.equal(ours_bn[0][2], _candidate_bns(widths)[0][2])
+
+
+def test_aggregate_widths_without_bn_and_bad_width():
+    o = torch.randn(2, 9, 4, 4)
+    w = torch.tensor([0.25, 0.75])
+    out = aggregate_widths(o, None, [4, 9], w, None)
+    torch.testing.assert_close(out, 0.25 * cwi_reference(o[:, :4], 9) + 0.75 * o)
+    with pytest.raises(ValueError, match="9 channels, the widest candidate 8"):
+        aggregate_widths(o, None, [4, 8], w, None)
+    with pytest.raises(ValueError, match="more than one value per channel"):
+        aggregate_widths(torch.randn(1, 4, 1, 1), _candidate_bns([4]), [4], w[:1], None)
 
 
 def test_max_cost_equals_tas_published_totals():

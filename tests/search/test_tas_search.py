@@ -28,6 +28,7 @@ def _searcher(seed=0, target=0.5):
 def test_tiny_search_meets_flops_target_and_export_matches_estimate(splits):
     w, a = splits
     s = _searcher()
+    start = s.model.width_logits.detach().clone()
     arch = s.search(w, a, epochs=4, batch_size=64)
     ratio = arch["flops"] / s.base_flops
     # the cost loss is zero only in [R - t*F_max, R]; allow one more tolerance band either side
@@ -37,8 +38,9 @@ def test_tiny_search_meets_flops_target_and_export_matches_estimate(splits):
     assert isinstance(net, torch.nn.Module) and not any("logits" in n for n, _ in net.named_parameters())
     assert net(torch.randn(2, 3, SIZE, SIZE)).shape == (2, 10)
     assert len(s.history) == 4 and s.history[-1]["tau"] < s.history[0]["tau"]
-    # the architecture logits moved (Adam steps on CE + cost), so the search did something
-    assert s.model.width_logits.detach().abs().max() > 0.03
+    # the architecture logits moved (Adam, lr 1e-3, moves a logit by at most ~1e-3 a step; the
+    # search makes 4 x 12 steps), so the search did something
+    assert (s.model.width_logits.detach() - start).abs().max() > 0.01
 
 
 def test_exported_network_inherits_supernet_weights(splits):
