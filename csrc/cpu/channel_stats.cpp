@@ -14,25 +14,68 @@
 namespace nasprune::cpu {
 namespace {
 
+// Channels c0..c1 of an (outer, C, inner) tensor: each row in cache-sized blocks.
+template <typename T>
+NASPRUNE_SIMD void stats_channels(const T* z, const ChannelView& v, int64_t c0, int64_t c1,
+                                  float* mean, float* var) {
+  for (int64_t c = c0; c < c1; ++c) {
+    Welford w;
+    for (int64_t o = 0; o < v.outer; ++o) {
+      const T* row = z + (o * v.channels + c) * v.inner;
+      for (int64_t i = 0; i < v.inner; i += kBlock) {
+        const int64_t len = std::min(kBlock, v.inner - i);
+        double bmean;
+        float bm2;
+        block_moments(row + i, len, bmean, bm2);
+        w.merge(len, bmean, bm2);
+      }
+    }
+    mean[c] = w.mean;
+    var[c] = w.m2 / w.n;
+  }
+}
+
 template <typename T>
 void stats_channels_first(const T* z, const ChannelView& v, float* mean, float* var) {
   at::parallel_for(0, v.channels, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      Welford w;
-      for (int64_t o = 0; o < v.outer; ++o) {
-        const T* row = z + (o * v.channels + c) * v.inner;
-        for (int64_t i = 0; i < v.inner; i += kBlock) {
-          const int64_t len = std::min(kBlock, v.inner - i);
-          double bmean;
-          float bm2;
-          block_moments(row + i, len, bmean, bm2);
-          w.merge(len, bmean, bm2);
-        }
-      }
-      mean[c] = w.mean;
-      var[c] = w.m2 / w.n;
-    }
+    stats_channels(z, v, c0, c1, mean, var);
   });
+}
+
+// Blocks b0..b1 of `rows` positions of a channels-last tensor, merged into acc (C entries).
+template <typename T>
+NASPRUNE_SIMD void stats_positions(const T* z, const ChannelView& v, int64_t rows, int64_t b0,
+                                   int64_t b1, Welford* acc) {
+  const int64_t C = v.channels;
+  std::vector<float> s(C), q(C), r(C);
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t p0 = b * rows, len = std::min(rows, v.outer - p0);
+    std::fill(s.begin(), s.end(), 0.f);
+    std::fill(q.begin(), q.end(), 0.f);
+    std::fill(r.begin(), r.end(), 0.f);
+    for (int64_t p = p0; p < p0 + len; ++p) {
+      const T* x = z + p * C;
+      float* sp = s.data();
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) sp[c] += to_float(x[c]);
+    }
+    const float inv = 1.f / static_cast<float>(len);
+    for (int64_t c = 0; c < C; ++c) s[c] *= inv;
+    for (int64_t p = p0; p < p0 + len; ++p) {
+      const T* x = z + p * C;
+      const float* mp = s.data();
+      float *qp = q.data(), *rp = r.data();
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const float d = to_float(x[c]) - mp[c];
+        qp[c] += d * d;
+        rp[c] += d;  // corrects the rounding of the block mean, as in block_moments
+      }
+    }
+    for (int64_t c = 0; c < C; ++c)
+      acc[c].merge(len, static_cast<double>(s[c]) + static_cast<double>(r[c]) * inv,
+                   q[c] - r[c] * r[c] * inv);
+  }
 }
 
 template <typename T>
@@ -43,36 +86,8 @@ void stats_channels_last(const T* z, const ChannelView& v, float* mean, float* v
   const int threads = at::get_num_threads();
   std::vector<Welford> partial(static_cast<size_t>(threads) * C);
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    Welford* acc = partial.data() + static_cast<int64_t>(at::get_thread_num()) * C;
-    std::vector<float> s(C), q(C), r(C);
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t p0 = b * rows, len = std::min(rows, v.outer - p0);
-      std::fill(s.begin(), s.end(), 0.f);
-      std::fill(q.begin(), q.end(), 0.f);
-      std::fill(r.begin(), r.end(), 0.f);
-      for (int64_t p = p0; p < p0 + len; ++p) {
-        const T* x = z + p * C;
-        float* sp = s.data();
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) sp[c] += to_float(x[c]);
-      }
-      const float inv = 1.f / static_cast<float>(len);
-      for (int64_t c = 0; c < C; ++c) s[c] *= inv;
-      for (int64_t p = p0; p < p0 + len; ++p) {
-        const T* x = z + p * C;
-        const float* mp = s.data();
-        float *qp = q.data(), *rp = r.data();
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {
-          const float d = to_float(x[c]) - mp[c];
-          qp[c] += d * d;
-          rp[c] += d;  // corrects the rounding of the block mean, as in block_moments
-        }
-      }
-      for (int64_t c = 0; c < C; ++c)
-        acc[c].merge(len, static_cast<double>(s[c]) + static_cast<double>(r[c]) * inv,
-                     q[c] - r[c] * r[c] * inv);
-    }
+    stats_positions(z, v, rows, b0, b1,
+                    partial.data() + static_cast<int64_t>(at::get_thread_num()) * C);
   });
   for (int64_t c = 0; c < C; ++c) {
     Welford w;

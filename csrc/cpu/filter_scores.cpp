@@ -55,6 +55,19 @@ inline float row_score(const T* w, const T* g, int64_t n) {
   else return static_cast<float>(total);
 }
 
+// Rows r0..r1 (global indices, in tensor order) of the segments.
+template <ScoreKind K, typename T>
+NASPRUNE_SIMD void score_range(const ScoreSegment* seg, const T* const* wp, const T* const* gp,
+                               int64_t r0, int64_t r1, float* out) {
+  int64_t t = 0;
+  while (seg[t].first + seg[t].rows <= r0) ++t;
+  for (int64_t r = r0; r < r1; ++r) {
+    while (r >= seg[t].first + seg[t].rows) ++t;
+    const int64_t len = seg[t].row_len, off = (r - seg[t].first) * len;
+    out[r] = row_score<K>(wp[t] + off, gp[t] ? gp[t] + off : nullptr, len);
+  }
+}
+
 template <ScoreKind K, typename T>
 void score_rows(const ScoreTable& table, float* out) {
   const auto& seg = table.segments;
@@ -79,13 +92,7 @@ void score_rows(const ScoreTable& table, float* out) {
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     const int64_t r0 = first_row_at(total * c0 / chunks), r1 = first_row_at(total * c1 / chunks);
     if (r0 >= r1) return;
-    int64_t t = 0;
-    while (seg[t].first + seg[t].rows <= r0) ++t;
-    for (int64_t r = r0; r < r1; ++r) {
-      while (r >= seg[t].first + seg[t].rows) ++t;
-      const int64_t len = seg[t].row_len, off = (r - seg[t].first) * len;
-      out[r] = row_score<K>(wp[t] + off, gp[t] ? gp[t] + off : nullptr, len);
-    }
+    score_range<K, T>(seg.data(), wp.data(), gp.data(), r0, r1, out);
   });
 }
 

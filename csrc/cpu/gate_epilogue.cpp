@@ -20,55 +20,69 @@ struct Params {  // fp32 per output channel, plus the source map
   const int64_t* src;
 };
 
+// Rows r0..r1 of the (outer, out_c) output rows of L positions.
+template <typename T, bool Relu>
+NASPRUNE_SIMD void forward_rows(const T* z, T* y, const ChannelView& zv, int64_t out_c,
+                                const Params& p, int64_t r0, int64_t r1) {
+  const int64_t L = zv.inner;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t o = r / out_c, c = r % out_c, s = p.src[c];
+    T* yr = y + r * L;
+    const float g = p.g[c];
+    if (s < 0 || g == 0.f) {
+      std::fill(yr, yr + L, T(0));
+      continue;
+    }
+    const T* zr = z + (o * zv.channels + s) * L;
+    const float a = p.a[c], b = p.b[c];
+#pragma omp simd
+    for (int64_t i = 0; i < L; ++i) {
+      float u = a * to_float(zr[i]) + b;
+      if (Relu) u = u > 0.f ? u : 0.f;
+      yr[i] = static_cast<T>(g * u);
+    }
+  }
+}
+
+// Positions q0..q1 of a channels-last tensor (all channels of a position contiguous).
+template <typename T, bool Relu>
+NASPRUNE_SIMD void forward_positions(const T* z, T* y, const ChannelView& zv, int64_t out_c,
+                                     const Params& p, bool identity_map, int64_t q0, int64_t q1) {
+  const int64_t K = zv.channels;
+  for (int64_t q = q0; q < q1; ++q) {
+    const T* zr = z + q * K;
+    T* yr = y + q * out_c;
+    if (identity_map) {
+#pragma omp simd
+      for (int64_t c = 0; c < out_c; ++c) {
+        float u = p.a[c] * to_float(zr[c]) + p.b[c];
+        if (Relu) u = u > 0.f ? u : 0.f;
+        yr[c] = p.g[c] == 0.f ? T(0) : static_cast<T>(p.g[c] * u);
+      }
+    } else {
+      for (int64_t c = 0; c < out_c; ++c) {
+        const int64_t s = p.src[c];
+        float u = s < 0 ? 0.f : p.a[c] * to_float(zr[s]) + p.b[c];
+        if (Relu) u = u > 0.f ? u : 0.f;
+        yr[c] = s < 0 || p.g[c] == 0.f ? T(0) : static_cast<T>(p.g[c] * u);
+      }
+    }
+  }
+}
+
 template <typename T, bool Relu>
 void forward_channels_first(const T* z, T* y, const ChannelView& zv, int64_t out_c,
                             const Params& p) {
-  const int64_t L = zv.inner;
   at::parallel_for(0, zv.outer * out_c, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t o = r / out_c, c = r % out_c, s = p.src[c];
-      T* yr = y + r * L;
-      const float g = p.g[c];
-      if (s < 0 || g == 0.f) {
-        std::fill(yr, yr + L, T(0));
-        continue;
-      }
-      const T* zr = z + (o * zv.channels + s) * L;
-      const float a = p.a[c], b = p.b[c];
-#pragma omp simd
-      for (int64_t i = 0; i < L; ++i) {
-        float u = a * to_float(zr[i]) + b;
-        if (Relu) u = u > 0.f ? u : 0.f;
-        yr[i] = static_cast<T>(g * u);
-      }
-    }
+    forward_rows<T, Relu>(z, y, zv, out_c, p, r0, r1);
   });
 }
 
 template <typename T, bool Relu>
 void forward_channels_last(const T* z, T* y, const ChannelView& zv, int64_t out_c,
                            const Params& p, bool identity_map) {
-  const int64_t K = zv.channels;
-  at::parallel_for(0, zv.outer, 64, [&](int64_t p0, int64_t p1) {
-    for (int64_t q = p0; q < p1; ++q) {
-      const T* zr = z + q * K;
-      T* yr = y + q * out_c;
-      if (identity_map) {
-#pragma omp simd
-        for (int64_t c = 0; c < out_c; ++c) {
-          float u = p.a[c] * to_float(zr[c]) + p.b[c];
-          if (Relu) u = u > 0.f ? u : 0.f;
-          yr[c] = p.g[c] == 0.f ? T(0) : static_cast<T>(p.g[c] * u);
-        }
-      } else {
-        for (int64_t c = 0; c < out_c; ++c) {
-          const int64_t s = p.src[c];
-          float u = s < 0 ? 0.f : p.a[c] * to_float(zr[s]) + p.b[c];
-          if (Relu) u = u > 0.f ? u : 0.f;
-          yr[c] = s < 0 || p.g[c] == 0.f ? T(0) : static_cast<T>(p.g[c] * u);
-        }
-      }
-    }
+  at::parallel_for(0, zv.outer, 64, [&](int64_t q0, int64_t q1) {
+    forward_positions<T, Relu>(z, y, zv, out_c, p, identity_map, q0, q1);
   });
 }
 
@@ -115,39 +129,90 @@ struct BatchStats {
   bool on() const { return mean != nullptr; }
 };
 
+// One sweep over every row of z channel k (output channel c).
+template <typename T, bool Relu, bool Reduce, bool Write>
+inline void backward_sweep(const T* dy, const T* z, T* dz, const ChannelView& zv, int64_t out_c,
+                           int64_t k, int64_t c, const Coef& coef, double* sums) {
+  const int64_t L = zv.inner, K = zv.channels;
+  for (int64_t o = 0; o < zv.outer; ++o) {
+    const int64_t zoff = (o * K + k) * L;
+    backward_run<T, Relu, Reduce, Write>(dy + (o * out_c + c) * L, z + zoff, dz + zoff, L, coef,
+                                         sums);
+  }
+}
+
+// z channels k0..k1: the sums, and dz (in a second sweep when it needs the sums: batch stats).
+template <typename T, bool Relu>
+NASPRUNE_SIMD void backward_channels(const T* dy, const T* z, T* dz, const ChannelView& zv,
+                                     int64_t out_c, const Params& p, const int64_t* index,
+                                     const BatchStats& bs, float* da, float* db, float* dg,
+                                     int64_t k0, int64_t k1) {
+  const double count = static_cast<double>(zv.outer) * zv.inner;
+  for (int64_t k = k0; k < k1; ++k) {
+    const int64_t c = index ? index[k] : k;
+    Coef coef{p.a[c], p.b[c], p.g[c]};
+    double sums[3] = {0, 0, 0};  // dgate, dshift, dscale
+    if (bs.on()) {  // reduce, then write with the correction (the second sweep hits cache)
+      backward_sweep<T, Relu, true, false>(dy, z, dz, zv, out_c, k, c, coef, sums);
+      bn_correction(coef, sums[2], sums[1], bs.mean[c], bs.invstd[c], count);
+      backward_sweep<T, Relu, false, true>(dy, z, dz, zv, out_c, k, c, coef, sums);
+    } else {
+      backward_sweep<T, Relu, true, true>(dy, z, dz, zv, out_c, k, c, coef, sums);
+    }
+    dg[c] = sums[0], db[c] = sums[1], da[c] = sums[2];
+  }
+}
+
 template <typename T, bool Relu>
 void backward_channels_first(const T* dy, const T* z, T* dz, const ChannelView& zv,
                              int64_t out_c, const Params& p, const int64_t* index,
                              const BatchStats& bs, float* da, float* db, float* dg) {
-  const int64_t L = zv.inner, K = zv.channels;
-  const double count = static_cast<double>(zv.outer) * L;
-  at::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
-    for (int64_t k = k0; k < k1; ++k) {
-      const int64_t c = index ? index[k] : k;
-      Coef coef{p.a[c], p.b[c], p.g[c]};
-      double sums[3] = {0, 0, 0};  // dgate, dshift, dscale
-      auto sweep = [&](auto reduce, auto write) {
-        for (int64_t o = 0; o < zv.outer; ++o) {
-          const T* dyr = dy + (o * out_c + c) * L;
-          const int64_t zoff = (o * K + k) * L;
-          backward_run<T, Relu, decltype(reduce)::value, decltype(write)::value>(
-              dyr, z + zoff, dz + zoff, L, coef, sums);
-        }
-      };
-      if (bs.on()) {  // reduce, then write with the correction (the second sweep hits cache)
-        sweep(std::true_type{}, std::false_type{});
-        bn_correction(coef, sums[2], sums[1], bs.mean[c], bs.invstd[c], count);
-        sweep(std::false_type{}, std::true_type{});
-      } else {
-        sweep(std::true_type{}, std::true_type{});
-      }
-      dg[c] = sums[0], db[c] = sums[1], da[c] = sums[2];
-    }
+  at::parallel_for(0, zv.channels, 1, [&](int64_t k0, int64_t k1) {
+    backward_channels<T, Relu>(dy, z, dz, zv, out_c, p, index, bs, da, db, dg, k0, k1);
   });
 }
 
 // Channels last: one sweep over position blocks (all K channels of a position are contiguous),
 // each thread summing into its own partials; with batch statistics a second sweep writes dz.
+template <typename T, bool Relu, bool Reduce, bool Write>
+NASPRUNE_SIMD void sweep_blocks(const T* dy, const T* z, T* dz, const ChannelView& zv,
+                                int64_t out_c, const Coef* cf, const int64_t* index, int64_t rows,
+                                int64_t b0, int64_t b1, double* acc) {
+  const int64_t K = zv.channels;
+  std::vector<float> tg(K), tb(K), ta(K);
+  for (int64_t blk = b0; blk < b1; ++blk) {
+    const int64_t q0 = blk * rows, q1 = std::min(zv.outer, q0 + rows);
+    std::fill(tg.begin(), tg.end(), 0.f);
+    std::fill(tb.begin(), tb.end(), 0.f);
+    std::fill(ta.begin(), ta.end(), 0.f);
+    for (int64_t q = q0; q < q1; ++q) {
+      const T* zr = z + q * K;
+      T* dzr = dz + q * K;
+      const T* dyr = dy + q * out_c;
+      float *pg = tg.data(), *pb = tb.data(), *pa = ta.data();
+#pragma omp simd
+      for (int64_t k = 0; k < K; ++k) {
+        const float zi = to_float(zr[k]), d = to_float(dyr[index ? index[k] : k]);
+        const float u = cf[k].a * zi + cf[k].b;
+        const float on = !Relu || u > 0.f ? 1.f : 0.f;
+        const float du = d * cf[k].g * on;
+        if (Reduce) {
+          pg[k] += d * u * on;
+          pb[k] += du;
+          pa[k] += du * zi;
+        }
+        if (Write) dzr[k] = static_cast<T>(du * cf[k].a + cf[k].alpha + cf[k].beta * zi);
+      }
+    }
+    if (Reduce)
+      for (int64_t k = 0; k < K; ++k) {
+        acc[3 * k] += tg[k];
+        acc[3 * k + 1] += tb[k];
+        acc[3 * k + 2] += ta[k];
+      }
+  }
+}
+
 template <typename T, bool Relu, bool Reduce, bool Write>
 void sweep_channels_last(const T* dy, const T* z, T* dz, const ChannelView& zv, int64_t out_c,
                          const std::vector<Coef>& coef, const int64_t* index,
@@ -158,39 +223,8 @@ void sweep_channels_last(const T* dy, const T* z, T* dz, const ChannelView& zv, 
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     double* acc = Reduce ? partial.data() + static_cast<int64_t>(at::get_thread_num()) * 3 * K
                          : nullptr;
-    std::vector<float> tg(K), tb(K), ta(K);
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t q0 = blk * rows, q1 = std::min(zv.outer, q0 + rows);
-      std::fill(tg.begin(), tg.end(), 0.f);
-      std::fill(tb.begin(), tb.end(), 0.f);
-      std::fill(ta.begin(), ta.end(), 0.f);
-      for (int64_t q = q0; q < q1; ++q) {
-        const T* zr = z + q * K;
-        T* dzr = dz + q * K;
-        const T* dyr = dy + q * out_c;
-        float *pg = tg.data(), *pb = tb.data(), *pa = ta.data();
-        const Coef* cf = coef.data();
-#pragma omp simd
-        for (int64_t k = 0; k < K; ++k) {
-          const float zi = to_float(zr[k]), d = to_float(dyr[index ? index[k] : k]);
-          const float u = cf[k].a * zi + cf[k].b;
-          const float on = !Relu || u > 0.f ? 1.f : 0.f;
-          const float du = d * cf[k].g * on;
-          if (Reduce) {
-            pg[k] += d * u * on;
-            pb[k] += du;
-            pa[k] += du * zi;
-          }
-          if (Write) dzr[k] = static_cast<T>(du * cf[k].a + cf[k].alpha + cf[k].beta * zi);
-        }
-      }
-      if (Reduce)
-        for (int64_t k = 0; k < K; ++k) {
-          acc[3 * k] += tg[k];
-          acc[3 * k + 1] += tb[k];
-          acc[3 * k + 2] += ta[k];
-        }
-    }
+    sweep_blocks<T, Relu, Reduce, Write>(dy, z, dz, zv, out_c, coef.data(), index, rows, b0, b1,
+                                         acc);
   });
 }
 

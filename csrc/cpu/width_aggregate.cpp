@@ -101,10 +101,11 @@ Tables build_tables(const WidthArgs& A) {
 }
 
 // ------------------------------------------------------------------------------ row kernels
-// Rows are channels: row c of z starts at z + c * zs and holds L positions.
+// Rows are channels: row c of z starts at z + c * zs and holds L positions. One call is one
+// work item (every channel of a run of positions), so these are the multi-versioned functions.
 
 template <typename T, typename TY, bool Relu>
-void forward_rows(const T* z, int64_t zs, TY* y, int64_t ys, int64_t L, const Tables& tb,
+NASPRUNE_SIMD void forward_rows(const T* z, int64_t zs, TY* y, int64_t ys, int64_t L, const Tables& tb,
                   float* acc) {
   for (int64_t o = 0; o < tb.C; ++o) {
     TY* yr = y + o * ys;
@@ -131,7 +132,7 @@ void forward_rows(const T* z, int64_t zs, TY* y, int64_t ys, int64_t L, const Ta
 
 // du (cmax rows of L) and the sums SD, PT of one item, then dz from du.
 template <typename T, typename TD, typename TZ, bool Relu>
-void backward_rows(const T* z, int64_t zs, const TD* dy, int64_t ds, TZ* dz, int64_t dzs,
+NASPRUNE_SIMD void backward_rows(const T* z, int64_t zs, const TD* dy, int64_t ds, TZ* dz, int64_t dzs,
                    int64_t L, const Tables& tb, float* du, float* acc, double* sd, double* pt) {
   for (int64_t o = 0; o < tb.cmax; ++o) {
     float* d = du + o * L;
@@ -193,7 +194,7 @@ void backward_rows(const T* z, int64_t zs, const TD* dy, int64_t ds, TZ* dz, int
 
 // (rows, C) row-major -> (C, rows) fp32, and back.
 template <typename T>
-void to_channel_major(const T* x, int64_t rows, int64_t C, float* out) {
+NASPRUNE_SIMD void to_channel_major(const T* x, int64_t rows, int64_t C, float* out) {
   for (int64_t q = 0; q < rows; ++q) {
     const T* xr = x + q * C;
     for (int64_t c = 0; c < C; ++c) out[c * rows + q] = to_float(xr[c]);
@@ -201,7 +202,7 @@ void to_channel_major(const T* x, int64_t rows, int64_t C, float* out) {
 }
 
 template <typename T>
-void from_channel_major(const float* x, int64_t rows, int64_t C, T* out) {
+NASPRUNE_SIMD void from_channel_major(const float* x, int64_t rows, int64_t C, T* out) {
   for (int64_t q = 0; q < rows; ++q) {
     T* orow = out + q * C;
     for (int64_t c = 0; c < C; ++c) orow[c] = static_cast<T>(x[c * rows + q]);

@@ -20,14 +20,14 @@ def splits():
     return tas_split(train)
 
 
-def _searcher(seed=0, target=0.5):
+def _searcher(seed=0, target=0.5, **kw):
     torch.manual_seed(0)
-    return TAS(CifarResNet(14), target, input_size=SIZE, device="cpu", seed=seed)
+    return TAS(CifarResNet(14), target, input_size=SIZE, device="cpu", seed=seed, **kw)
 
 
 def test_tiny_search_meets_flops_target_and_export_matches_estimate(splits):
     w, a = splits
-    s = _searcher()
+    s = _searcher(arch_lr=1e-2)   # 4 short epochs: a larger Adam step than TAS's 1e-3
     start = s.model.width_logits.detach().clone()
     arch = s.search(w, a, epochs=4, batch_size=64)
     ratio = arch["flops"] / s.base_flops
@@ -38,9 +38,8 @@ def test_tiny_search_meets_flops_target_and_export_matches_estimate(splits):
     assert isinstance(net, torch.nn.Module) and not any("logits" in n for n, _ in net.named_parameters())
     assert net(torch.randn(2, 3, SIZE, SIZE)).shape == (2, 10)
     assert len(s.history) == 4 and s.history[-1]["tau"] < s.history[0]["tau"]
-    # the architecture logits moved (Adam, lr 1e-3, moves a logit by at most ~1e-3 a step; the
-    # search makes 4 x 12 steps), so the search did something
-    assert (s.model.width_logits.detach() - start).abs().max() > 0.01
+    # the architecture logits moved (Adam moves a logit by at most ~lr a step; 4 x 12 steps)
+    assert (s.model.width_logits.detach() - start).abs().max() > 0.05
 
 
 def test_exported_network_inherits_supernet_weights(splits):
