@@ -43,6 +43,38 @@ def median_ms(fn, device: torch.device, warmup: int = 3, reps: int = 20, min_tim
     return statistics.median(times)
 
 
+def compare_ms(variants: dict, device: torch.device, rounds: int = 9, reps: int = 5,
+               warmup: int = 3) -> dict:
+    """Median wall time (ms) of each of several functions that compute the same thing, timed
+    interleaved: every round runs each variant `reps` times, the order rotating between rounds,
+    so drift on a shared machine (other jobs, clocks, allocator state) hits all of them alike.
+    Ratios between the results are what a benchmark reports."""
+    names = list(variants)
+    for name in names:
+        for _ in range(warmup):
+            variants[name]()
+    sync(device)
+    samples = {name: [] for name in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            samples[name].append(median_ms(variants[name], device, warmup=0, reps=reps, min_time_s=0.0))
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def with_ratios(rows: list[dict]) -> list[dict]:
+    """Adds "x eager" and "x compile" (speed relative to the rows of the same case whose impl is
+    "eager" or "torch.compile") to every row."""
+    eager = {r["case"]: r["ms"] for r in rows if r["impl"] == "eager"}
+    compiled = {r["case"]: r["ms"] for r in rows if r["impl"] == "torch.compile"}
+    for r in rows:
+        if r["case"] in eager:
+            r["x eager"] = eager[r["case"]] / r["ms"]
+        if r["case"] in compiled:
+            r["x compile"] = compiled[r["case"]] / r["ms"]
+    return rows
+
+
 def copy_bandwidth_gbs(device: torch.device, nbytes: int = 256 << 20) -> float:
     """Measured device-to-device copy bandwidth (bytes read + written per second), the roofline."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()

@@ -95,10 +95,9 @@ def epilogue_cases(shape, dtype, device, compile_: bool):
     if compile_:
         variants["torch.compile"] = torch.compile(eager_epilogue)
     rows = []
-    for name, fn in variants.items():
-        rows.append({"case": "epilogue fwd+bwd", "impl": name,
-                     "ms": _common.median_ms(fwd_bwd(fn), device)})
-        rows.append({"case": "epilogue fwd", "impl": name, "ms": _common.median_ms(fwd(fn), device)})
+    for case, wrap in (("epilogue fwd+bwd", fwd_bwd), ("epilogue fwd", fwd)):
+        times = _common.compare_ms({name: wrap(fn) for name, fn in variants.items()}, device)
+        rows += [{"case": case, "impl": name, "ms": ms} for name, ms in times.items()]
     # Single ops, for achieved bandwidth: bytes each must move at least once.
     scale, shift, gate = (p.detach() for p in params)
     zd = z.detach()
@@ -126,19 +125,8 @@ def layer_cases(shape, dtype, device, compile_: bool, depthwise: bool):
     variants = {"nasprune": layer, "eager": eager}
     if compile_:
         variants["torch.compile"] = torch.compile(eager)
-    return [{"case": case, "impl": name, "ms": _common.median_ms(step(m, x, dy), device)}
-            for name, m in variants.items()]
-
-
-def with_ratios(rows):
-    eager = {r["case"]: r["ms"] for r in rows if r["impl"] == "eager"}
-    compiled = {r["case"]: r["ms"] for r in rows if r["impl"] == "torch.compile"}
-    for r in rows:
-        if r["case"] in eager:
-            r["x eager"] = eager[r["case"]] / r["ms"]
-        if r["case"] in compiled:
-            r["x compile"] = compiled[r["case"]] / r["ms"]
-    return rows
+    times = _common.compare_ms({name: step(m, x, dy) for name, m in variants.items()}, device)
+    return [{"case": case, "impl": name, "ms": ms} for name, ms in times.items()]
 
 
 def main(argv=None):
@@ -170,7 +158,7 @@ def main(argv=None):
             part = epilogue_cases(shape, dtype, device, not args.no_compile)
             part += layer_cases(shape, dtype, device, not args.no_compile, depthwise=True)
             part += layer_cases(shape, dtype, device, not args.no_compile, depthwise=False)
-        for r in with_ratios(part):
+        for r in _common.with_ratios(part):
             if backend and r["impl"] == "nasprune":
                 r["impl"] = f"nasprune[{backend}]"
             rows.append(r)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import sys
 from pathlib import Path
 
@@ -98,11 +97,9 @@ def cases(shape, dtype, device, widths, compile_: bool):
         return run
 
     rows = []
-    for name, fn in variants.items():
-        rows.append({"case": "aggregation fwd+bwd", "impl": name,
-                     "ms": _common.median_ms(fwd_bwd(fn), device)})
-        rows.append({"case": "aggregation fwd", "impl": name,
-                     "ms": _common.median_ms(fwd(fn), device)})
+    for case, wrap in (("aggregation fwd+bwd", fwd_bwd), ("aggregation fwd", fwd)):
+        times = _common.compare_ms({name: wrap(fn) for name, fn in variants.items()}, device)
+        rows += [{"case": case, "impl": name, "ms": ms} for name, ms in times.items()]
     zd = z.detach()
     mean, var = ops.channel_stats(zd)
     scale = (gamma * torch.rsqrt(var + EPS)).detach()
@@ -118,17 +115,6 @@ def cases(shape, dtype, device, widths, compile_: bool):
     for name, (fn, nbytes) in single.items():
         ms = _common.median_ms(fn, device)
         rows.append({"case": name, "impl": "nasprune", "ms": ms, "GB/s": nbytes / (ms * 1e-3) / 1e9})
-    return rows
-
-
-def with_ratios(rows):
-    eager = {r["case"]: r["ms"] for r in rows if r["impl"] == "eager"}
-    compiled = {r["case"]: r["ms"] for r in rows if r["impl"] == "torch.compile"}
-    for r in rows:
-        if r["case"] in eager:
-            r["x eager"] = eager[r["case"]] / r["ms"]
-        if r["case"] in compiled:
-            r["x compile"] = compiled[r["case"]] / r["ms"]
     return rows
 
 
@@ -165,7 +151,7 @@ def main(argv=None):
         ctx = ops.use_backend(backend) if backend else contextlib.nullcontext()
         with ctx:
             part = cases(shape, dtype, device, widths, not args.no_compile)
-        for r in with_ratios(part):
+        for r in _common.with_ratios(part):
             if backend and r["impl"] == "nasprune":
                 r["impl"] = f"nasprune[{backend}]"
             rows.append(r)
@@ -177,10 +163,8 @@ def main(argv=None):
           f"torch {torch.__version__}")
     print(_common.table(rows, ["case", "impl", "ms", "x eager", "x compile", "GB/s", "% copy bw"]))
     if not args.no_record:
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # others' work skews CPU figures
         for r in rows:
-            r.update(shape=list(shape), dtype=str(dtype).replace("torch.", ""), widths=widths,
-                     load_avg_1min=load)
+            r.update(shape=list(shape), dtype=str(dtype).replace("torch.", ""), widths=widths)
         print("recorded in", _common.record("width_aggregate", device, rows))
     return rows
 
