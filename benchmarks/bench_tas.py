@@ -100,7 +100,7 @@ def main():
     p.add_argument("--device", default=str(_common.default_device()))
     p.add_argument("--depth", type=int, default=56)
     p.add_argument("--batch", type=int, default=None, help="default 64 on CPU, 256 on GPU")
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--reps", type=int, default=3, help="steps per variant per round (4 rounds)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-record", action="store_true")
     args = p.parse_args()
@@ -126,12 +126,10 @@ def main():
         eager_step(s, bw, ba)
 
     rows = []
-    timings = {}
-    for name, fn in (("eager", eager), ("nasprune", ours), ("eager", eager), ("nasprune", ours)):
-        ms = _common.median_ms(fn, device, warmup=1, reps=args.reps, min_time_s=0.0)
-        timings.setdefault(name, []).append(ms)
-    t_eager, t_ours = min(timings["eager"]), min(timings["nasprune"])
-    for name, ms in (("eager", t_eager), ("nasprune", t_ours)):
+    times = _common.compare_ms({"eager": eager, "nasprune": ours}, device, rounds=4, reps=args.reps,
+                               warmup=1)
+    t_eager = times["eager"]
+    for name, ms in times.items():
         rows.append({"bench": "tas_search_step", "impl": name, "model": f"resnet{args.depth}", "batch": batch,
                      "median_ms": ms, "speedup_vs_eager": t_eager / ms})
     print(_common.table(rows, ["impl", "model", "batch", "median_ms", "speedup_vs_eager"]))
