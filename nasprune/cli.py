@@ -181,7 +181,9 @@ def cmd_search(args):
 
     # 2. search
     searcher = TAS(teacher, args.flops_target, input_size=size, tau=(args.tau_max, args.tau_min),
-                   tau_schedule=args.tau_schedule, lr=args.lr, device=device, seed=args.seed)
+                   tau_schedule=args.tau_schedule, lr=args.lr, arch_lr=args.arch_lr,
+                   cost_weight=args.cost_weight, flops_tolerance=args.flops_tolerance,
+                   device=device, seed=args.seed)
     weight_set, arch_set = tas_split(train_set)
 
     class Log(Callback):
@@ -371,6 +373,12 @@ def build_parser():
     s.add_argument("--warmup-epochs", type=_count(0), default=0)
     s.add_argument("--batch-size", type=_count(1), default=64)
     s.add_argument("--lr", type=_positive_float, default=0.1)
+    s.add_argument("--arch-lr", type=_positive_float, default=1e-3,
+                   help="Adam step of the architecture logits (default 1e-3, TAS's; short searches "
+                        "of a few hundred steps need about 1e-2 to reach the budget)")
+    s.add_argument("--cost-weight", type=_positive_float, default=2.0, help="lambda_cost (default 2)")
+    s.add_argument("--flops-tolerance", type=_fraction, default=0.05,
+                   help="t of the cost loss, a fraction of the supernet's MACs (default 0.05)")
     s.add_argument("--tau-schedule", choices=("cosine", "linear"), default="cosine")
     s.add_argument("--tau-max", type=_positive_float, default=5.0)
     s.add_argument("--tau-min", type=_positive_float, default=0.1)

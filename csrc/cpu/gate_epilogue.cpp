@@ -172,14 +172,24 @@ void backward_channels_first(const T* dy, const T* z, T* dz, const ChannelView& 
   });
 }
 
-// Channels last: one sweep over position blocks (all K channels of a position are contiguous),
-// each thread summing into its own partials; with batch statistics a second sweep writes dz.
-template <typename T, bool Relu, bool Reduce, bool Write>
+// Channels last: the per-channel constants as one array each, so the loop over the K contiguous
+// channels of a position loads them as vectors.
+struct CoefColumns {
+  std::vector<float> a, b, g, alpha, beta;
+  explicit CoefColumns(int64_t K) : a(K), b(K), g(K), alpha(K, 0.f), beta(K, 0.f) {}
+};
+
+// One sweep over position blocks b0..b1, each thread summing into its own partials; with batch
+// statistics a second sweep writes dz. Indexed: dy holds out_c channels, z channel k is index[k].
+template <typename T, bool Relu, bool Reduce, bool Write, bool Indexed>
 NASPRUNE_SIMD void sweep_blocks(const T* dy, const T* z, T* dz, const ChannelView& zv,
-                                int64_t out_c, const Coef* cf, const int64_t* index, int64_t rows,
-                                int64_t b0, int64_t b1, double* acc) {
+                                int64_t out_c, const CoefColumns& cf, const int64_t* index,
+                                int64_t rows, int64_t b0, int64_t b1, double* acc) {
   const int64_t K = zv.channels;
+  const float *ca = cf.a.data(), *cb = cf.b.data(), *cg = cf.g.data();
+  const float *calpha = cf.alpha.data(), *cbeta = cf.beta.data();
   std::vector<float> tg(K), tb(K), ta(K);
+  float *pg = tg.data(), *pb = tb.data(), *pa = ta.data();
   for (int64_t blk = b0; blk < b1; ++blk) {
     const int64_t q0 = blk * rows, q1 = std::min(zv.outer, q0 + rows);
     std::fill(tg.begin(), tg.end(), 0.f);
@@ -189,19 +199,18 @@ NASPRUNE_SIMD void sweep_blocks(const T* dy, const T* z, T* dz, const ChannelVie
       const T* zr = z + q * K;
       T* dzr = dz + q * K;
       const T* dyr = dy + q * out_c;
-      float *pg = tg.data(), *pb = tb.data(), *pa = ta.data();
 #pragma omp simd
       for (int64_t k = 0; k < K; ++k) {
-        const float zi = to_float(zr[k]), d = to_float(dyr[index ? index[k] : k]);
-        const float u = cf[k].a * zi + cf[k].b;
+        const float zi = to_float(zr[k]), d = to_float(dyr[Indexed ? index[k] : k]);
+        const float u = ca[k] * zi + cb[k];
         const float on = !Relu || u > 0.f ? 1.f : 0.f;
-        const float du = d * cf[k].g * on;
+        const float du = d * cg[k] * on;
         if (Reduce) {
           pg[k] += d * u * on;
           pb[k] += du;
           pa[k] += du * zi;
         }
-        if (Write) dzr[k] = static_cast<T>(du * cf[k].a + cf[k].alpha + cf[k].beta * zi);
+        if (Write) dzr[k] = static_cast<T>(du * ca[k] + calpha[k] + cbeta[k] * zi);
       }
     }
     if (Reduce)
@@ -215,7 +224,7 @@ NASPRUNE_SIMD void sweep_blocks(const T* dy, const T* z, T* dz, const ChannelVie
 
 template <typename T, bool Relu, bool Reduce, bool Write>
 void sweep_channels_last(const T* dy, const T* z, T* dz, const ChannelView& zv, int64_t out_c,
-                         const std::vector<Coef>& coef, const int64_t* index,
+                         const CoefColumns& coef, const int64_t* index,
                          std::vector<double>& partial) {
   const int64_t K = zv.channels;
   const int64_t rows = std::max<int64_t>(1, kBlock / K);
@@ -223,8 +232,12 @@ void sweep_channels_last(const T* dy, const T* z, T* dz, const ChannelView& zv, 
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     double* acc = Reduce ? partial.data() + static_cast<int64_t>(at::get_thread_num()) * 3 * K
                          : nullptr;
-    sweep_blocks<T, Relu, Reduce, Write>(dy, z, dz, zv, out_c, coef.data(), index, rows, b0, b1,
-                                         acc);
+    if (index)
+      sweep_blocks<T, Relu, Reduce, Write, true>(dy, z, dz, zv, out_c, coef, index, rows, b0, b1,
+                                                 acc);
+    else
+      sweep_blocks<T, Relu, Reduce, Write, false>(dy, z, dz, zv, out_c, coef, index, rows, b0, b1,
+                                                  acc);
   });
 }
 
@@ -235,10 +248,10 @@ void backward_channels_last(const T* dy, const T* z, T* dz, const ChannelView& z
   const int64_t K = zv.channels;
   const int threads = at::get_num_threads();
   std::vector<double> partial(static_cast<size_t>(threads) * 3 * K, 0.0);
-  std::vector<Coef> coef(K);
+  CoefColumns coef(K);
   for (int64_t k = 0; k < K; ++k) {
     const int64_t c = index ? index[k] : k;
-    coef[k] = Coef{p.a[c], p.b[c], p.g[c]};
+    coef.a[k] = p.a[c], coef.b[k] = p.b[c], coef.g[k] = p.g[c];
   }
   if (bs.on())
     sweep_channels_last<T, Relu, true, false>(dy, z, dz, zv, out_c, coef, index, partial);
@@ -250,9 +263,11 @@ void backward_channels_last(const T* dy, const T* z, T* dz, const ChannelView& z
       for (int j = 0; j < 3; ++j) sums[j] += partial[(static_cast<size_t>(t) * K + k) * 3 + j];
     const int64_t c = index ? index[k] : k;
     dg[c] = sums[0], db[c] = sums[1], da[c] = sums[2];
-    if (bs.on())
-      bn_correction(coef[k], sums[2], sums[1], bs.mean[c], bs.invstd[c],
-                    static_cast<double>(zv.outer));
+    if (bs.on()) {
+      Coef one{coef.a[k], coef.b[k], coef.g[k]};
+      bn_correction(one, sums[2], sums[1], bs.mean[c], bs.invstd[c], static_cast<double>(zv.outer));
+      coef.alpha[k] = one.alpha, coef.beta[k] = one.beta;
+    }
   }
   if (bs.on())
     sweep_channels_last<T, Relu, false, true>(dy, z, dz, zv, out_c, coef, index, partial);
