@@ -197,12 +197,17 @@ def cmd_search(args):
     arch = searcher.search(weight_set, arch_set, args.epochs, batch_size=args.batch_size,
                            checkpoint=run.path("checkpoint.safetensors"), resume=args.resume,
                            checkpoint_every=args.checkpoint_every, callbacks=[Log()], progress=args.progress)
+    chosen = searcher.select(args.select)
+    if "epoch" in chosen:   # an earlier epoch's arg-max (see TAS.select)
+        run.log(f"final arg-max: {arch['flops'] / 1e6:.2f} MFLOPs = {arch['flops'] / searcher.base_flops:.3f} "
+                f"of the baseline, outside the budget band; exporting the arg-max of epoch {chosen['epoch']}")
+    arch = chosen
     run.write_json("architecture.json", arch)
     metrics["search"] = searcher.history
     run.log(f"architecture: blocks {arch['blocks']}, widths {arch['widths']}, "
             f"{arch['flops'] / 1e6:.2f} MFLOPs = {arch['flops'] / searcher.base_flops:.3f} of the baseline "
             f"(target {args.flops_target})")
-    pruned = searcher.export(init=args.init)
+    pruned = searcher.export(init=args.init, architecture=arch)
     _save_pruned(pruned, run.path("model.safetensors"))
     run.write_json("metrics.json", metrics)
     if args.finetune_epochs:
@@ -379,6 +384,9 @@ def build_parser():
     s.add_argument("--cost-weight", type=_positive_float, default=2.0, help="lambda_cost (default 2)")
     s.add_argument("--flops-tolerance", type=_fraction, default=0.05,
                    help="t of the cost loss, a fraction of the supernet's MACs (default 0.05)")
+    s.add_argument("--select", choices=("in-budget", "final"), default="in-budget",
+                   help="architecture to export: the latest epoch-end arg-max within the budget band "
+                        "(default), or the final arg-max as TAS")
     s.add_argument("--tau-schedule", choices=("cosine", "linear"), default="cosine")
     s.add_argument("--tau-max", type=_positive_float, default=5.0)
     s.add_argument("--tau-min", type=_positive_float, default=0.1)

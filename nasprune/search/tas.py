@@ -19,6 +19,7 @@ from nasprune.search.tas_net import (TASSupernet, inherit_weights, sample_depths
                                      tas_resnet)
 
 TAU_SCHEDULES = ("cosine", "linear")
+SELECT_RULES = ("in-budget", "final")
 
 
 def cost_loss(expected, current, target, tolerance):
@@ -174,14 +175,36 @@ class TAS(Searcher):
         arch["target_flops"] = self.target
         return arch
 
-    def export(self, init: str = "inherit") -> nn.Module:
-        """The derived network (plain nn.Module, CPU, train mode). init: "inherit" (prefix filters
-        and arg-max BNs of the supernet) or "random" (as the TAS paper, trained from scratch)."""
+    def select(self, rule: str = "in-budget") -> dict:
+        """The architecture to export. "final": the arg-max at the end of the search (TAS).
+        "in-budget": the latest of the epoch-end arg-max architectures (and the final one) whose
+        MACs lie in the cost loss's zero band [target - tolerance, target]; the final one if none
+        does. A short search ends wherever the arg-max happens to be as it oscillates around the
+        budget (a stage's depth flipping moves it by 10-15 % of the MACs); this keeps the result
+        within the budget."""
+        if rule not in SELECT_RULES:
+            raise ValueError(f"rule must be one of {SELECT_RULES}, got {rule!r}")
+        final = self.architecture()
+        if rule == "final":
+            return final
+        candidates = [final] + [{**final, "widths": h["widths"], "blocks": h["blocks"], "flops": h["flops"],
+                                 "epoch": h["epoch"]} for h in reversed(self.history) if "widths" in h]
+        for arch in candidates:
+            if self.target - self.tolerance <= arch["flops"] <= self.target:
+                return arch
+        return final
+
+    def export(self, init: str = "inherit", architecture: dict | None = None) -> nn.Module:
+        """The derived network (plain nn.Module, CPU, train mode) of ``architecture`` (default:
+        the current arg-max; or one from :meth:`select`). init: "inherit" (prefix filters and the
+        chosen candidates' BNs of the supernet) or "random" (as the TAS paper, trained from
+        scratch)."""
         if init not in ("inherit", "random"):
             raise ValueError(f"init must be 'inherit' or 'random', got {init!r}")
-        net = tas_resnet(**self.model.architecture())
+        arch = architecture if architecture is not None else self.model.architecture()
+        net = tas_resnet(**arch)
         if init == "inherit":
-            inherit_weights(net, self.model.cpu())
+            inherit_weights(net, self.model.cpu(), arch["widths"])
             self.model.to(self.device)
         return net
 

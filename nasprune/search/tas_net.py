@@ -469,10 +469,14 @@ def tas_resnet(**arch) -> TASResNet:
     return TASResNet(**arch)
 
 
-def inherit_weights(derived: TASResNet, supernet: TASSupernet) -> None:
-    """Initialise ``derived`` from the supernet's prefix filters and its arg-max candidate BNs.
-    Stride-1 projection shortcuts (absent from the supernet) keep their fresh init."""
-    index = supernet.probabilities()[0].argmax(1).tolist()
+def inherit_weights(derived: TASResNet, supernet: TASSupernet, widths=None) -> None:
+    """Initialise ``derived`` from the supernet's prefix filters and the BNs of its candidates
+    (``widths``, one per conv row; default the arg-max ones). Stride-1 projection shortcuts
+    (absent from the supernet) keep their fresh init."""
+    if widths is None:
+        index = supernet.probabilities()[0].argmax(1).tolist()
+    else:
+        index = [conv.choices.index(w) for conv, w in zip(supernet.convs, widths)]
 
     def copy(dst: ConvBN, src: SearchConv, row):
         w = dst.conv.weight

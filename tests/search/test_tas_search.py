@@ -89,3 +89,32 @@ def test_bad_arguments():
         TAS(CifarResNet(14), 1.5, device="cpu")
     with pytest.raises(TypeError, match="CIFAR ResNet"):
         TAS(torch.nn.Linear(3, 3), 0.5, device="cpu")
+
+
+def test_select_in_budget_takes_latest_epoch_arch_in_band_and_export_builds_it():
+    s = _searcher()
+    g = torch.Generator().manual_seed(3)
+    archs = []
+    for _ in range(3):       # three epoch-end arg-max architectures
+        with torch.no_grad():
+            s.model.width_logits.copy_(torch.randn(s.model.width_logits.shape, generator=g))
+        archs.append(s.architecture())
+    s.history = [{"epoch": e + 1, "widths": a["widths"], "blocks": a["blocks"], "flops": a["flops"]}
+                 for e, a in enumerate(archs[:2])]
+    final = archs[2]
+    assert len({a["flops"] for a in archs}) == 3
+    s.target, s.tolerance = archs[0]["flops"] + 1.0, 2.0     # only epoch 1 lies in the band
+    chosen = s.select()
+    assert chosen["widths"] == archs[0]["widths"] and chosen["epoch"] == 1
+    assert s.select("final")["widths"] == final["widths"]
+    s.target = final["flops"]                                # the final one in band: it wins
+    assert s.select()["widths"] == final["widths"]
+    s.target, s.tolerance = 1.0, 0.5                         # none in band: the final one
+    assert s.select()["widths"] == final["widths"]
+    with pytest.raises(ValueError, match="rule must be one of"):
+        s.select("best")
+    net = s.export(architecture=chosen)
+    assert flops.count(net, torch.zeros(1, 3, SIZE, SIZE)) == chosen["flops"]
+    i = s.model.stem.choices.index(chosen["widths"][0])
+    torch.testing.assert_close(net.stem.bn.running_var, s.model.stem.bns[i].running_var)
+    assert net.stem.conv.out_channels == chosen["widths"][0]
