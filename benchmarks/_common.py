@@ -75,6 +75,31 @@ def with_ratios(rows: list[dict]) -> list[dict]:
     return rows
 
 
+def backends(device: torch.device, requested=None) -> list:
+    """The op backends a benchmark times: [None] (the C++ kernels) on the CPU; on a GPU the
+    requested ones, else every available one ("cuda" when its kernels were built, "triton")."""
+    if device.type != "cuda":
+        return [None]
+    from nasprune import ops
+    return list(requested or [b for b in ("cuda", "triton") if b != "cuda" or ops.cuda_kernels_built()])
+
+
+def label_backend(rows: list[dict], backend) -> list[dict]:
+    """Suffix the impl of nasprune's rows with the backend they ran on (GPU runs time several)."""
+    for r in rows:
+        if backend and r["impl"].startswith("nasprune"):
+            r["impl"] = f"{r['impl']} [{backend}]"
+    return rows
+
+
+def add_copy_fraction(rows: list[dict], bandwidth_gbs: float) -> list[dict]:
+    """"% copy bw" for every row with a "GB/s" figure: the share of the measured roofline."""
+    for r in rows:
+        if r.get("GB/s"):
+            r["% copy bw"] = 100 * r["GB/s"] / bandwidth_gbs
+    return rows
+
+
 def copy_bandwidth_gbs(device: torch.device, nbytes: int = 256 << 20) -> float:
     """Measured device-to-device copy bandwidth (bytes read + written per second), the roofline."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()

@@ -144,28 +144,18 @@ def main(argv=None):
     shape = tuple(args.shape or ((256, 64, 56, 56) if gpu else (32, 64, 32, 32)))
     dtype = getattr(torch, args.dtype or ("bfloat16" if gpu else "float32"))
     torch.manual_seed(0)
-    backends = [None]
-    if gpu:
-        backends = args.backends or [b for b in ("cuda", "triton")
-                                     if b != "cuda" or ops.cuda_kernels_built()]
     rows = []
     if gpu:
         bw = _common.copy_bandwidth_gbs(device)
         rows.append({"case": "copy bandwidth", "impl": "torch", "GB/s": bw})
-    for backend in backends:
-        ctx = ops.use_backend(backend) if backend else contextlib.nullcontext()
-        with ctx:
+    for backend in _common.backends(device, args.backends):
+        with ops.use_backend(backend) if backend else contextlib.nullcontext():
             part = epilogue_cases(shape, dtype, device, not args.no_compile)
             part += layer_cases(shape, dtype, device, not args.no_compile, depthwise=True)
             part += layer_cases(shape, dtype, device, not args.no_compile, depthwise=False)
-        for r in _common.with_ratios(part):
-            if backend and r["impl"] == "nasprune":
-                r["impl"] = f"nasprune[{backend}]"
-            rows.append(r)
+        rows += _common.label_backend(_common.with_ratios(part), backend)
     if gpu:
-        for r in rows:
-            if "GB/s" in r and r["case"] != "copy bandwidth":
-                r["% copy bw"] = 100 * r["GB/s"] / bw
+        _common.add_copy_fraction(rows, bw)
     print(f"{_common.device_name(device)}; shape {shape} {dtype}; torch {torch.__version__}")
     print(_common.table(rows, ["case", "impl", "ms", "x eager", "x compile", "GB/s", "% copy bw"]))
     if not args.no_record:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -99,16 +98,6 @@ def nasprune_groups(model, example, device):
     return trace(model, torch.randn(example, device=device))
 
 
-def interleaved(fns: dict, device, repeats: int) -> dict[str, float]:
-    """Median over `repeats` rounds of each function's median time, the functions taking turns
-    in every round, so that a change in machine load hits all of them alike."""
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            times[name].append(_common.median_ms(fn, device, warmup=2, reps=10, min_time_s=0.2))
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def score_cases(name, model, example, kind, device, dtype, repeats, compile_, peers):
     model = model.to(device, dtype)
     layers = S.scored_layers(model)
@@ -143,7 +132,7 @@ def score_cases(name, model, example, kind, device, dtype, repeats, compile_, pe
         tp_run = torch_pruning_importance(model, example, kind, device)
         if tp_run is not None:
             group_fns["torch-pruning group importance"] = tp_run
-    ms = interleaved({**fns, **group_fns}, device, repeats)
+    ms = _common.compare_ms({**fns, **group_fns}, device, rounds=repeats, reps=10, warmup=2)
     best = min(ms[n] for n in loop_names)
     rows = []
     for impl, t in ms.items():
@@ -194,10 +183,11 @@ def activation_taylor_cases(device, dtype, repeats):
                     handle = None
         return run
 
-    ms = interleaved({"nasprune gated step": variant(layer, False),
-                      "nasprune gated step + activation_taylor": variant(layer, True),
-                      "plain step": variant(plain, False),
-                      "plain step + hook dy*y": variant(plain, True)}, device, repeats)
+    ms = _common.compare_ms({"nasprune gated step": variant(layer, False),
+                             "nasprune gated step + activation_taylor": variant(layer, True),
+                             "plain step": variant(plain, False),
+                             "plain step + hook dy*y": variant(plain, True)},
+                            device, rounds=repeats, reps=10, warmup=2)
     rows = [{"model": f"conv-bn-relu {tuple(shape)}", "criterion": "activation_taylor",
              "impl": impl, "ms": t} for impl, t in ms.items()]
     base = {r["impl"]: r["ms"] for r in rows}
@@ -231,37 +221,28 @@ def main(argv=None):
                      "GB/s": _common.copy_bandwidth_gbs(device)})
     else:  # a read-only stream: the best a reduction over 102 MB (ResNet-50) can do
         big = torch.randn(25_600_000, device=device)
-        ms = interleaved({"sum": lambda: big.sum()}, device, args.repeats)["sum"]
+        ms = _common.compare_ms({"sum": lambda: big.sum()}, device, rounds=args.repeats, reps=10, warmup=2)["sum"]
         rows.append({"model": "-", "criterion": "-", "impl": "torch.sum of 102 MB (read bw)",
                      "ms": ms, "GB/s": big.numel() * 4 / (ms * 1e-3) / 1e9})
         del big
-    backends = [None]
-    if device.type == "cuda":
-        backends = args.backends or [b for b in ("cuda", "triton") if b != "cuda" or ops.cuda_kernels_built()]
+    backends = _common.backends(device, args.backends)
     zoo = models()
     for backend in backends:
-        ctx = ops.use_backend(backend) if backend else contextlib.nullcontext()
-        with ctx:
+        with ops.use_backend(backend) if backend else contextlib.nullcontext():
             for name, (model, example) in zoo.items():
                 if args.models and name not in args.models:
                     continue
                 for kind in args.criteria:
                     part = score_cases(name, model, example, kind, device, dtype, args.repeats,
                                        not args.no_compile, not args.no_peers and backend in (None, backends[0]))
-                    for r in part:
-                        if backend and r["impl"].startswith("nasprune"):
-                            r["impl"] += f" [{backend}]"
-                    rows += part
+                    rows += _common.label_backend(part, backend)
                     print(_common.table(part, ["model", "criterion", "impl", "ms", "x best loop", "GB/s"]),
                           flush=True)
             part = activation_taylor_cases(device, dtype, args.repeats)
             rows += part
             print(_common.table(part, ["model", "criterion", "impl", "ms", "overhead %"]), flush=True)
     if device.type == "cuda":
-        bw = rows[0]["GB/s"]
-        for r in rows[1:]:
-            if r.get("GB/s"):
-                r["% copy bw"] = 100 * r["GB/s"] / bw
+        _common.add_copy_fraction(rows, rows[0]["GB/s"])
     load_after = os.getloadavg()
     print(f"\n{_common.device_name(device)}; {dtype}; torch {torch.__version__}; "
           f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after")

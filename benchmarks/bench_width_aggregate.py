@@ -139,26 +139,16 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype or ("bfloat16" if gpu else "float32"))
     widths = args.widths or [max(1, shape[1] * 38 // 64), max(1, shape[1] * 57 // 64)]
     torch.manual_seed(0)
-    backends = [None]
-    if gpu:
-        backends = args.backends or [b for b in ("cuda", "triton")
-                                     if b != "cuda" or ops.cuda_kernels_built()]
     rows = []
     if gpu:
         bw = _common.copy_bandwidth_gbs(device)
         rows.append({"case": "copy bandwidth", "impl": "torch", "GB/s": bw})
-    for backend in backends:
-        ctx = ops.use_backend(backend) if backend else contextlib.nullcontext()
-        with ctx:
+    for backend in _common.backends(device, args.backends):
+        with ops.use_backend(backend) if backend else contextlib.nullcontext():
             part = cases(shape, dtype, device, widths, not args.no_compile)
-        for r in _common.with_ratios(part):
-            if backend and r["impl"] == "nasprune":
-                r["impl"] = f"nasprune[{backend}]"
-            rows.append(r)
+        rows += _common.label_backend(_common.with_ratios(part), backend)
     if gpu:
-        for r in rows:
-            if "GB/s" in r and r["case"] != "copy bandwidth":
-                r["% copy bw"] = 100 * r["GB/s"] / bw
+        _common.add_copy_fraction(rows, bw)
     print(f"{_common.device_name(device)}; shape {shape} {dtype}; widths {widths}; "
           f"torch {torch.__version__}")
     print(_common.table(rows, ["case", "impl", "ms", "x eager", "x compile", "GB/s", "% copy bw"]))
