@@ -13,52 +13,26 @@ version, the commit and the machine load (other processes distort CPU timings).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import statistics
-import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torchvision
 
-import nasprune.flops as flops
-import nasprune.graph as graph_mod
-import nasprune.slim as slim
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results" / "slim.jsonl"
-
-
-def _device() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cpus)"
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+import nasprune.flops as flops  # noqa: E402
+import nasprune.graph as graph_mod  # noqa: E402
+import nasprune.slim as slim  # noqa: E402
 
 
 def record(entry: dict) -> None:
-    entry.update(device=_device(), torch=torch.__version__, commit=_commit(),
-                 threads=torch.get_num_threads(), load_avg_1m=round(os.getloadavg()[0], 2),
-                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS, "a") as fh:
-        fh.write(json.dumps(entry) + "\n")
+    device = torch.device("cuda" if entry["bench"].endswith("_gpu") else "cpu")
+    _common.record("slim", device, [entry])
     print(json.dumps(entry))
 
 
