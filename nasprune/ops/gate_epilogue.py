@@ -16,7 +16,10 @@ def gate_epilogue(z: Tensor, scale: Tensor, shift: Tensor, gate: Tensor, act: st
     """y[:, c] = gate[c] * act(scale[c] * z[:, c] + shift[c]) for z of shape (N, C, ...),
     act "identity" or "relu". With `out_index` (K distinct int64 channel indices) z holds only K
     channels: z[:, k] becomes output channel out_index[k] and every other output channel is zero,
-    so a conv over the K active filters fills a full-width output in the same pass.
+    so a conv over the K active filters fills a full-width output in the same pass. The CPU
+    kernels check that its values are distinct and in range; on a GPU that check would
+    synchronise with the host on every call, so there the index is trusted (an out-of-range
+    value fails in a device-side assertion).
 
     Batch norm in training: pass the (detached) batch statistics `mean` and `invstd` of z that
     scale = weight * invstd and shift = bias - mean * scale were computed from. The output is the
