@@ -2,31 +2,19 @@
 nasprune.ops.reference.
 
 TRITON_INTERPRET must be set before triton is imported, hence at the very top; run this file in
-its own process: `TRITON_INTERPRET=1 python -m pytest tests/kernels/test_triton_width_aggregate.py`.
+its own process: `TRITON_INTERPRET=1 python -m pytest tests/kernels/test_triton_interpret*.py`.
 The interpreter takes about 1 ms per program instance, so shapes stay tiny; the kernels get one
 small tile there, so these shapes still cover several tiles per row, several programs per channel
 and adjoint ranges of many steps.
 """
-import os
-import sys
+from tests.kernels._triton_interp import interpreted_kernels
 
-# Triton decides interpreter or compiler when it decorates a function, its own library included,
-# so a triton imported earlier in this process without the variable cannot interpret.
-_LATE = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
-os.environ["TRITON_INTERPRET"] = "1"
+wa = interpreted_kernels("width_aggregate")  # sets TRITON_INTERPRET before triton is imported
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-pytest.importorskip("triton")
-
-from nasprune.kernels import width_aggregate as wa  # noqa: E402
 from nasprune.ops import reference  # noqa: E402
-
-if _LATE or not wa.INTERPRET:
-    pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; run `TRITON_INTERPRET=1 "
-                "python -m pytest tests/kernels/test_triton_width_aggregate.py`",
-                allow_module_level=True)
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}

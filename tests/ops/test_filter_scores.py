@@ -1,16 +1,20 @@
 """filter_scores: the CPU kernel against each score's fp64 definition over odd shapes, dtypes and
 layouts, zero and empty filters, many tensors (the work split), determinism; opcheck; autograd;
 torch.compile; bad input."""
-import math
-
 import pytest
 import torch
 
 from nasprune import ops
 from nasprune.ops import reference
-
-KINDS = ("l1", "l2", "taylor")
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from tests.ops._score_cases import (
+    DTYPES,
+    KINDS,
+    LAYOUTS,
+    definition,
+    make_case,
+    make_weights,
+    tolerance,
+)
 
 # Filters of every kind of length: a 7x7 stem, 1x1 and 3x3 convs, depthwise, linear, a conv3d,
 # rows longer than one 2048-element block, rows of 0 elements and tensors of 0 rows.
@@ -18,64 +22,23 @@ SHAPES = [(8, 3, 7, 7), (16, 8, 1, 1), (5, 4, 3, 3), (12, 1, 3, 3), (10, 33), (4
           (3, 4500), (6,), (0, 5), (4, 0), (1, 1)]
 
 
-def _weights(dtype, layout="contiguous", seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for shape in SHAPES:
-        w = torch.randn(shape, generator=g).to(dtype)
-        if layout == "channels_last" and w.dim() == 4:
-            w = w.contiguous(memory_format=torch.channels_last)
-        elif layout == "strided" and w.dim() >= 2 and w.numel():  # rows not dense: a copy is read
-            w = torch.cat([w, w], dim=-1)[..., : w.shape[-1]]
-        out.append(w)
-    return out
-
-
-def _definition(weights, grads, kind):
-    """Each score written out in fp64, row by row."""
-    out = []
-    for i, w in enumerate(weights):
-        for r in range(w.shape[0]):
-            row = w[r].double().flatten()
-            if kind == "l1":
-                out.append(row.abs().sum())
-            elif kind == "l2":
-                out.append(row.square().sum().sqrt())
-            else:
-                out.append((row * grads[i][r].double().flatten()).sum().abs())
-    return torch.stack(out) if out else torch.zeros(0, dtype=torch.float64)
-
-
-def _tolerance(weights, grads, kind):
-    """fp32 accumulation error bound: a few ulps of the sum of |terms| of each row."""
-    bound = []
-    for i, w in enumerate(weights):
-        rows = w.double().reshape(w.shape[0], math.prod(w.shape[1:]))
-        if kind == "taylor":
-            rows = rows * grads[i].double().reshape(rows.shape)
-        mag = rows.abs().sum(1)
-        bound.append(mag.sqrt() if kind == "l2" else mag)
-    return 1e-6 * torch.cat(bound) + 1e-7
-
-
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_matches_fp64_definition(kind, dtype, layout):
-    weights = _weights(dtype, layout)
-    grads = _weights(dtype, layout, seed=1) if kind == "taylor" else None
+    weights, grads = make_case(SHAPES, kind, dtype, layout)
     got = ops.filter_scores(weights, kind, grads)
-    expected = _definition(weights, grads, kind)
+    expected = definition(weights, grads, kind)
     assert got.dtype == torch.float32 and got.shape == (sum(w.shape[0] for w in weights),)
-    assert ((got.double() - expected).abs() <= _tolerance(weights, grads, kind)).all()
+    assert ((got.double() - expected).abs() <= tolerance(weights, grads, kind)).all()
 
 
 def test_reference_matches_definition():
-    weights = _weights(torch.float64)
-    grads = _weights(torch.float64, seed=1)
+    weights = make_weights(SHAPES, torch.float64)
+    grads = make_weights(SHAPES, torch.float64, seed=1)
     for kind in KINDS:
         torch.testing.assert_close(reference.filter_scores(weights, grads, kind),
-                                   _definition(weights, grads, kind))
+                                   definition(weights, grads, kind))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -112,8 +75,8 @@ def test_many_tensors_split_across_threads(kind):
                                torch.randint(1, 3000, (60,), generator=g))]
     grads = [torch.randn(w.shape, generator=g) for w in weights] if kind == "taylor" else None
     got = ops.filter_scores(weights, kind, grads)
-    expected = _definition(weights, grads, kind)
-    assert ((got.double() - expected).abs() <= _tolerance(weights, grads, kind)).all()
+    expected = definition(weights, grads, kind)
+    assert ((got.double() - expected).abs() <= tolerance(weights, grads, kind)).all()
 
 
 def test_deterministic_whatever_the_thread_count():

@@ -4,17 +4,14 @@ unrolled sweep, more tensors than one CUDA launch takes (96), zero rows; determi
 Skipped without a GPU."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 import nasprune.ops as nops
 from nasprune.ops import _backend
+from tests.ops._score_cases import DTYPES, KINDS, definition, tolerance
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-KINDS = ("l1", "l2", "taylor")
 
 
 @pytest.fixture(params=["cuda", "triton"])
@@ -49,40 +46,16 @@ def _tensors(dtype, seed=0, count=130):
     return out
 
 
-def _definition(weights, grads, kind):
-    out = []
-    for i, w in enumerate(weights):
-        rows = w.double().reshape(w.shape[0], math.prod(w.shape[1:]))
-        if kind == "l1":
-            out.append(rows.abs().sum(1))
-        elif kind == "l2":
-            out.append(rows.square().sum(1).sqrt())
-        else:
-            out.append((rows * grads[i].double().reshape(rows.shape)).sum(1).abs())
-    return torch.cat(out)
-
-
-def _bound(weights, grads, kind):
-    out = []
-    for i, w in enumerate(weights):
-        rows = w.double().reshape(w.shape[0], math.prod(w.shape[1:]))
-        if kind == "taylor":
-            rows = rows * grads[i].double().reshape(rows.shape)
-        mag = rows.abs().sum(1)
-        out.append(mag.sqrt() if kind == "l2" else mag)
-    return 1e-6 * torch.cat(out) + 1e-7
-
-
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_matches_fp64_definition(backend, kind, dtype):
     weights = _tensors(dtype)
     grads = _tensors(dtype, seed=1) if kind == "taylor" else None
     got = nops.filter_scores(weights, kind, grads)
     torch.cuda.synchronize()
     assert got.device.type == "cuda" and got.dtype == torch.float32
-    err = (got.double() - _definition(weights, grads, kind)).abs()
-    assert (err <= _bound(weights, grads, kind)).all(), float(err.max())
+    err = (got.double() - definition(weights, grads, kind)).abs()
+    assert (err <= tolerance(weights, grads, kind)).all(), float(err.max())
 
 
 def test_backends_agree_and_are_deterministic(backend):
