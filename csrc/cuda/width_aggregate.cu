@@ -14,11 +14,6 @@
 //              R1[j, i] = sum_{o in A_j(i)} SD[o] / len_j(o) and R2 likewise from PT.
 // NCHW kernels move 16-byte vectors along positions when aligned; channels-last kernels give each
 // thread one channel across rows. At most 8 candidates (MAXK = 2 or 8 instantiated).
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -27,27 +22,12 @@
 #include <type_traits>
 
 #include "../width_aggregate.h"
-
-#define NASPRUNE_WA_DISPATCH_TYPES(TYPE, NAME, ...)                      \
-  AT_DISPATCH_SWITCH(TYPE, NAME,                                         \
-                     AT_DISPATCH_CASE(at::ScalarType::Float, __VA_ARGS__) \
-                     AT_DISPATCH_CASE(at::ScalarType::Half, __VA_ARGS__)  \
-                     AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__))
+#include "cuda_utils.cuh"
 
 namespace nasprune::cuda {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
 constexpr int kMaxCandidates = 8;
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-inline int64_t next_pow2(int64_t x) {
-  int64_t p = 1;
-  while (p < x) p <<= 1;
-  return p;
-}
 
 inline int64_t fill_blocks() {  // resident 256-thread blocks that fill the device
   return static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 8;
@@ -73,33 +53,6 @@ __device__ __forceinline__ void store_vec(T* __restrict__ p, const float (&in)[N
 #pragma unroll
   for (int k = 0; k < N; ++k) x.v[k] = static_cast<T>(in[k]);
   *reinterpret_cast<Vec<T, N>*>(p) = x;
-}
-
-// Sums of N values over a 1-D block of kThreads threads into thread 0; deterministic (fixed
-// tree); ends with a barrier, so it can be called again.
-template <int N, typename A>
-__device__ __forceinline__ void block_sum(A (&v)[N]) {
-  __shared__ A sh[N][kWarps];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-  for (int q = 0; q < N; ++q) {
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) v[q] += __shfl_down_sync(0xffffffffu, v[q], off);
-  }
-  if (lane == 0) {
-#pragma unroll
-    for (int q = 0; q < N; ++q) sh[q][warp] = v[q];
-  }
-  __syncthreads();
-  if (warp == 0) {
-#pragma unroll
-    for (int q = 0; q < N; ++q) {
-      v[q] = lane < kWarps ? sh[q][lane] : A(0);
-#pragma unroll
-      for (int off = kWarps / 2; off > 0; off >>= 1) v[q] += __shfl_down_sync(0xffffffffu, v[q], off);
-    }
-  }
-  __syncthreads();
 }
 
 struct WParams {
@@ -184,6 +137,17 @@ __device__ __forceinline__ void input_adjoint(int i, const Cands<MAXK>& w, const
   }
 }
 
+// Grid-stride walk of the channels-first element kernels, blockDim = (TX, TY): TY rows of the
+// (N * C, inner) view at a time. Calls f(r, n, c) for each of this thread's rows r = n * C + c.
+template <typename F>
+__device__ __forceinline__ void for_each_row(int64_t rows, int C, F&& f) {
+  for (int64_t r = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; r < rows;
+       r += static_cast<int64_t>(gridDim.y) * blockDim.y) {
+    const int64_t n = r / C;
+    f(r, n, static_cast<int>(r - n * C));
+  }
+}
+
 // ------------------------------------------------------------------------------ forward
 
 // blockDim = (TX, TY): TX threads along a row's vectors, TY rows; rows = N * C.
@@ -194,10 +158,7 @@ __global__ void __launch_bounds__(kThreads)
   const Cands<MAXK> w = load_widths<MAXK>(p);
   const int64_t vpr = inner / VEC;
   const int64_t vstep = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t r = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; r < rows;
-       r += static_cast<int64_t>(gridDim.y) * blockDim.y) {
-    const int64_t n = r / p.C;
-    const int o = static_cast<int>(r - n * p.C);
+  for_each_row(rows, p.C, [&](int64_t r, int64_t n, int o) {
     T* yr = y + r * inner;
     const int64_t v0 = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
     if (o >= w.cm) {
@@ -205,7 +166,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int k = 0; k < VEC; ++k) zero[k] = 0.f;
       for (int64_t v = v0; v < vpr; v += vstep) store_vec<VEC>(yr + v * VEC, zero);
-      continue;
+      return;
     }
     Slots<MAXK> s;
     output_slots<MAXK>(o, w, p, s);
@@ -229,7 +190,7 @@ __global__ void __launch_bounds__(kThreads)
       }
       store_vec<VEC>(yr + v * VEC, acc);
     }
-  }
+  });
 }
 
 // blockDim = (TX, TY): TX threads own channels, TY walk rows (positions).
@@ -407,10 +368,7 @@ __global__ void __launch_bounds__(kThreads)
   const Cands<MAXK> w = load_widths<MAXK>(p);
   const int64_t vpr = inner / VEC;
   const int64_t vstep = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t r = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; r < rows;
-       r += static_cast<int64_t>(gridDim.y) * blockDim.y) {
-    const int64_t n = r / p.C;
-    const int i = static_cast<int>(r - n * p.C);
+  for_each_row(rows, p.C, [&](int64_t r, int64_t n, int i) {
     Adjoint<MAXK> a;
     input_adjoint<MAXK>(i, w, p, a);
     const T* dun = du + n * p.C * inner;
@@ -431,7 +389,7 @@ __global__ void __launch_bounds__(kThreads)
       }
       store_vec<VEC>(dz + r * inner + v * VEC, acc);
     }
-  }
+  });
 }
 
 // blockDim = (TX, TY): TX threads own input channels, TY walk rows (positions).
@@ -541,7 +499,7 @@ void dispatch_candidates(int64_t K, F&& f) {
 // Elements per vector access of the channels-first kernels: 16 bytes, 8 with up to 8 candidates
 // (each thread holds a vector per slot in flight; 16 bytes there would spill).
 template <typename T, int MAXK>
-constexpr int vec_width() {
+constexpr int cf_vec_width() {
   return static_cast<int>((MAXK > 2 ? 8 : 16) / sizeof(T));
 }
 
@@ -565,11 +523,10 @@ RowLaunch row_launch(int64_t rows, int64_t vpr) {
 
 // Channels-last element kernels: TX threads own channels, TY rows.
 RowLaunch channel_launch(int64_t outer, int64_t C) {
-  const int tx = static_cast<int>(std::min<int64_t>(32, next_pow2(C)));
-  const int ty = kThreads / tx;
-  const int64_t gy = std::min<int64_t>(ceil_div(C, tx), 65535);
-  const int64_t gx = std::max<int64_t>(1, std::min(ceil_div(outer, ty), ceil_div(fill_blocks() * 4, gy)));
-  return {dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)), dim3(tx, ty)};
+  const TileShape t = tile_shape(C, 1);
+  const int64_t gy = std::min<int64_t>(t.tiles, 65535);
+  const int64_t gx = std::max<int64_t>(1, std::min(ceil_div(outer, t.ty), ceil_div(fill_blocks() * 4, gy)));
+  return {dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)), dim3(t.tx, t.ty)};
 }
 
 template <typename T, int VEC, int MAXK>
@@ -594,10 +551,10 @@ at::Tensor width_aggregate_cuda(const at::Tensor& z_in, const at::Tensor& scale,
   if (y.numel() == 0) return y;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const WParams p = params_of(A);
-  NASPRUNE_WA_DISPATCH_TYPES(A.z.scalar_type(), "width_aggregate_cuda", [&] {
+  NASPRUNE_DISPATCH_ACT_TYPES(A.z.scalar_type(), "width_aggregate_cuda", [&] {
     dispatch_candidates(A.K, [&](auto mk) {
       constexpr int MAXK = decltype(mk)::value;
-      constexpr int V = vec_width<scalar_t, MAXK>();
+      constexpr int V = cf_vec_width<scalar_t, MAXK>();
       const auto* zp = A.z.const_data_ptr<scalar_t>();
       auto* yp = y.data_ptr<scalar_t>();
       if (A.zv.channels_last) {
@@ -645,14 +602,12 @@ template <typename T, int MAXK>
 void backward_cl(const T* dyp, const T* zp, T* dup, T* dzp, const WidthArgs& A, const WParams& p,
                  const float* inv, at::Tensor& part, int64_t& P, cudaStream_t stream) {
   constexpr int NS = 1 + 2 * MAXK;
-  const int tx = static_cast<int>(std::min<int64_t>(32, next_pow2(A.C)));
-  const int ty = kThreads / tx;
-  const int64_t tiles = ceil_div(A.C, tx);
-  P = std::max<int64_t>(1, std::min(ceil_div(A.zv.outer, ty), ceil_div(fill_blocks(), tiles)));
+  const TileShape t = tile_shape(A.C, 1);
+  P = std::max<int64_t>(1, std::min(ceil_div(A.zv.outer, t.ty), ceil_div(fill_blocks(), t.tiles)));
   const int64_t chunk_rows = ceil_div(A.zv.outer, P);
   P = ceil_div(A.zv.outer, chunk_rows);
   part = at::empty({NS, A.C, P}, A.z.options().dtype(at::kFloat));
-  const dim3 grid(static_cast<unsigned>(P), static_cast<unsigned>(tiles)), block(tx, ty);
+  const dim3 grid(static_cast<unsigned>(P), static_cast<unsigned>(t.tiles)), block(t.tx, t.ty);
   float* pp = part.data_ptr<float>();
   if (A.relu)
     bwd_out_cl_kernel<T, MAXK, true><<<grid, block, 0, stream>>>(dyp, zp, dup, A.zv.outer,
@@ -695,11 +650,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> width_aggregate_backw
     const at::Tensor du = A.relu ? at::empty_like(dy) : dy;
     at::Tensor inv = at::empty({A.K, A.C}, f32), part, tot;
     int64_t P = 0;
-    NASPRUNE_WA_DISPATCH_TYPES(A.z.scalar_type(), "width_aggregate_backward_cuda", [&] {
+    NASPRUNE_DISPATCH_ACT_TYPES(A.z.scalar_type(), "width_aggregate_backward_cuda", [&] {
       dispatch_candidates(A.K, [&](auto mk) {
         constexpr int MAXK = decltype(mk)::value;
         constexpr int NS = 1 + 2 * MAXK;
-        constexpr int V = vec_width<scalar_t, MAXK>();
+        constexpr int V = cf_vec_width<scalar_t, MAXK>();
         const int64_t nkc = A.K * A.C;
         inv_len_kernel<MAXK><<<static_cast<unsigned>(std::min<int64_t>(ceil_div(nkc, kThreads), 1024)),
                                kThreads, 0, stream>>>(p, inv.data_ptr<float>());

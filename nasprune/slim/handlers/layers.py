@@ -19,18 +19,22 @@ def _groups_uniform(keep: torch.Tensor, groups: int, per_group: int, what: str) 
     return local[0]
 
 
-@register
-class ConvHandler(LayerHandler):
-    """Conv1d/2d/3d. A depthwise-like conv (one input channel per group) ties each input channel
-    to its group's outputs: pruning removes whole groups. Other grouped convs keep their group
-    count: channel j of every group is removed together (a stripe)."""
+class _ConvLikeHandler(LayerHandler):
+    """What Conv and ConvTranspose share. The weight holds role ``lead`` whole on dim 0 and role
+    ``stripe`` per group on dim 1; the bias follows "out". A depthwise-like layer (one input channel
+    per group) ties each input channel to its group's outputs: pruning removes whole groups. Other
+    grouped layers keep their group count: channel j of every group is removed together (a stripe)."""
     counts = True
-    types = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-    roles = {"out": (("weight", 0), ("bias", 0)), "in": (("weight", 1),)}
+    lead: str = ""    # role on weight dim 0
+    stripe: str = ""  # role on weight dim 1 (channels within one group)
 
     @staticmethod
     def depthwise(m) -> bool:
         return m.groups > 1 and m.in_channels == m.groups
+
+    @staticmethod
+    def _channels(m) -> dict:
+        return {"in": m.in_channels, "out": m.out_channels}
 
     def trace(self, ctx, call: ModuleCall):
         m = call.module
@@ -50,41 +54,61 @@ class ConvHandler(LayerHandler):
         return ctx.along(out_atoms, cdim, len(call.out.shape))
 
     def slim(self, m, keep):
-        kin, kout = keep.get("in"), keep.get("out")
+        lead, stripe = self.lead, self.stripe
+        k_lead, k_stripe = keep.get(lead), keep.get(stripe)
         g, dw = m.groups, self.depthwise(m)
-        cin_g, cout_g = m.in_channels // g, m.out_channels // g
-        weight_in = None
-        if kout is not None and g > 1 and not dw:
-            _groups_uniform(kout, g, cout_g, f"{type(m).__name__} out channels")
-        if kin is not None and not dw:
-            weight_in = kin if g == 1 else _groups_uniform(kin, g, cin_g, f"{type(m).__name__} in channels")
-        slice_dims(m, "weight", {0: kout, 1: weight_in})
-        if kout is not None:
-            slice_tensor(m, "bias", 0, kout)
-            m.out_channels = len(kout)
-        if kin is not None:
-            m.in_channels = len(kin)
-            if dw:
-                m.groups = len(kin)
-        if m.out_channels % m.groups or m.in_channels % m.groups:
-            raise ValueError(f"{type(m).__name__}: {m.in_channels}->{m.out_channels} channels do not fit {m.groups} groups")
+        per_group = {role: n // g for role, n in self._channels(m).items()}
+        weight_stripe = None
+        if k_lead is not None and g > 1 and not dw:
+            _groups_uniform(k_lead, g, per_group[lead], f"{type(m).__name__} {lead} channels")
+        if k_stripe is not None and not dw:
+            weight_stripe = k_stripe if g == 1 else _groups_uniform(
+                k_stripe, g, per_group[stripe], f"{type(m).__name__} {stripe} channels")
+        slice_dims(m, "weight", {0: k_lead, 1: weight_stripe})
+        for role, kept in ((lead, k_lead), (stripe, k_stripe)):
+            if kept is None:
+                continue
+            if role == "out":
+                slice_tensor(m, "bias", 0, kept)
+                m.out_channels = len(kept)
+            else:
+                m.in_channels = len(kept)
+                if dw:
+                    m.groups = len(kept)
 
     def mask(self, m, removed):
-        gone_out, gone_in = removed.get("out"), removed.get("in")
+        lead, stripe = self.lead, self.stripe
+        gone_lead, gone_stripe = removed.get(lead), removed.get(stripe)
         with torch.no_grad():
-            if gone_out is not None and bool(gone_out.any()):
-                m.weight[gone_out] = 0
-                if m.bias is not None:
-                    m.bias[gone_out] = 0
-            if gone_in is not None and bool(gone_in.any()):
+            if gone_lead is not None and bool(gone_lead.any()):
+                m.weight[gone_lead] = 0
+                if lead == "out" and m.bias is not None:
+                    m.bias[gone_lead] = 0
+            if gone_stripe is not None and bool(gone_stripe.any()):
+                if stripe == "out" and m.bias is not None:
+                    m.bias[gone_stripe] = 0
                 g = m.groups
-                cin_g, cout_g = m.in_channels // g, m.out_channels // g
-                hit = torch.zeros(g, cin_g, dtype=torch.bool)
-                p = gone_in.nonzero().view(-1)
-                hit[p // cin_g, p % cin_g] = True
-                rows = hit[torch.arange(m.out_channels) // cout_g]  # (out, cin_g)
+                channels = self._channels(m)
+                lead_g, stripe_g = channels[lead] // g, channels[stripe] // g
+                hit = torch.zeros(g, stripe_g, dtype=torch.bool)
+                p = gone_stripe.nonzero().view(-1)
+                hit[p // stripe_g, p % stripe_g] = True
+                rows = hit[torch.arange(channels[lead]) // lead_g]  # (weight dim 0, stripe_g)
                 m.weight.mul_((~rows).to(m.weight.dtype).view(rows.shape + (1,) * (m.weight.dim() - 2)))
         return None
+
+
+@register
+class ConvHandler(_ConvLikeHandler):
+    """Conv1d/2d/3d: weight is (out, in/groups, k...)."""
+    types = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    roles = {"out": (("weight", 0), ("bias", 0)), "in": (("weight", 1),)}
+    lead, stripe = "out", "in"
+
+    def slim(self, m, keep):
+        super().slim(m, keep)
+        if m.out_channels % m.groups or m.in_channels % m.groups:
+            raise ValueError(f"{type(m).__name__}: {m.in_channels}->{m.out_channels} channels do not fit {m.groups} groups")
 
     def macs(self, m, in_width, out_width, in_shape, out_shape):
         batched = len(out_shape) == len(m.kernel_size) + 2
@@ -102,67 +126,11 @@ class ConvHandler(LayerHandler):
 
 
 @register
-class ConvTransposeHandler(LayerHandler):
+class ConvTransposeHandler(_ConvLikeHandler):
     """ConvTranspose1d/2d/3d: weight is (in, out/groups, k...)."""
-    counts = True
     types = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
     roles = {"in": (("weight", 0),), "out": (("weight", 1), ("bias", 0))}
-
-    @staticmethod
-    def depthwise(m) -> bool:
-        return m.groups > 1 and m.in_channels == m.groups
-
-    def trace(self, ctx, call):
-        m = call.module
-        x, info = call.fields[0], call.infos[0]
-        nd = len(info.shape)
-        cdim = nd - len(m.kernel_size) - 1
-        in_atoms = ctx.channels(x, info.shape, cdim, call.name)
-        out_atoms = ctx.producer(call.name, "out", m.out_channels)
-        g = m.groups
-        if self.depthwise(m):
-            ctx.atoms.union(np.repeat(in_atoms, m.out_channels // g), out_atoms)
-        elif g > 1:
-            ctx.tie(in_atoms, g)
-            ctx.tie(out_atoms, g)
-        ctx.record(call.name, self, "in", in_atoms)
-        ctx.record(call.name, self, "out", out_atoms)
-        return ctx.along(out_atoms, cdim, len(call.out.shape))
-
-    def slim(self, m, keep):
-        kin, kout = keep.get("in"), keep.get("out")
-        g, dw = m.groups, self.depthwise(m)
-        cin_g, cout_g = m.in_channels // g, m.out_channels // g
-        weight_out = None
-        if kin is not None and g > 1 and not dw:
-            _groups_uniform(kin, g, cin_g, f"{type(m).__name__} in channels")
-        if kout is not None and not dw:
-            weight_out = kout if g == 1 else _groups_uniform(kout, g, cout_g, f"{type(m).__name__} out channels")
-        slice_dims(m, "weight", {0: kin, 1: weight_out})
-        if kin is not None:
-            m.in_channels = len(kin)
-            if dw:
-                m.groups = len(kin)
-        if kout is not None:
-            slice_tensor(m, "bias", 0, kout)
-            m.out_channels = len(kout)
-
-    def mask(self, m, removed):
-        gone_out, gone_in = removed.get("out"), removed.get("in")
-        with torch.no_grad():
-            if gone_in is not None and bool(gone_in.any()):
-                m.weight[gone_in] = 0
-            if gone_out is not None and bool(gone_out.any()):
-                if m.bias is not None:
-                    m.bias[gone_out] = 0
-                g = m.groups
-                cin_g, cout_g = m.in_channels // g, m.out_channels // g
-                hit = torch.zeros(g, cout_g, dtype=torch.bool)
-                q = gone_out.nonzero().view(-1)
-                hit[q // cout_g, q % cout_g] = True
-                rows = hit[torch.arange(m.in_channels) // cin_g]  # (in, cout_g)
-                m.weight.mul_((~rows).to(m.weight.dtype).view(rows.shape + (1,) * (m.weight.dim() - 2)))
-        return None
+    lead, stripe = "in", "out"
 
     def macs(self, m, in_width, out_width, in_shape, out_shape):
         batched = len(in_shape) == len(m.kernel_size) + 2
