@@ -104,6 +104,21 @@ Tables build_tables(const WidthArgs& A) {
 // Rows are channels: row c of z starts at z + c * zs and holds L positions. One call is one
 // work item (every channel of a run of positions), so these are the multi-versioned functions.
 
+// u[:, o] = beta[o] + sum over the terms of o of coef[t] * z[:, src[t]], into out (L values).
+template <typename T>
+inline void pre_activation(const T* z, int64_t zs, int64_t L, const Tables& tb, int64_t o,
+                           float* out) {
+  const float beta = tb.beta[o];
+#pragma omp simd
+  for (int64_t s = 0; s < L; ++s) out[s] = beta;
+  for (int64_t t = tb.start[o]; t < tb.start[o + 1]; ++t) {
+    const T* zr = z + tb.src[t] * zs;
+    const float c = tb.coef[t];
+#pragma omp simd
+    for (int64_t s = 0; s < L; ++s) out[s] += c * to_float(zr[s]);
+  }
+}
+
 template <typename T, typename TY, bool Relu>
 NASPRUNE_SIMD void forward_rows(const T* z, int64_t zs, TY* y, int64_t ys, int64_t L, const Tables& tb,
                   float* acc) {
@@ -113,15 +128,7 @@ NASPRUNE_SIMD void forward_rows(const T* z, int64_t zs, TY* y, int64_t ys, int64
       std::fill(yr, yr + L, TY(0));
       continue;
     }
-    const float beta = tb.beta[o];
-#pragma omp simd
-    for (int64_t s = 0; s < L; ++s) acc[s] = beta;
-    for (int64_t t = tb.start[o]; t < tb.start[o + 1]; ++t) {
-      const T* zr = z + tb.src[t] * zs;
-      const float c = tb.coef[t];
-#pragma omp simd
-      for (int64_t s = 0; s < L; ++s) acc[s] += c * to_float(zr[s]);
-    }
+    pre_activation(z, zs, L, tb, o, acc);
 #pragma omp simd
     for (int64_t s = 0; s < L; ++s) {
       const float v = acc[s];
@@ -138,15 +145,7 @@ NASPRUNE_SIMD void backward_rows(const T* z, int64_t zs, const TD* dy, int64_t d
     float* d = du + o * L;
     const TD* dyr = dy + o * ds;
     if (Relu) {
-      const float beta = tb.beta[o];
-#pragma omp simd
-      for (int64_t s = 0; s < L; ++s) d[s] = beta;
-      for (int64_t t = tb.start[o]; t < tb.start[o + 1]; ++t) {
-        const T* zr = z + tb.src[t] * zs;
-        const float c = tb.coef[t];
-#pragma omp simd
-        for (int64_t s = 0; s < L; ++s) d[s] += c * to_float(zr[s]);
-      }
+      pre_activation(z, zs, L, tb, o, d);
 #pragma omp simd
       for (int64_t s = 0; s < L; ++s) {
         const float on = d[s] > 0.f ? 1.f : 0.f;  // a select, not a branch: vectorises
