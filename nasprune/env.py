@@ -7,7 +7,8 @@ import sys
 
 import torch
 
-OPS = ("channel_stats", "gate_epilogue", "gate_epilogue_backward")
+OPS = ("channel_stats", "gate_epilogue", "gate_epilogue_backward", "width_aggregate",
+       "width_aggregate_backward", "filter_scores")
 
 
 def _has_kernel(op: str, key: str) -> bool:
