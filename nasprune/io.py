@@ -50,7 +50,6 @@ def save(model: nn.Module, path, *, constructor: str | None = None, kwargs: dict
     ``nasprune.models`` that builds the base model (``"torchvision.models.resnet50"``), so that
     ``load(path)`` needs no base model. The file is replaced atomically.
     """
-    from safetensors.torch import save_file
     import nasprune
 
     if not isinstance(model, nn.Module):
@@ -73,6 +72,13 @@ def save(model: nn.Module, path, *, constructor: str | None = None, kwargs: dict
     except TypeError as exc:
         raise ValueError(f"constructor kwargs must be JSON-serialisable: {exc}") from exc
     metadata = {_ARCH_KEY: arch_json, _HASH_KEY: _digest(arch_json, tensors)}
+    save_atomic(tensors, path, metadata)
+
+
+def save_atomic(tensors: dict, path, metadata: dict) -> None:
+    """Write a safetensors file through a temporary file in the same folder and os.replace, so a
+    crash leaves either the old file or the new one, never a truncated one."""
+    from safetensors.torch import save_file
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".nasprune-", suffix=".tmp", dir=folder)

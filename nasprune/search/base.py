@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 import torch
 from torch import nn
@@ -60,20 +59,11 @@ def unflatten_state(obj, tensors: dict):
 
 def save_checkpoint(path, state: dict) -> None:
     """Atomically write ``state`` (nested dicts of tensors and JSON values) to ``path``."""
-    from safetensors.torch import save_file
+    from nasprune.io import save_atomic
     tensors: dict = {}
     meta = json.dumps(flatten_state("s", state, tensors))
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={_META: meta})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    os.makedirs(os.path.dirname(os.path.abspath(os.fspath(path))), exist_ok=True)
+    save_atomic(tensors, path, {_META: meta})
 
 
 def load_checkpoint(path) -> dict:
