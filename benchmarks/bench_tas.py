@@ -1,4 +1,4 @@
-"""TAS search step (weight update + architecture update) on a CIFAR ResNet: nasprune's TAS
+"""TAS search step (weight update + architecture update) on a ResNet: nasprune's TAS
 against a straightforward eager implementation of the same layer math as TAS's official code
 (zero-padded input, full-width conv, prefix slices, per-candidate BN, adaptive_avg_pool3d CWI,
 weighted sum; top-2 sampling by torch.multinomial on the host, per layer per step; arg-max FLOPs
@@ -6,6 +6,7 @@ read on the host), sharing the same weights, optimisers and data, in one process
 
     python benchmarks/bench_tas.py                      # CPU: ResNet-56, batch 64
     python benchmarks/bench_tas.py --device cuda        # GPU: ResNet-56, batch 256
+    python benchmarks/bench_tas.py --model resnet50 --batch 16   # torchvision ResNet-50 at 32x32
 
 Appends rows to benchmarks/results/tas.jsonl.
 """
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
-from nasprune.models import CifarResNet  # noqa: E402
+from nasprune import models  # noqa: E402
 from nasprune.search import TAS, cost_loss  # noqa: E402
 from nasprune.search.tas_net import add_unequal, cwi_reference  # noqa: E402
 
@@ -29,7 +30,7 @@ from nasprune.search.tas_net import add_unequal, cwi_reference  # noqa: E402
 # ---------------------------------------------------------------- the eager reference
 def eager_conv(layer, x, index, w):
     if layer.avg:
-        x = F.avg_pool2d(x, 2)
+        x = F.avg_pool2d(x, layer.pool_stride)
     cin = layer.conv.in_channels
     if x.size(1) < cin:
         x = torch.cat([x, x.new_zeros(x.size(0), cin - x.size(1), x.size(2), x.size(3))], 1)
@@ -53,23 +54,26 @@ def eager_sample(net, tau):
             idx = torch.multinomial(probs + 1e-7, 2, False)
         index.append(idx.tolist())
         weights.append(new[idx.to(new.device)].softmax(0))
-    depth = ((net.depth_logits.log_softmax(1) - torch.empty_like(net.depth_logits).exponential_().log()) / tau).softmax(1)
+    logp = net.depth_logits.masked_fill(~net.depth_mask, -1e9).log_softmax(1)
+    depth = ((logp - torch.empty_like(logp).exponential_().log()) / tau).masked_fill(~net.depth_mask, -1e9).softmax(1)
     return index, weights, depth
 
 
 def eager_forward(net, x, tau):
     index, w, q = eager_sample(net, tau)
     x = eager_conv(net.stem, x, index[0], w[0])
-    n = net.blocks_per_stage
-    for s in range(len(net.stage_widths)):
+    if net.spec.stem_pool:
+        x = F.max_pool2d(x, 3, 2, 1)
+    for s, blocks in enumerate(net.stage_blocks):
         ends = []
-        for a in range(n):
-            i = s * n + a
-            blk, ra, rb = net.blocks[i], 1 + 2 * i, 2 + 2 * i
-            out = eager_conv(blk.conv_b, eager_conv(blk.conv_a, x, index[ra], w[ra]), index[rb], w[rb])
-            res = x if blk.shortcut is None else eager_conv(blk.shortcut, x, index[rb], w[rb])
+        for a, i in enumerate(blocks):
+            blk, rows = net.blocks[i], net.block_rows[i]
+            out = x
+            for conv, r in zip(blk.convs, rows):
+                out = eager_conv(conv, out, index[r], w[r])
+            res = x if blk.shortcut is None else eager_conv(blk.shortcut, x, index[rows[-1]], w[rows[-1]])
             x = F.relu(add_unequal(res, out))
-            if a + 1 in net.depth_choices:
+            if a + 1 in net.depth_choices[s]:
                 ends.append(x)
         c_max = max(t.size(1) for t in ends)
         x = sum(cwi_reference(t, c_max) * q[s, k] for k, t in enumerate(ends))
@@ -95,10 +99,19 @@ def eager_step(s: TAS, batch_w, batch_a):
     s.a_opt.step()
 
 
+def build_model(name):
+    if hasattr(models, f"cifar_{name}"):
+        return getattr(models, f"cifar_{name}")()
+    import torchvision
+    return getattr(torchvision.models, name)(num_classes=10)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default=str(_common.default_device()))
-    p.add_argument("--depth", type=int, default=56)
+    p.add_argument("--model", default="resnet56",
+                   help="a CIFAR ResNet (resnet20 ... resnet110) or a torchvision ResNet (resnet18, resnet50, ...)")
+    p.add_argument("--size", type=int, default=32, help="input side (default 32)")
     p.add_argument("--batch", type=int, default=None, help="default 64 on CPU, 256 on GPU")
     p.add_argument("--reps", type=int, default=3, help="steps per variant per round (4 rounds)")
     p.add_argument("--threads", type=int, default=None)
@@ -109,11 +122,11 @@ def main():
         torch.set_num_threads(args.threads)
     batch = args.batch or (256 if device.type == "cuda" else 64)
     torch.manual_seed(0)
-    s = TAS(CifarResNet(args.depth), 0.5, device=device, seed=0)
+    s = TAS(build_model(args.model), 0.5, input_size=args.size, device=device, seed=0)
     s.begin_epoch(0, 10, 100)
     g = torch.Generator().manual_seed(0)
-    bw = (torch.randn(batch, 3, 32, 32, generator=g).to(device), torch.randint(0, 10, (batch,), generator=g).to(device))
-    ba = (torch.randn(batch, 3, 32, 32, generator=g).to(device), torch.randint(0, 10, (batch,), generator=g).to(device))
+    bw = (torch.randn(batch, 3, args.size, args.size, generator=g).to(device), torch.randint(0, 10, (batch,), generator=g).to(device))
+    ba = (torch.randn(batch, 3, args.size, args.size, generator=g).to(device), torch.randint(0, 10, (batch,), generator=g).to(device))
     # Both at the same state of the logits (the start of a search, widest candidates likely).
     state = {k: v.clone() for k, v in s.model.state_dict().items()}
 
@@ -130,7 +143,7 @@ def main():
                                warmup=1)
     t_eager = times["eager"]
     for name, ms in times.items():
-        rows.append({"bench": "tas_search_step", "impl": name, "model": f"resnet{args.depth}", "batch": batch,
+        rows.append({"bench": "tas_search_step", "impl": name, "model": args.model, "size": args.size, "batch": batch,
                      "median_ms": ms, "speedup_vs_eager": t_eager / ms})
     print(_common.table(rows, ["impl", "model", "batch", "median_ms", "speedup_vs_eager"]))
     if not args.no_record:

@@ -1,6 +1,7 @@
 """The ``nasprune`` command line.
 
     nasprune search --method tas --model resnet20 --data digits --flops-target 0.5 --out runs/demo
+    nasprune search --model resnet50 --data cifar10.tar.gz --flops-target 0.5   (torchvision ResNet)
     nasprune finetune --run runs/demo --epochs 30
     nasprune eval --run runs/demo            (or --model-file F.safetensors [--arch A.json])
     nasprune report --run runs/demo
@@ -17,7 +18,10 @@ import os
 import sys
 import time
 
-MODELS = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
+CIFAR_MODELS = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
+TORCHVISION_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2",
+                      "wide_resnet101_2")
+MODELS = CIFAR_MODELS + TORCHVISION_MODELS
 METHODS = ("tas",)
 
 
@@ -110,9 +114,15 @@ def _data(spec, image_size, limit_per_class):
     return load_dataset(spec, limit_per_class=limit_per_class)
 
 
+def _constructor(name):
+    """Dotted constructor of a --model name: nasprune's CIFAR ResNets, torchvision's ResNets."""
+    return f"nasprune.models.cifar_{name}" if name in CIFAR_MODELS else f"torchvision.models.{name}"
+
+
 def _base_model(name, num_classes):
-    from nasprune import models
-    return getattr(models, f"cifar_{name}")(num_classes=num_classes)
+    import importlib
+    module, _, fn = _constructor(name).rpartition(".")
+    return getattr(importlib.import_module(module), fn)(num_classes=num_classes)
 
 
 def _model_stats(model, image_size, in_channels=3):
@@ -159,6 +169,9 @@ def cmd_search(args):
         run.log(f"teacher: {args.teacher}")
         baseline_history = []
     elif args.pretrained:
+        if args.model not in CIFAR_MODELS:
+            raise CLIError(f"--pretrained loads the CIFAR ResNets' checkpoints ({', '.join(CIFAR_MODELS)}); "
+                           f"for {args.model} pass --teacher (a nasprune.save file) or train a baseline")
         teacher = load_pretrained(args.model, args.pretrained, num_classes=classes)
         baseline_history = train(teacher, train_set, epochs=args.baseline_epochs, batch_size=args.batch_size,
                                  lr=args.lr * 0.1, test_data=test_set, device=device, seed=args.seed,
@@ -173,7 +186,7 @@ def cmd_search(args):
                                  progress=args.progress, desc="baseline")
     teacher.to(device)
     base = {**_model_stats(teacher, size), **evaluate(teacher, test_set, device=device)}
-    save(teacher.cpu(), run.path("teacher.safetensors"), constructor=f"nasprune.models.cifar_{args.model}",
+    save(teacher.cpu(), run.path("teacher.safetensors"), constructor=_constructor(args.model),
          kwargs={"num_classes": classes})
     teacher.to(device)
     metrics["baseline"] = {**base, "history": baseline_history}
@@ -317,17 +330,20 @@ def _plots(run, metrics, arch):
     import matplotlib.pyplot as plt
 
     # kept width per conv vs the original (dropped blocks at 0)
-    n, stage_widths = arch["blocks_per_stage"], arch["stage_widths"]
-    original = [stage_widths[0]] + [w for w in stage_widths for _ in range(2 * n)]
-    kept = list(arch["widths"])
-    for s, b in enumerate(arch["blocks"]):
-        for a in range(b, n):
-            kept[1 + 2 * (s * n + a)] = kept[2 + 2 * (s * n + a)] = 0
+    from nasprune.search.tas_net import ResNetSpec
+    spec = ResNetSpec.from_dict(arch)
+    original, kept = spec.row_widths(), list(arch["widths"])
+    first = 0
+    for n, b in zip(spec.layers, arch["blocks"]):
+        for rows in spec.block_rows()[first + b:first + n]:
+            for r in rows:
+                kept[r] = 0
+        first += n
     fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(kept)), 3.5))
     xs = range(len(kept))
     ax.bar(xs, original, color="#cccccc", label="original")
     ax.bar(xs, kept, color="#1f77b4", label="kept")
-    ax.set_xlabel("conv layer (stem, then conv_a/conv_b per block; 0 = block dropped)")
+    ax.set_xlabel(f"conv layer (stem, then the {spec.convs_per_block} convs of each block; 0 = block dropped)")
     ax.set_ylabel("channels")
     ax.set_title(f"TAS widths, blocks per stage {arch['blocks']}")
     ax.legend()
@@ -367,7 +383,9 @@ def build_parser():
 
     s = sub.add_parser("search", help="train a baseline, search, export, KD fine-tune")
     s.add_argument("--method", choices=METHODS, default="tas")
-    s.add_argument("--model", choices=MODELS, default="resnet20")
+    s.add_argument("--model", choices=MODELS, default="resnet20",
+                   help="a CIFAR ResNet (resnet20 ... resnet110) or a torchvision ResNet "
+                        "(resnet18 ... resnet152, wide_resnet50_2, wide_resnet101_2); default resnet20")
     s.add_argument("--data", default="digits", help="'digits' (embedded) or a CIFAR-10 path (pickles, tree, tar.gz)")
     s.add_argument("--image-size", type=_count(8), default=32, help="digits only (default 32)")
     s.add_argument("--limit-per-class", type=_count(1), default=None, help="CIFAR: first N images per class")

@@ -16,9 +16,10 @@ def _run(*args, cwd=None):
                           cwd=cwd or ROOT, env=env, timeout=1200)
 
 
-def test_search_end_to_end_writes_the_run_folder(tmp_path):
+@pytest.mark.parametrize("model", ["resnet20", "resnet18"])   # a CIFAR ResNet, a torchvision ResNet
+def test_search_end_to_end_writes_the_run_folder(tmp_path, model):
     out = tmp_path / "run"
-    r = _run("search", "--method", "tas", "--model", "resnet20", "--data", "digits", "--image-size", "16",
+    r = _run("search", "--method", "tas", "--model", model, "--data", "digits", "--image-size", "16",
              "--flops-target", "0.5", "--epochs", "1", "--baseline-epochs", "1", "--finetune-epochs", "1",
              "--batch-size", "128", "--out", str(out), "--no-progress", "--device", "cpu")
     assert r.returncode == 0, r.stderr[-2000:]
@@ -47,6 +48,8 @@ def test_search_end_to_end_writes_the_run_folder(tmp_path):
     (["search", "--data", "/nonexistent/cifar.tar.gz", "--out", "{tmp}/x"], "no such file"),
     (["search", "--baseline-epochs", "0", "--out", "{tmp}/y", "--image-size", "8"], "needs --teacher"),
     (["report", "--run", "{tmp}/missing"], "does not exist"),
+    (["search", "--model", "resnet50", "--pretrained", "x.th", "--out", "{tmp}/z", "--image-size", "8"],
+     "--pretrained loads the CIFAR ResNets"),
     ([], "required"),
 ])
 def test_bad_arguments_exit_nonzero_with_message(tmp_path, args, message):

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from nasprune.search.base import Searcher
-from nasprune.search.tas_net import (TASSupernet, inherit_weights, sample_depths, sample_widths,
-                                     tas_resnet)
+from nasprune.search.tas_net import (TASSupernet, inherit_weights, resnet_spec, sample_depths,
+                                     sample_widths, tas_resnet)
 
 TAU_SCHEDULES = ("cosine", "linear")
 SELECT_RULES = ("in-budget", "final")
@@ -42,19 +42,15 @@ def temperature(epoch: int, epochs: int, tau_max: float, tau_min: float, schedul
     raise ValueError(f"tau schedule must be one of {TAU_SCHEDULES}, got {schedule!r}")
 
 
-def _resnet_spec(model: nn.Module):
-    from nasprune.models import CifarResNet
-    if not isinstance(model, CifarResNet):
-        raise TypeError(f"TAS searches CIFAR ResNets (nasprune.models.CifarResNet); got "
-                        f"{type(model).__name__}")
-    return (model.depth - 2) // 6, model.linear.out_features, model.conv1.in_channels
-
-
 class TAS(Searcher):
-    """Width and depth search of a CIFAR ResNet under a FLOPs (MACs) budget.
+    """Width and depth search of a ResNet under a FLOPs (MACs) budget.
 
-    model: the unpruned nasprune.models.CifarResNet (its structure; its weights warm-start the
-        supernet when init_from_model, which TAS's code does not do but short searches need).
+    model: the unpruned ResNet: a nasprune.models.CifarResNet or a torchvision.models.ResNet
+        (basic or bottleneck blocks; see tas_net.ResNetSpec). Its structure defines the search
+        space; its weights warm-start the supernet when init_from_model, which TAS's code does
+        not do but short searches need.
+    input_size: the side of the (square) input images; it sets the MACs (32 for CIFAR, 224 for
+        ImageNet-size inputs).
     flops_target: fraction of model's MACs to keep, in (0, 1].
     flops_tolerance: t of the cost loss, relative to the supernet's maximum MACs.
     cost_weight: lambda_cost. tau: (tau_max, tau_min); tau_schedule: "cosine" or "linear".
@@ -72,16 +68,16 @@ class TAS(Searcher):
         if tau_schedule not in TAU_SCHEDULES:
             raise ValueError(f"tau_schedule must be one of {TAU_SCHEDULES}, got {tau_schedule!r}")
         from nasprune import flops
-        n, classes, cin = _resnet_spec(model)
+        spec = resnet_spec(model)
         self.device = torch.device(device if device is not None else
                                    ("cuda" if torch.cuda.is_available() else "cpu"))
         self.seed = int(seed)
         torch.manual_seed(self.seed)
-        self.model = TASSupernet(n, classes, input_size, in_channels=cin)
+        self.model = TASSupernet(spec, input_size)
         if init_from_model:
             self.model.load_base(model)
         self.model.to(self.device)
-        self.base_flops = int(flops.count(model, torch.zeros(1, cin, input_size, input_size)))
+        self.base_flops = int(flops.count(model, torch.zeros(1, spec.in_channels, input_size, input_size)))
         self.max_flops = self.model.max_cost()
         self.flops_target = float(flops_target)
         self.target = self.flops_target * self.base_flops

@@ -1,4 +1,8 @@
-"""TAS search space for CIFAR ResNets (methods.md 2.2-2.6) and the derived (pruned) network.
+"""TAS search space for ResNets (methods.md 2.2-2.6) and the derived (pruned) network.
+
+The searched family (:class:`ResNetSpec`) covers the CIFAR ResNets TAS publishes (3x3 stem,
+basic blocks, 3 stages) and the torchvision ResNets (7x7 stride-2 stem + max-pool, basic or
+bottleneck blocks, 4 stages), as TAS's ``SearchCifarResNet`` and ``SearchImagenetResNet`` do.
 
 The supernet keeps one full-width weight per conv; a sampled candidate width is a prefix slice of
 its filters. Every conv has logits over its width candidates, every stage over its depth
@@ -9,6 +13,8 @@ The width aggregation of every searched conv is the fused op ``nasprune.ops.widt
 (:func:`aggregate_widths`); :func:`cwi` stays for depth aggregation and as the tests' reference.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -71,31 +77,43 @@ def cwi_reference(x: torch.Tensor, channels: int) -> torch.Tensor:
     return F.adaptive_avg_pool3d(x, (channels, x.size(2), x.size(3)))
 
 
-_CWI_MATRICES: dict = {}
+_CWI_TABLES: dict = {}
 
 
-def cwi_matrix(c_in: int, c_out: int, dtype=torch.float32, device="cpu") -> torch.Tensor:
-    """(c_out, c_in) averaging matrix: row o averages input channels
-    [floor(o*c_in/c_out), ceil((o+1)*c_in/c_out)), the adaptive pooling bins."""
+def _cwi_table(c_in: int, c_out: int, dtype, device):
+    """Upsampling (c_out > c_in): every bin [floor(o*c_in/c_out), ceil((o+1)*c_in/c_out)) holds
+    one or two input channels; (first, last) index vectors. Downsampling: the (c_out, c_in)
+    averaging matrix of the bins."""
     key = (c_in, c_out, dtype, str(device))
-    m = _CWI_MATRICES.get(key)
-    if m is None:
-        m = torch.zeros(c_out, c_in, dtype=torch.float64)
-        for o in range(c_out):
-            start, end = (o * c_in) // c_out, -((-(o + 1) * c_in) // c_out)
-            m[o, start:end] = 1.0 / (end - start)
-        m = _CWI_MATRICES[key] = m.to(device=device, dtype=dtype)
-    return m
+    table = _CWI_TABLES.get(key)
+    if table is None:
+        start = [(o * c_in) // c_out for o in range(c_out)]
+        end = [-((-(o + 1) * c_in) // c_out) for o in range(c_out)]
+        if c_out > c_in:
+            table = (torch.tensor(start, device=device), torch.tensor(end, device=device) - 1)
+        else:
+            m = torch.zeros(c_out, c_in, dtype=torch.float64)
+            for o, (a, b) in enumerate(zip(start, end)):
+                m[o, a:b] = 1.0 / (b - a)
+            table = m.to(device=device, dtype=dtype)
+        _CWI_TABLES[key] = table
+    return table
 
 
 def cwi(x: torch.Tensor, channels: int) -> torch.Tensor:
-    """Channel-wise interpolation (equal to :func:`cwi_reference`) as one matrix product over the
-    channel axis: forward and backward are GEMMs, about 3x cheaper than adaptive_avg_pool3d's
-    on CPU, where it was a third of a search step."""
+    """Channel-wise interpolation, equal to :func:`cwi_reference`. TAS only widens (depth
+    aggregation brings every stage end to the widest): there each output channel is the mean of
+    one or two neighbouring inputs, two gathers (O(N C' H W), where adaptive_avg_pool3d and a
+    dense averaging matrix cost O(N C' C H W) at 2048 channels). Narrowing: one matrix product
+    over the channel axis."""
     if x.size(1) == channels:
         return x
     n, c, h, w = x.shape
-    return torch.matmul(cwi_matrix(c, channels, x.dtype, x.device), x.reshape(n, c, h * w)).view(n, channels, h, w)
+    table = _cwi_table(c, channels, x.dtype, x.device)
+    if channels > c:
+        first, last = table
+        return (x.index_select(1, first) + x.index_select(1, last)) * 0.5
+    return torch.matmul(table, x.reshape(n, c, h * w)).view(n, channels, h, w)
 
 
 def _pad_rows(vectors, channels: int, value: float = 0.0) -> torch.Tensor:
@@ -161,21 +179,207 @@ def add_unequal(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a + F.pad(b, (0, 0, 0, 0, 0, a.size(1) - b.size(1)))
 
 
+# ---------------------------------------------------------------- the searched ResNet family
+BLOCKS = ("basic", "bottleneck")
+SHORTCUTS = ("avg", "conv")
+
+
+@dataclass(frozen=True)
+class ResNetSpec:
+    """The unpruned ResNet a TAS search covers: CIFAR ResNets (3x3 stem, basic blocks, 3 stages)
+    and torchvision ResNets (7x7 stride-2 stem and 3x3 max-pool, basic or bottleneck blocks,
+    4 stages), or any mix of these parts.
+
+    block: "basic" (conv_a 3x3 with the stride, conv_b 3x3) or "bottleneck" (conv_a 1x1, conv_b
+    3x3 with the stride, conv_c 1x1; torchvision v1.5). layers: blocks per stage; strides: the
+    first block's stride per stage. stage_widths: each stage's output (residual) width;
+    mid_widths: the width inside its blocks (= stage width for basic blocks). shortcut: the
+    downsampling shortcut, "avg" (AvgPool(2) + 1x1 conv without BN, TAS's CIFAR models; the
+    option-A CIFAR ResNets have no weights there) or "conv" (1x1 conv with the stride + BN,
+    torchvision and option B). stem_pool: a 3x3 stride-2 max-pool after the stem.
+    """
+    layers: tuple
+    block: str = "basic"
+    stage_widths: tuple = (16, 32, 64)
+    mid_widths: tuple | None = None
+    strides: tuple | None = None
+    stem_width: int = 16
+    stem_kernel: int = 3
+    stem_stride: int = 1
+    stem_pool: bool = False
+    shortcut: str = "avg"
+    num_classes: int = 10
+    in_channels: int = 3
+
+    def __post_init__(self):
+        n_stages = len(self.stage_widths)
+        layers = (self.layers,) * n_stages if isinstance(self.layers, int) else tuple(self.layers)
+        mids = tuple(self.stage_widths) if self.mid_widths is None else tuple(self.mid_widths)
+        strides = (1,) + (2,) * (n_stages - 1) if self.strides is None else tuple(self.strides)
+        for name, value in (("layers", layers), ("mid_widths", mids), ("strides", strides)):
+            if len(value) != n_stages:
+                raise ValueError(f"ResNetSpec: {name} has {len(value)} entries for {n_stages} stages")
+        if self.block not in BLOCKS:
+            raise ValueError(f"ResNetSpec: block must be one of {BLOCKS}, got {self.block!r}")
+        if self.shortcut not in SHORTCUTS:
+            raise ValueError(f"ResNetSpec: shortcut must be one of {SHORTCUTS}, got {self.shortcut!r}")
+        if min(layers) < 1:
+            raise ValueError(f"ResNetSpec: every stage needs a block, got layers {layers}")
+        if self.stem_kernel % 2 == 0:
+            raise ValueError(f"ResNetSpec: stem_kernel must be odd, got {self.stem_kernel}")
+        object.__setattr__(self, "layers", layers)
+        object.__setattr__(self, "stage_widths", tuple(self.stage_widths))
+        object.__setattr__(self, "mid_widths", mids)
+        object.__setattr__(self, "strides", strides)
+
+    @classmethod
+    def cifar(cls, blocks_per_stage: int, num_classes: int = 10, in_channels: int = 3) -> "ResNetSpec":
+        """CIFAR ResNet-(6n+2) as TAS searches it (stride-2 shortcuts AvgPool + 1x1 conv)."""
+        return cls(layers=blocks_per_stage, num_classes=num_classes, in_channels=in_channels)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ResNetSpec":
+        """The spec inside an architecture dict (also the CIFAR-only dicts of nasprune <= 0.1,
+        which carry ``blocks_per_stage``)."""
+        keys = {f.name for f in fields(cls)}
+        d = dict(d)
+        if "layers" not in d and "blocks_per_stage" in d:
+            d["layers"] = d["blocks_per_stage"]
+        return cls(**{k: v for k, v in d.items() if k in keys})
+
+    def to_dict(self) -> dict:
+        return {f.name: (list(v) if isinstance(v, tuple) else v)
+                for f in fields(self) for v in (getattr(self, f.name),)}
+
+    @property
+    def convs_per_block(self) -> int:
+        return 2 if self.block == "basic" else 3
+
+    def blocks(self):
+        """(stage, index in stage, in width, mid width, out width, stride) of every block."""
+        cin = self.stem_width
+        for s, (n, mid, cout, stride) in enumerate(zip(self.layers, self.mid_widths, self.stage_widths,
+                                                       self.strides)):
+            for a in range(n):
+                yield s, a, cin, mid, cout, stride if a == 0 else 1
+                cin = cout
+
+    def row_widths(self) -> list[int]:
+        """Unpruned width of every searched conv row: the stem, then each block's convs."""
+        rows = [self.stem_width]
+        for _, _, _, mid, cout, _ in self.blocks():
+            rows += [mid] * (self.convs_per_block - 1) + [cout]
+        return rows
+
+    def block_rows(self) -> list[tuple]:
+        """Row indices of each block's convs (the shortcut shares the last one's)."""
+        k = self.convs_per_block
+        return [tuple(range(1 + k * i, 1 + k * (i + 1))) for i in range(sum(self.layers))]
+
+
+def _resnet_parts(model: nn.Module):
+    """(ResNetSpec, stem (conv, bn), blocks [([(conv, bn) ...], (conv, bn) or None)], fc) of a
+    nasprune CIFAR ResNet or a torchvision ResNet. Raises TypeError / ValueError naming the
+    module that TAS cannot search."""
+    from nasprune.models import ChannelZeroPad, CifarResNet
+    try:
+        from torchvision.models.resnet import ResNet as TVResNet
+    except ImportError:  # pragma: no cover - torchvision is a dependency
+        TVResNet = ()
+    if isinstance(model, CifarResNet):
+        fc, stages = model.linear, [model.layer1, model.layer2, model.layer3]
+    elif isinstance(model, TVResNet):
+        fc, stages = model.fc, [model.layer1, model.layer2, model.layer3, model.layer4]
+    else:
+        raise TypeError(f"TAS searches ResNets (nasprune.models.CifarResNet or torchvision.models."
+                        f"ResNet); got {type(model).__name__}")
+
+    def check_conv(name, conv, kernel, stride=None):
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"{name}: expected nn.Conv2d, got {type(conv).__name__}")
+        if conv.groups != 1 or conv.dilation != (1, 1) or conv.bias is not None:
+            raise ValueError(f"{name}: TAS searches plain convs (groups 1, dilation 1, no bias); got "
+                             f"groups {conv.groups}, dilation {conv.dilation}, bias {conv.bias is not None}")
+        if conv.kernel_size != (kernel, kernel) or conv.padding != (kernel // 2, kernel // 2):
+            raise ValueError(f"{name}: expected a {kernel}x{kernel} conv with padding {kernel // 2}, got "
+                             f"kernel {conv.kernel_size}, padding {conv.padding}")
+        if stride is not None and conv.stride != (stride, stride):
+            raise ValueError(f"{name}: expected stride {stride}, got {conv.stride}")
+        return conv
+
+    stem = check_conv("conv1", model.conv1, model.conv1.kernel_size[0])
+    if stem.stride[0] != stem.stride[1]:
+        raise ValueError(f"conv1: unequal strides {stem.stride}")
+    pool = getattr(model, "maxpool", None)
+    has_pool = isinstance(pool, nn.MaxPool2d)
+    if has_pool and (pool.kernel_size, pool.stride, pool.padding) not in ((3, 2, 1), ((3, 3), (2, 2), (1, 1))):
+        raise ValueError(f"maxpool: TAS supports the 3x3 stride-2 padding-1 max-pool, got {pool}")
+    bottleneck = hasattr(stages[0][0], "conv3")
+    names = ("conv1", "conv2", "conv3") if bottleneck else ("conv1", "conv2")
+    kernels = (1, 3, 1) if bottleneck else (3, 3)
+    strided = 1 if bottleneck else 0
+    blocks, layers, mids, outs, strides, shortcut = [], [], [], [], [], "avg"
+    for s, stage in enumerate(stages):
+        layers.append(len(stage))
+        for a, blk in enumerate(stage):
+            where = f"layer{s + 1}.{a}"
+            pairs = []
+            for j, (name, k) in enumerate(zip(names, kernels)):
+                conv = check_conv(f"{where}.{name}", getattr(blk, name), k, None if j == strided else 1)
+                bn = getattr(blk, "bn" + name[-1])
+                if not isinstance(bn, nn.BatchNorm2d) or bn.num_features != conv.out_channels:
+                    raise ValueError(f"{where}.bn{name[-1]}: expected BatchNorm2d({conv.out_channels})")
+                pairs.append((conv, bn))
+            stride = pairs[strided][0].stride[0]
+            if a == 0:
+                mids.append(pairs[0][0].out_channels)
+                outs.append(pairs[-1][0].out_channels)
+                strides.append(stride)
+            elif (pairs[0][0].out_channels, pairs[-1][0].out_channels, stride) != (mids[-1], outs[-1], 1):
+                raise ValueError(f"{where}: every block of a stage after the first must keep its widths "
+                                 f"({mids[-1]}, {outs[-1]}) and stride 1")
+            short = getattr(blk, "downsample", None) if hasattr(blk, "downsample") else getattr(blk, "shortcut", None)
+            proj = None
+            if isinstance(short, nn.Sequential) and len(short) == 2:
+                conv = check_conv(f"{where}.downsample.0", short[0], 1, stride)
+                if not isinstance(short[1], nn.BatchNorm2d):
+                    raise ValueError(f"{where}.downsample.1: expected BatchNorm2d, got {type(short[1]).__name__}")
+                proj = (conv, short[1])
+                if stride != 1:
+                    shortcut = "conv"
+            elif not (short is None or isinstance(short, ChannelZeroPad)
+                      or (isinstance(short, nn.Sequential) and len(short) == 0)):
+                raise ValueError(f"{where}: unsupported shortcut {type(short).__name__}")
+            blocks.append((pairs, proj))
+    spec = ResNetSpec(layers=tuple(layers), block="bottleneck" if bottleneck else "basic",
+                      stage_widths=tuple(outs), mid_widths=tuple(mids), strides=tuple(strides),
+                      stem_width=stem.out_channels, stem_kernel=stem.kernel_size[0], stem_stride=stem.stride[0],
+                      stem_pool=has_pool, shortcut=shortcut, num_classes=fc.out_features,
+                      in_channels=stem.in_channels)
+    return spec, (stem, model.bn1), blocks, fc
+
+
+def resnet_spec(model: nn.Module) -> ResNetSpec:
+    """The :class:`ResNetSpec` of a nasprune CIFAR ResNet or a torchvision ResNet."""
+    return _resnet_parts(model)[0]
+
+
 # ---------------------------------------------------------------- supernet
 class SearchConv(nn.Module):
-    """Conv (+ per-candidate BN) (+ ReLU) whose output width is searched."""
+    """Conv (+ per-candidate BN) (+ ReLU) whose output width is searched. avg: AvgPool(stride)
+    before a stride-1 conv (TAS's CIFAR downsampling shortcut)."""
 
     def __init__(self, cin, cout, kernel, stride, *, bn=True, relu=True, avg=False):
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, kernel, 1 if avg else stride, kernel // 2, bias=False)
         self.choices = width_choices(cout)
         self.bns = nn.ModuleList(nn.BatchNorm2d(c) for c in self.choices) if bn else None
-        self.relu, self.avg = relu, avg
+        self.relu, self.avg, self.pool_stride = relu, avg, stride
 
     def forward(self, x, index, weights, width_values=None):
         """index: host list of the sampled candidates; width_values: their widths on the device."""
         if self.avg:
-            x = F.avg_pool2d(x, 2)
+            x = F.avg_pool2d(x, self.pool_stride)
         widths = [self.choices[i] for i in index]
         conv = self.conv
         # Only the sampled filters and the real input channels (zero-padded inputs add nothing).
@@ -188,58 +392,86 @@ class SearchConv(nn.Module):
                                 training=self.training, momentum=0.1, eps=1e-5,
                                 width_values=width_values)
 
+    def output_size(self, size: int) -> int:
+        conv = self.conv
+        if self.avg:
+            size //= self.pool_stride
+        return (size + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
+
+
+def _block_shapes(block: str, cin: int, mid: int, cout: int, stride: int):
+    """(in, out, kernel, stride, relu) of a block's convs."""
+    if block == "basic":
+        return [(cin, mid, 3, stride, True), (mid, cout, 3, 1, False)]
+    return [(cin, mid, 1, 1, True), (mid, mid, 3, stride, True), (mid, cout, 1, 1, False)]
+
+
+def _has_projection(cin: int, cout: int, stride: int) -> bool:
+    """Whether the unpruned block has a shortcut conv (the supernet searches its width with the
+    block's last conv, and the derived block keeps it whatever the widths)."""
+    return stride != 1 or cin != cout
+
 
 class SearchBlock(nn.Module):
-    def __init__(self, cin, cout, stride):
+    """A basic or bottleneck block of searchable convs conv_a, conv_b (, conv_c)."""
+
+    def __init__(self, block, cin, mid, cout, stride, shortcut="avg"):
         super().__init__()
-        self.conv_a = SearchConv(cin, cout, 3, stride)
-        self.conv_b = SearchConv(cout, cout, 3, 1, relu=False)
-        if stride == 2:
-            self.shortcut = SearchConv(cin, cout, 1, 2, bn=False, relu=False, avg=True)
-        elif cin != cout:
-            self.shortcut = SearchConv(cin, cout, 1, 1, relu=False)
+        names = ("conv_a", "conv_b", "conv_c")
+        for name, (i, o, k, s, relu) in zip(names, _block_shapes(block, cin, mid, cout, stride)):
+            setattr(self, name, SearchConv(i, o, k, s, relu=relu))
+        self.convs = [getattr(self, n) for n in names if hasattr(self, n)]
+        if stride != 1 and shortcut == "avg":
+            self.shortcut = SearchConv(cin, cout, 1, stride, bn=False, relu=False, avg=True)
+        elif _has_projection(cin, cout, stride):
+            self.shortcut = SearchConv(cin, cout, 1, stride, relu=False)
         else:
             self.shortcut = None
         self.stride = stride
 
-    def forward(self, x, a, b):
-        """a, b: (index, weights, width_values) samples of conv_a and conv_b."""
-        out = self.conv_b(self.conv_a(x, *a), *b)
-        residual = x if self.shortcut is None else self.shortcut(x, *b)  # shares conv_b's sample
+    def forward(self, x, samples):
+        """samples: one (index, weights, width_values) per conv."""
+        out = x
+        for conv, sample in zip(self.convs, samples):
+            out = conv(out, *sample)
+        residual = x if self.shortcut is None else self.shortcut(x, *samples[-1])  # shares the last sample
         return F.relu(add_unequal(residual, out))
 
 
 class TASSupernet(nn.Module):
-    """Width- and depth-searchable CIFAR ResNet (basic blocks, 3 stages of 16/32/64)."""
+    """Width- and depth-searchable ResNet of a :class:`ResNetSpec` (an int n: the CIFAR
+    ResNet-(6n+2) of TAS)."""
 
-    def __init__(self, blocks_per_stage: int, num_classes: int = 10, input_size: int = 32,
-                 stage_widths=(16, 32, 64), in_channels: int = 3):
+    def __init__(self, spec: ResNetSpec | int, input_size: int = 32):
         super().__init__()
-        n = blocks_per_stage
-        self.blocks_per_stage, self.num_classes, self.input_size = n, num_classes, input_size
-        self.stage_widths, self.in_channels = tuple(stage_widths), in_channels
-        self.stem = SearchConv(in_channels, stage_widths[0], 3, 1)
-        self.blocks = nn.ModuleList()
-        cin = stage_widths[0]
-        for s, planes in enumerate(stage_widths):
-            for a in range(n):
-                self.blocks.append(SearchBlock(cin, planes, 2 if (s > 0 and a == 0) else 1))
-                cin = planes
-        self.fc = nn.Linear(stage_widths[-1], num_classes)
-        self.convs = [self.stem] + [c for b in self.blocks for c in (b.conv_a, b.conv_b)]  # one row each
+        if isinstance(spec, int):
+            spec = ResNetSpec.cifar(spec)
+        self.spec, self.input_size = spec, input_size
+        self.num_classes, self.in_channels = spec.num_classes, spec.in_channels
+        self.stem = SearchConv(spec.in_channels, spec.stem_width, spec.stem_kernel, spec.stem_stride)
+        self.blocks = nn.ModuleList(SearchBlock(spec.block, cin, mid, cout, stride, spec.shortcut)
+                                    for _, _, cin, mid, cout, stride in spec.blocks())
+        self.stage_blocks, start = [], 0       # block indices of each stage
+        for n in spec.layers:
+            self.stage_blocks.append(list(range(start, start + n)))
+            start += n
+        self.block_rows = spec.block_rows()
+        self.fc = nn.Linear(spec.stage_widths[-1], spec.num_classes)
+        self.convs = [self.stem] + [c for b in self.blocks for c in b.convs]   # one row each
         k = max(len(c.choices) for c in self.convs)
         table = torch.zeros(len(self.convs), k, dtype=torch.float64)
         for i, c in enumerate(self.convs):
             table[i, :len(c.choices)] = torch.tensor(c.choices, dtype=torch.float64)
-        self.depth_choices = depth_choices(n)
-        dtable = torch.tensor([self.depth_choices] * len(stage_widths), dtype=torch.float64)
+        self.depth_choices = [depth_choices(n) for n in spec.layers]
+        d = max(len(c) for c in self.depth_choices)
+        dtable = torch.tensor([c + [0] * (d - len(c)) for c in self.depth_choices], dtype=torch.float64)
         self.register_buffer("width_table", table, persistent=False)
         self.register_buffer("width_mask", table > 0, persistent=False)
         self.register_buffer("width_values", table.long(), persistent=False)
         self.register_buffer("depth_table", dtable, persistent=False)
         self.register_buffer("depth_mask", dtable > 0, persistent=False)
         self.width_logits = nn.Parameter(1e-2 * torch.randn(len(self.convs), k))
-        self.depth_logits = nn.Parameter(1e-2 * torch.randn(len(stage_widths), len(self.depth_choices)))
+        self.depth_logits = nn.Parameter(1e-2 * torch.randn(len(spec.layers), d))
         self._build_cost()
 
     # -- parameters
@@ -259,18 +491,18 @@ class TASSupernet(nn.Module):
             index = self.width_logits.masked_fill(~self.width_mask, _FILL).argmax(1, keepdim=True)
             width_weights = self.width_logits.new_ones(index.shape)
             depth_weights = F.one_hot(self.depth_logits.masked_fill(~self.depth_mask, _FILL).argmax(1),
-                                      len(self.depth_choices)).to(self.width_logits.dtype)
+                                      self.depth_table.size(1)).to(self.width_logits.dtype)
         values = self.width_values.gather(1, index)
         host = index.tolist()
         sample = [(host[r], width_weights[r], values[r]) for r in range(len(host))]
         x = self.stem(x, *sample[0])
-        n = self.blocks_per_stage
-        for s in range(len(self.stage_widths)):
+        if self.spec.stem_pool:
+            x = F.max_pool2d(x, 3, 2, 1)
+        for s, blocks in enumerate(self.stage_blocks):
             ends = []
-            for a in range(n):
-                i = s * n + a
-                x = self.blocks[i](x, sample[1 + 2 * i], sample[2 + 2 * i])
-                if a + 1 in self.depth_choices:
+            for a, i in enumerate(blocks):
+                x = self.blocks[i](x, [sample[r] for r in self.block_rows[i]])
+                if a + 1 in self.depth_choices[s]:
                     ends.append(x)
             c_max = max(t.size(1) for t in ends)
             x = sum(cwi(t, c_max) * depth_weights[s, k] for k, t in enumerate(ends))
@@ -284,56 +516,68 @@ class TASSupernet(nn.Module):
         Value vector V = [E[C_row] for every conv row] + [E[C_stage_out] per stage] + [C_in, 1].
         Each counted layer costs coef * V[in] * V[out] * P(its block runs) * P(it exists).
         coef comes from the conv/linear MAC formula of nasprune's layer handlers (flops.py)."""
-        n, S, L = self.blocks_per_stage, len(self.stage_widths), len(self.convs)
+        spec = self.spec
+        S, L, B = len(spec.layers), len(self.convs), len(self.blocks)
         in_const, one = L + S, L + S + 1
-        layers = []  # (coef, in_idx, out_idx, depth_idx or -1, proj_idx or -1)
-        size = self.input_size
+        layers = []  # (coef, in_idx, out_idx, block index or B (always runs), proj index or P (exists))
 
-        def coef(conv, hin, stride):
-            hout = (hin + 2 * conv.padding[0] - conv.kernel_size[0]) // stride + 1
+        def coef(layer: SearchConv, hin):
+            hout = layer.output_size(hin)
+            conv = layer.conv
             macs = handler_for(conv).macs(conv, 1.0, 1.0, (1, 1, hin, hin), (1, 1, hout, hout))
             return float(macs), hout
 
-        c, size = coef(self.stem.conv, size, 1)
-        layers.append((c, in_const, 0, -1, -1))
-        self._proj_pairs = []  # (in_row, out_row) of stride-1 blocks: derived net projects if widths differ
+        c, size = coef(self.stem, self.input_size)
+        if spec.stem_pool:
+            size = (size + 2 - 3) // 2 + 1
+        layers.append((c, in_const, 0, B, None))
+        proj_pairs = []  # (in_row, out_row) of blocks whose derived net projects iff widths differ
         prev = 0
-        for s in range(S):
-            for a in range(n):
-                i = s * n + a
-                blk, ra, rb, d = self.blocks[i], 1 + 2 * i, 2 + 2 * i, s * n + a
-                ca, hout = coef(blk.conv_a.conv, size, blk.stride)
-                cb, _ = coef(blk.conv_b.conv, hout, 1)
-                layers += [(ca, prev, ra, d, -1), (cb, ra, rb, d, -1)]
-                if blk.stride != 1:
-                    cs, _ = coef(blk.shortcut.conv, size // 2, 1)
-                    layers.append((cs, prev, rb, d, -1))
+        for s, blocks in enumerate(self.stage_blocks):
+            for i in blocks:
+                blk, rows = self.blocks[i], self.block_rows[i]
+                h, src = size, prev
+                for conv, row in zip(blk.convs, rows):
+                    c, h = coef(conv, h)
+                    layers.append((c, src, row, i, None))
+                    src = row
+                if blk.shortcut is not None:
+                    c, _ = coef(blk.shortcut, size)
+                    layers.append((c, prev, rows[-1], i, None))
                 else:
                     if prev >= L:
-                        raise NotImplementedError("a stride-1 block right after a depth-searched stage")
-                    cs, _ = coef(nn.Conv2d(1, 1, 1, bias=False), size, 1)
-                    layers.append((cs, prev, rb, d, len(self._proj_pairs)))
-                    self._proj_pairs.append((prev, rb))
-                size, prev = hout, rb
+                        raise NotImplementedError(f"block {i}: a block without a shortcut conv right after "
+                                                  f"a depth-searched stage")
+                    layers.append((float(size * size), prev, rows[-1], i, len(proj_pairs)))
+                    proj_pairs.append((prev, rows[-1]))
+                size, prev = h, rows[-1]
             prev = L + s
         fc = handler_for(self.fc).macs(self.fc, 1.0, 1.0, (1, 1), (1, 1))
-        layers.append((float(fc) * self.num_classes, L + S - 1, one, -1, -1))
+        layers.append((float(fc) * spec.num_classes, L + S - 1, one, B, None))
+        P = len(proj_pairs)
+        layers = [(c, i, o, d, P if p is None else p) for c, i, o, d, p in layers]
         cols = list(zip(*layers))
         self.register_buffer("_coef", torch.tensor(cols[0], dtype=torch.float64), persistent=False)
         for name, col in zip(("_in", "_out", "_depth", "_proj"), cols[1:]):
             self.register_buffer(name, torch.tensor(col, dtype=torch.long), persistent=False)
-        # P(depth >= a+1) = reach @ softmax(beta), reach[a, k] = [choice_k >= a+1]
-        reach = torch.tensor([[float(ch >= a + 1) for ch in self.depth_choices] for a in range(n)],
-                             dtype=torch.float64)
-        self.register_buffer("_reach", reach, persistent=False)
-        # end_rows[s, k]: conv_b row of the block that ends stage s at depth choice k
-        ends = [[2 + 2 * (s * n + ch - 1) for ch in self.depth_choices] for s in range(S)]
+        # P(block a of stage s runs) = sum_k softmax(beta_s)_k [choice_k >= a+1]
+        stage_of, reach = [], []
+        for s, blocks in enumerate(self.stage_blocks):
+            for a in range(len(blocks)):
+                stage_of.append(s)
+                reach.append([float(ch >= a + 1) for ch in self.depth_table[s].tolist()])
+        self.register_buffer("_stage_of", torch.tensor(stage_of, dtype=torch.long), persistent=False)
+        self.register_buffer("_reach", torch.tensor(reach, dtype=torch.float64), persistent=False)
+        # end_rows[s, k]: last conv row of the block that ends stage s at depth choice k (0: padding)
+        d = self.depth_table.size(1)
+        ends = [[self.block_rows[blocks[ch - 1]][-1] for ch in choices] + [0] * (d - len(choices))
+                for blocks, choices in zip(self.stage_blocks, self.depth_choices)]
         self.register_buffer("_end_rows", torch.tensor(ends, dtype=torch.long), persistent=False)
-        pin, pout = zip(*self._proj_pairs) if self._proj_pairs else ((), ())
+        pin, pout = [list(t) for t in zip(*proj_pairs)] if proj_pairs else ([], [])
         self.register_buffer("_proj_in", torch.tensor(pin, dtype=torch.long), persistent=False)
         self.register_buffer("_proj_out", torch.tensor(pout, dtype=torch.long), persistent=False)
-        eq = (self.width_table[list(pin)][:, :, None] == self.width_table[list(pout)][:, None, :]) \
-            & self.width_mask[list(pin)][:, :, None]
+        eq = (self.width_table[pin][:, :, None] == self.width_table[pout][:, None, :]) \
+            & self.width_mask[pin][:, :, None]
         self.register_buffer("_proj_eq", eq.to(torch.float64), persistent=False)
 
     def cost(self, width_probs: torch.Tensor, depth_probs: torch.Tensor) -> torch.Tensor:
@@ -343,9 +587,9 @@ class TASSupernet(nn.Module):
         e_rows = (wp * self.width_table).sum(1)
         e_stage = (dp * e_rows[self._end_rows]).sum(1)
         v = torch.cat([e_rows, e_stage, e_rows.new_tensor([float(self.in_channels), 1.0])])
-        run = torch.cat([(dp @ self._reach.T).reshape(-1), e_rows.new_ones(1)])   # P(block runs)
+        run = torch.cat([(dp[self._stage_of] * self._reach).sum(1), e_rows.new_ones(1)])  # P(block runs)
         same = torch.einsum("bj,bjk,bk->b", wp[self._proj_in], self._proj_eq, wp[self._proj_out])
-        exists = torch.cat([1.0 - same, e_rows.new_ones(1)])                       # P(projection)
+        exists = torch.cat([1.0 - same, e_rows.new_ones(1)])                              # P(projection)
         return (self._coef * v[self._in] * v[self._out] * run[self._depth] * exists[self._proj]).sum()
 
     def probabilities(self):
@@ -365,37 +609,38 @@ class TASSupernet(nn.Module):
 
     def max_cost(self) -> float:
         wp = (self.width_table == self.width_table.max(1, keepdim=True).values).to(torch.float64)
-        dp = torch.zeros_like(self.depth_table)
-        dp[:, -1] = 1.0
+        dp = F.one_hot(self.depth_mask.sum(1) - 1, self.depth_table.size(1)).to(torch.float64)
         return float(self.cost(wp, dp))
 
     # -- the discrete architecture
     def architecture(self) -> dict:
         wp, dp = self.probabilities()
         widths = [c.choices[j] for c, j in zip(self.convs, wp.argmax(1).tolist())]
-        blocks = [self.depth_choices[j] for j in dp.argmax(1).tolist()]
-        return {"family": "tas-cifar-resnet", "blocks_per_stage": self.blocks_per_stage,
-                "num_classes": self.num_classes, "input_size": self.input_size,
-                "in_channels": self.in_channels, "stage_widths": list(self.stage_widths),
+        blocks = [choices[j] for choices, j in zip(self.depth_choices, dp.argmax(1).tolist())]
+        return {"family": "tas-resnet", **self.spec.to_dict(), "input_size": self.input_size,
                 "widths": widths, "blocks": blocks}
 
     def load_base(self, model):
-        """Warm start from an unpruned CIFAR ResNet (nasprune.models.CifarResNet)."""
+        """Warm start from the unpruned ResNet (CIFAR or torchvision) this supernet was built for:
+        every conv, every candidate's BN (prefix of the base BN), projection shortcuts, fc."""
+        spec, stem, blocks, fc = _resnet_parts(model)
+        if spec != self.spec:
+            raise ValueError(f"load_base: the model is {spec}, the supernet was built for {self.spec}")
+
         def conv_bn(dst: SearchConv, conv, bn):
             with torch.no_grad():
                 dst.conv.weight.copy_(conv.weight)
-                for c, b in zip(dst.choices, dst.bns):
+                for c, b in zip(dst.choices, dst.bns or ()):
                     b.weight.copy_(bn.weight[:c]); b.bias.copy_(bn.bias[:c])
                     b.running_mean.copy_(bn.running_mean[:c]); b.running_var.copy_(bn.running_var[:c])
-        conv_bn(self.stem, model.conv1, model.bn1)
-        n = self.blocks_per_stage
-        for s in range(len(self.stage_widths)):
-            for a, src in enumerate(getattr(model, f"layer{s + 1}")):
-                dst = self.blocks[s * n + a]
-                conv_bn(dst.conv_a, src.conv1, src.bn1)
-                conv_bn(dst.conv_b, src.conv2, src.bn2)
+        conv_bn(self.stem, *stem)
+        for dst, (pairs, proj) in zip(self.blocks, blocks):
+            for conv, pair in zip(dst.convs, pairs):
+                conv_bn(conv, *pair)
+            if proj is not None:
+                conv_bn(dst.shortcut, *proj)
         with torch.no_grad():
-            self.fc.weight.copy_(model.linear.weight); self.fc.bias.copy_(model.linear.bias)
+            self.fc.weight.copy_(fc.weight); self.fc.bias.copy_(fc.bias)
 
 
 # ---------------------------------------------------------------- derived network
@@ -412,88 +657,109 @@ class ConvBN(nn.Module):
 
 
 class DerivedBlock(nn.Module):
-    """TAS's inferred basic block: a 1x1 projection shortcut when in-width != out-width
-    (AvgPool(2) + 1x1 conv without BN at stride 2, 1x1 conv + BN otherwise)."""
+    """TAS's inferred block (basic or bottleneck) with pruned widths ``widths`` (one per conv).
+    Shortcut: the base block's projection when it has one (AvgPool + 1x1 conv without BN, or
+    1x1 conv with the stride + BN); else a 1x1 conv + BN when in-width != out-width; else identity."""
 
-    def __init__(self, cin, mid, cout, stride):
+    def __init__(self, block, cin, widths, stride, *, base_projection=False, shortcut="avg"):
         super().__init__()
-        self.conv_a = ConvBN(cin, mid, 3, stride)
-        self.conv_b = ConvBN(mid, cout, 3, 1, relu=False)
-        if stride == 2:
-            self.shortcut = nn.Sequential(nn.AvgPool2d(2), nn.Conv2d(cin, cout, 1, bias=False))
-        elif cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
+        cout, i = widths[-1], cin
+        shapes = _block_shapes(block, cin, widths[0], cout, stride)
+        for name, (_, _, k, s, relu), o in zip(("conv_a", "conv_b", "conv_c"), shapes, widths):
+            setattr(self, name, ConvBN(i, o, k, s, relu))
+            i = o
+        self.convs = [self.conv_a, self.conv_b] + ([self.conv_c] if block == "bottleneck" else [])
+        if stride != 1 and shortcut == "avg":
+            self.shortcut = nn.Sequential(nn.AvgPool2d(stride), nn.Conv2d(cin, cout, 1, bias=False))
+        elif base_projection or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
         else:
             self.shortcut = nn.Identity()
 
     def forward(self, x):
-        return F.relu(self.conv_b(self.conv_a(x)) + self.shortcut(x))
+        out = x
+        for conv in self.convs:
+            out = conv(out)
+        return F.relu(out + self.shortcut(x))
 
 
 class TASResNet(nn.Module):
-    """The plain pruned CIFAR ResNet a TAS architecture dict describes."""
+    """The plain pruned ResNet a TAS architecture dict describes: ``widths`` one per conv row of
+    the spec (rows of dropped blocks are ignored), ``blocks`` the blocks kept per stage."""
 
-    def __init__(self, widths, blocks, blocks_per_stage, num_classes=10, stage_widths=(16, 32, 64),
-                 in_channels=3, **_):
+    def __init__(self, widths, blocks, spec: ResNetSpec):
         super().__init__()
-        n = blocks_per_stage
-        if len(widths) != 1 + 2 * n * len(stage_widths) or len(blocks) != len(stage_widths):
-            raise ValueError(f"architecture has {len(widths)} widths and {len(blocks)} stages; a "
-                             f"{len(stage_widths)}-stage net of {n} blocks needs {1 + 2 * n * len(stage_widths)}")
-        self.stem = ConvBN(in_channels, widths[0], 3, 1)
-        cin = widths[0]
-        stages = []
+        rows, block_rows = spec.row_widths(), spec.block_rows()
+        if len(widths) != len(rows) or len(blocks) != len(spec.layers):
+            raise ValueError(f"architecture has {len(widths)} widths and {len(blocks)} stages; its "
+                             f"{len(spec.layers)}-stage {spec.block} ResNet of {list(spec.layers)} blocks "
+                             f"needs {len(rows)} widths")
+        bad = [(r, w, c) for r, (w, c) in enumerate(zip(widths, rows)) if not 1 <= w <= c]
+        if bad:
+            r, w, c = bad[0]
+            raise ValueError(f"architecture width {w} of conv row {r} is outside 1..{c}")
+        self.spec = spec
+        self.stem = ConvBN(spec.in_channels, widths[0], spec.stem_kernel, spec.stem_stride)
+        self.pool = nn.MaxPool2d(3, 2, 1) if spec.stem_pool else nn.Identity()
+        cin, stages, i = widths[0], [], 0
         for s, kept in enumerate(blocks):
+            n = spec.layers[s]
             if not 1 <= kept <= n:
                 raise ValueError(f"stage {s} keeps {kept} blocks, must be 1..{n}")
             layer = []
             for a in range(kept):
-                i = s * n + a
-                mid, cout = widths[1 + 2 * i], widths[2 + 2 * i]
-                layer.append(DerivedBlock(cin, mid, cout, 2 if (s > 0 and a == 0) else 1))
-                cin = cout
+                stride = spec.strides[s] if a == 0 else 1
+                base_in = spec.stem_width if (s == 0 and a == 0) else spec.stage_widths[s - (a == 0)]
+                ws = [widths[r] for r in block_rows[i + a]]
+                layer.append(DerivedBlock(spec.block, cin, ws, stride, shortcut=spec.shortcut,
+                                          base_projection=_has_projection(base_in, spec.stage_widths[s], stride)))
+                cin = ws[-1]
             stages.append(nn.Sequential(*layer))
+            i += n
         self.stages = nn.Sequential(*stages)
-        self.fc = nn.Linear(cin, num_classes)
+        self.fc = nn.Linear(cin, spec.num_classes)
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(m.weight)
 
     def forward(self, x):
-        x = self.stages(self.stem(x))
+        x = self.stages(self.pool(self.stem(x)))
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
 def tas_resnet(**arch) -> TASResNet:
     """Build the derived network from an architecture dict (``TAS.architecture()``)."""
-    return TASResNet(**arch)
+    return TASResNet(arch["widths"], arch["blocks"], ResNetSpec.from_dict(arch))
 
 
 def inherit_weights(derived: TASResNet, supernet: TASSupernet, widths=None) -> None:
     """Initialise ``derived`` from the supernet's prefix filters and the BNs of its candidates
-    (``widths``, one per conv row; default the arg-max ones). Stride-1 projection shortcuts
-    (absent from the supernet) keep their fresh init."""
+    (``widths``, one per conv row; default the arg-max ones). Projection shortcuts the supernet
+    has (downsampling ones) inherit the same way; stride-1 projections that only the pruned
+    widths call for keep their fresh init."""
     if widths is None:
         index = supernet.probabilities()[0].argmax(1).tolist()
     else:
         index = [conv.choices.index(w) for conv, w in zip(supernet.convs, widths)]
 
-    def copy(dst: ConvBN, src: SearchConv, row):
-        w = dst.conv.weight
-        dst.conv.weight.copy_(src.conv.weight[:w.size(0), :w.size(1)])
-        dst.bn.load_state_dict(src.bns[index[row]].state_dict())
+    def copy(conv: nn.Conv2d, bn, src: SearchConv, row):
+        w = conv.weight
+        w.copy_(src.conv.weight[:w.size(0), :w.size(1)])
+        if bn is not None:
+            bn.load_state_dict(src.bns[index[row]].state_dict())
 
-    n = supernet.blocks_per_stage
     with torch.no_grad():
-        copy(derived.stem, supernet.stem, 0)
+        copy(derived.stem.conv, derived.stem.bn, supernet.stem, 0)
         for s, stage in enumerate(derived.stages):
             for a, blk in enumerate(stage):
-                i = s * n + a
-                src = supernet.blocks[i]
-                copy(blk.conv_a, src.conv_a, 1 + 2 * i)
-                copy(blk.conv_b, src.conv_b, 2 + 2 * i)
-                if src.stride == 2:
-                    w = blk.shortcut[1].weight
-                    w.copy_(src.shortcut.conv.weight[:w.size(0), :w.size(1)])
+                i = supernet.stage_blocks[s][a]
+                src, rows = supernet.blocks[i], supernet.block_rows[i]
+                for dst, conv, row in zip(blk.convs, src.convs, rows):
+                    copy(dst.conv, dst.bn, conv, row)
+                if src.shortcut is not None:
+                    short = list(blk.shortcut)
+                    conv = next(m for m in short if isinstance(m, nn.Conv2d))
+                    bn = next((m for m in short if isinstance(m, nn.BatchNorm2d)), None)
+                    copy(conv, bn, src.shortcut, rows[-1])
         derived.fc.weight.copy_(supernet.fc.weight[:, :derived.fc.in_features])
         derived.fc.bias.copy_(supernet.fc.bias)

@@ -120,7 +120,7 @@ def test_max_cost_equals_tas_published_totals():
 
 @pytest.mark.parametrize("n,size", [(3, 32), (9, 32), (2, 16)])
 def test_expected_flops_at_one_hot_equals_exact_flops_of_derived_net(n, size):
-    net = TASSupernet(n, 10, size)
+    net = TASSupernet(n, size)
     g = torch.Generator().manual_seed(n)
     for trial in range(4):
         with torch.no_grad():
@@ -141,7 +141,7 @@ def test_expected_flops_at_one_hot_equals_exact_flops_of_derived_net(n, size):
 
 def test_expected_cost_is_the_chained_expectation():
     """Depth weight P(depth >= a) and E[C] = sum p_j C_j, checked on one layer by hand."""
-    net = TASSupernet(2, 10, 8)
+    net = TASSupernet(2, 8)
     wp, dp = net.probabilities()
     base = net.cost(wp, dp)
     # perturb only the last stage's depth distribution: the cost changes by the last block's

@@ -87,7 +87,7 @@ def test_resume_after_kill_mid_epoch_reaches_the_same_architecture(splits, tmp_p
 def test_bad_arguments():
     with pytest.raises(ValueError, match="fraction"):
         TAS(CifarResNet(14), 1.5, device="cpu")
-    with pytest.raises(TypeError, match="CIFAR ResNet"):
+    with pytest.raises(TypeError, match="TAS searches ResNets"):
         TAS(torch.nn.Linear(3, 3), 0.5, device="cpu")
 
 
