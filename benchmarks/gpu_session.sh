@@ -6,6 +6,13 @@
 #   bash benchmarks/gpu_session.sh            # on the GPU machine, from the repository root
 #
 # Each step logs to $OUT/<step>.log; a failing step is reported and the next one still runs.
+#
+# The CIFAR-10 quality protocol (issue 4) needs the data and a call of its own (10 minutes a call):
+#   here:  mkdir -p gpu-data && cp ../shared/data/cifar10-jpeg.tar.gz \
+#              ../shared/data/pretrained/cifar10-resnet20-*.th gpu-data/      (git-ignored; carry it)
+#   there: python benchmarks/quality_tas.py --device cuda --model resnet20 \
+#              --data gpu-data/cifar10-jpeg.tar.gz --pretrained gpu-data/cifar10-resnet20-12fca82f.th \
+#              --baseline-epochs 5 --search-epochs 30 --finetune-epochs 30 && cp benchmarks/results/quality_tas.jsonl $OUT/
 set -u
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
