@@ -49,7 +49,8 @@ def test_sample_widths_respects_mask_and_weights_are_softmax_of_selected():
     assert logits.grad[~mask].abs().sum() == 0
 
 
-@pytest.mark.parametrize("c_in,c_out", [(9, 16), (12, 16), (16, 16), (7, 32), (16, 9), (25, 64)])
+@pytest.mark.parametrize("c_in,c_out", [(9, 16), (12, 16), (16, 16), (7, 32), (16, 9), (25, 64), (51, 64),
+                                        (90, 128), (33, 65), (130, 128)])   # matrix and gather forms
 def test_cwi_equals_adaptive_avg_pool3d_and_formula(c_in, c_out):
     x = torch.randn(3, c_in, 5, 4, dtype=torch.float64, requires_grad=True)
     y, ref = cwi(x, c_out), cwi_reference(x, c_out)
