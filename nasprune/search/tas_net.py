@@ -241,7 +241,7 @@ class ResNetSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ResNetSpec":
-        """The spec inside an architecture dict (also the CIFAR-only dicts of nasprune <= 0.1,
+        """The spec inside an architecture dict (also the CIFAR-only dicts of earlier runs,
         which carry ``blocks_per_stage``)."""
         keys = {f.name for f in fields(cls)}
         d = dict(d)
