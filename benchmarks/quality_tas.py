@@ -7,7 +7,8 @@ uniform-width pruning at equal MACs and equal training budget, in one process.
 1. Baseline (the KD teacher): the pretrained CIFAR ResNet fine-tuned for --baseline-epochs at
    lr/10 (or trained from scratch for --baseline-epochs at lr without --pretrained).
 2. TAS: --search-epochs of search warm-started from the baseline, the in-budget arg-max
-   exported with inherited weights, then --finetune-epochs of KD (lambda 0.9, T 4).
+   exported (--init: the supernet's weights, the baseline's, or random), then
+   --finetune-epochs of KD (lambda 0.9, T 4).
 3. Control: the baseline slimmed to its leading channels with one keep ratio for every channel
    group (nasprune.slim.uniform), the ratio chosen by bisection so that its MACs are the closest
    to TAS's from above or below; then KD for --search-epochs + --finetune-epochs (every epoch
@@ -66,6 +67,8 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--arch-lr", type=float, default=1e-2,
                    help="Adam step of the architecture (default 1e-2: searches much shorter than TAS's 600 epochs)")
+    p.add_argument("--init", choices=("inherit", "base", "random"), default="inherit",
+                   help="TAS's exported net: searched supernet weights (default), the baseline's, or random")
     p.add_argument("--device", default=str(_common.default_device()))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--progress", action="store_true")
@@ -110,7 +113,7 @@ def main(argv=None):
     arch = searcher.select("in-budget")
     seconds["search"] = time.time() - t
     t = time.time()
-    pruned = searcher.export(architecture=arch)
+    pruned = searcher.export(init=args.init, architecture=arch)
     train(pruned, train_set, epochs=args.finetune_epochs, lr=args.lr, teacher=teacher, desc="TAS KD", **common)
     tas = {"acc": evaluate(pruned, test_set, device=device)["acc"], "macs": flops.count(pruned.cpu(), x),
            "blocks": arch["blocks"], "widths": arch["widths"], "export_epoch": arch.get("epoch", "final")}
@@ -130,7 +133,7 @@ def main(argv=None):
     row = {"bench": "tas_quality", "model": args.model, "data": Path(args.data).name,
            "limit_per_class": args.limit_per_class, "train_images": len(train_set), "test_images": len(test_set),
            "protocol": {k: getattr(args, k) for k in ("baseline_epochs", "search_epochs", "finetune_epochs",
-                                                       "flops_target", "batch_size", "lr", "arch_lr", "seed")},
+                                                       "flops_target", "batch_size", "lr", "arch_lr", "init", "seed")},
            "pretrained": Path(args.pretrained).name if args.pretrained else None,
            "baseline": base, "tas": tas, "uniform": uni,
            "tas_minus_baseline": tas["acc"] - base["acc"], "tas_minus_uniform": tas["acc"] - uni["acc"],

@@ -20,6 +20,7 @@ from nasprune.search.tas_net import (TASSupernet, inherit_weights, resnet_spec, 
 
 TAU_SCHEDULES = ("cosine", "linear")
 SELECT_RULES = ("in-budget", "final")
+INIT_MODES = ("inherit", "base", "random")
 
 
 def cost_loss(expected, current, target, tolerance):
@@ -74,6 +75,7 @@ class TAS(Searcher):
         self.seed = int(seed)
         torch.manual_seed(self.seed)
         self.model = TASSupernet(spec, input_size)
+        self.base_model = model      # for export(init="base"); not copied, not modified
         if init_from_model:
             self.model.load_base(model)
         self.model.to(self.device)
@@ -193,15 +195,20 @@ class TAS(Searcher):
     def export(self, init: str = "inherit", architecture: dict | None = None) -> nn.Module:
         """The derived network (plain nn.Module, CPU, train mode) of ``architecture`` (default:
         the current arg-max; or one from :meth:`select`). init: "inherit" (prefix filters and the
-        chosen candidates' BNs of the supernet) or "random" (as the TAS paper, trained from
-        scratch)."""
-        if init not in ("inherit", "random"):
-            raise ValueError(f"init must be 'inherit' or 'random', got {init!r}")
+        chosen candidates' BNs of the searched supernet), "base" (prefix filters and BN slices
+        of the unpruned model passed in, as uniform pruning would start), or "random" (as the
+        TAS paper, trained from scratch)."""
+        if init not in INIT_MODES:
+            raise ValueError(f"init must be one of {INIT_MODES}, got {init!r}")
         arch = architecture if architecture is not None else self.model.architecture()
         net = tas_resnet(**arch)
         if init == "inherit":
             inherit_weights(net, self.model.cpu(), arch["widths"])
             self.model.to(self.device)
+        elif init == "base":
+            source = TASSupernet(self.model.spec, self.model.input_size)
+            source.load_base(self.base_model)
+            inherit_weights(net, source, arch["widths"])
         return net
 
     # -- checkpoint state

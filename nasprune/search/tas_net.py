@@ -280,8 +280,9 @@ class ResNetSpec:
 
 
 def _resnet_parts(model: nn.Module):
-    """(ResNetSpec, stem (conv, bn), blocks [([(conv, bn) ...], (conv, bn) or None)], fc) of a
-    nasprune CIFAR ResNet or a torchvision ResNet. Raises TypeError / ValueError naming the
+    """(ResNetSpec, stem (conv, bn), blocks [([(conv, bn) ...], shortcut)], fc) of a
+    nasprune CIFAR ResNet or a torchvision ResNet; shortcut is a projection's (conv, bn), an
+    option-A ChannelZeroPad, or None (identity). Raises TypeError / ValueError naming the
     module that TAS cannot search."""
     from nasprune.models import ChannelZeroPad, CifarResNet
     try:
@@ -349,8 +350,9 @@ def _resnet_parts(model: nn.Module):
                 proj = (conv, short[1])
                 if stride != 1:
                     shortcut = "conv"
-            elif not (short is None or isinstance(short, ChannelZeroPad)
-                      or (isinstance(short, nn.Sequential) and len(short) == 0)):
+            elif isinstance(short, ChannelZeroPad):
+                proj = short
+            elif not (short is None or (isinstance(short, nn.Sequential) and len(short) == 0)):
                 raise ValueError(f"{where}: unsupported shortcut {type(short).__name__}")
             blocks.append((pairs, proj))
     spec = ResNetSpec(layers=tuple(layers), block="bottleneck" if bottleneck else "basic",
@@ -624,7 +626,10 @@ class TASSupernet(nn.Module):
 
     def load_base(self, model):
         """Warm start from the unpruned ResNet (CIFAR or torchvision) this supernet was built for:
-        every conv, every candidate's BN (prefix of the base BN), projection shortcuts, fc."""
+        every conv, every candidate's BN (prefix of the base BN), projection shortcuts, fc. An
+        option-A shortcut (subsample, zero channels either side) becomes TAS's AvgPool + 1x1
+        conv with the conv embedding the input channels where option A puts them (a random
+        conv there would cut the residual path of a pretrained model)."""
         spec, stem, blocks, fc = _resnet_parts(model)
         if spec != self.spec:
             raise ValueError(f"load_base: the model is {spec}, the supernet was built for {self.spec}")
@@ -639,8 +644,14 @@ class TASSupernet(nn.Module):
         for dst, (pairs, proj) in zip(self.blocks, blocks):
             for conv, pair in zip(dst.convs, pairs):
                 conv_bn(conv, *pair)
-            if proj is not None:
+            if isinstance(proj, tuple):
                 conv_bn(dst.shortcut, *proj)
+            elif proj is not None:       # ChannelZeroPad
+                w = dst.shortcut.conv.weight
+                i = torch.arange(proj.in_channels)
+                with torch.no_grad():
+                    w.zero_()
+                    w[proj.before + i, i] = 1.0
         with torch.no_grad():
             self.fc.weight.copy_(fc.weight); self.fc.bias.copy_(fc.bias)
 
@@ -737,8 +748,9 @@ def tas_resnet(**arch) -> TASResNet:
 def inherit_weights(derived: TASResNet, supernet: TASSupernet, widths=None) -> None:
     """Initialise ``derived`` from the supernet's prefix filters and the BNs of its candidates
     (``widths``, one per conv row; default the arg-max ones). Projection shortcuts the supernet
-    has (downsampling ones) inherit the same way; stride-1 projections that only the pruned
-    widths call for keep their fresh init."""
+    has (downsampling ones) inherit the same way. A stride-1 projection that only the pruned
+    widths call for starts as the channel embedding the supernet computed there (its residual
+    add puts the input into the leading channels): 1x1 weights eye(C_out, C_in), BN as fresh."""
     if widths is None:
         index = supernet.probabilities()[0].argmax(1).tolist()
     else:
@@ -758,10 +770,12 @@ def inherit_weights(derived: TASResNet, supernet: TASSupernet, widths=None) -> N
                 src, rows = supernet.blocks[i], supernet.block_rows[i]
                 for dst, conv, row in zip(blk.convs, src.convs, rows):
                     copy(dst.conv, dst.bn, conv, row)
+                short = list(blk.shortcut) if isinstance(blk.shortcut, nn.Sequential) else []
+                conv = next((m for m in short if isinstance(m, nn.Conv2d)), None)
                 if src.shortcut is not None:
-                    short = list(blk.shortcut)
-                    conv = next(m for m in short if isinstance(m, nn.Conv2d))
                     bn = next((m for m in short if isinstance(m, nn.BatchNorm2d)), None)
                     copy(conv, bn, src.shortcut, rows[-1])
+                elif conv is not None:
+                    conv.weight.copy_(torch.eye(*conv.weight.shape[:2]).view_as(conv.weight))
         derived.fc.weight.copy_(supernet.fc.weight[:, :derived.fc.in_features])
         derived.fc.bias.copy_(supernet.fc.bias)

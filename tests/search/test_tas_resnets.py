@@ -134,3 +134,45 @@ def test_architecture_dicts_of_cifar_only_releases_still_build():
         tas_resnet(**{**old, "widths": [8] * 12})
     with pytest.raises(ValueError, match="outside 1..16"):
         tas_resnet(**{**old, "widths": [17] + [12] * 12})
+
+
+def test_option_a_shortcut_warm_starts_as_channel_embedding():
+    """Option A (subsample, zero-pad channels) -> TAS's AvgPool + 1x1 conv: the conv places the
+    input channels where option A does, so the warm-started residual path carries the input."""
+    model = CifarResNet(20).eval()
+    net = TASSupernet(resnet_spec(model), 32)
+    net.load_base(model)
+    blk = net.blocks[3]                                    # first block of stage 2: 16 -> 32, stride 2
+    w = blk.shortcut.conv.weight[:, :, 0, 0]
+    assert w.shape == (32, 16) and w.sum() == 16 and torch.equal(w[8:24], torch.eye(16))
+    x = torch.randn(2, 16, 8, 8)
+    pad = model.layer2[0].shortcut
+    avg = torch.nn.functional.avg_pool2d(x, 2)
+    ours = torch.nn.functional.conv2d(avg, blk.shortcut.conv.weight)
+    torch.testing.assert_close(ours, torch.nn.functional.pad(avg, (0, 0, 0, 0, pad.before, pad.after)))
+
+
+def test_export_base_init_takes_the_unpruned_models_prefix_weights():
+    model = _small(BasicBlock, (2, 2, 1, 2))
+    s = TAS(model, 0.5, input_size=32, device="cpu", seed=0)
+    with torch.no_grad():                  # the searched supernet drifts away from the model
+        for p in s.model.weight_parameters():
+            p.add_(1.0)
+    _set_arch(s.model, 4, -1)
+    with torch.no_grad():                  # one stride-1 block with unequal widths: a new projection
+        s.model.width_logits[2].fill_(-5.0); s.model.width_logits[2, 2] = 5.0
+    arch = s.architecture()
+    base, inherited = s.export(init="base", architecture=arch), s.export(architecture=arch)
+    c, cin = base.stem.conv.weight.shape[:2]
+    torch.testing.assert_close(base.stem.conv.weight, model.conv1.weight[:c])
+    torch.testing.assert_close(base.stem.bn.running_var, model.bn1.running_var[:c])
+    torch.testing.assert_close(inherited.stem.conv.weight, s.model.stem.conv.weight[:c])
+    blk, src = base.stages[1][0], model.layer2[0]
+    w = blk.shortcut[0].weight
+    torch.testing.assert_close(w, src.downsample[0].weight[:w.size(0), :w.size(1)])
+    proj = base.stages[0][0].shortcut          # only the pruned widths call for it
+    assert isinstance(proj, nn.Sequential)
+    w = proj[0].weight[:, :, 0, 0]
+    torch.testing.assert_close(w, torch.eye(*w.shape))
+    with pytest.raises(ValueError, match="init must be one of"):
+        s.export(init="scratch")
