@@ -121,8 +121,13 @@ def environment(device: torch.device) -> dict:
     except ImportError:
         triton_version = None
     try:
+        here = Path(__file__).parent
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, cwd=Path(__file__).parent).stdout.strip() or None
+                                text=True, cwd=here).stdout.strip() or None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "nasprune", "csrc",
+                                "kernels", "benchmarks/*.py"], capture_output=True, text=True, cwd=here.parent).stdout
+        if commit and dirty.strip():
+            commit += "+dirty"      # timed code differs from the commit
     except OSError:
         commit = None
     return {
