@@ -62,6 +62,42 @@ def compare_ms(variants: dict, device: torch.device, rounds: int = 9, reps: int 
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
+_NO_WORK = {"aten::empty", "aten::empty_strided", "aten::empty_like", "aten::resize_", "aten::as_strided_",
+            "aten::set_", "aten::lift_fresh", "aten::to", "aten::contiguous", "aten::result_type",
+            "aten::_has_compatible_shallow_copy_type", "aten::item", "aten::_local_scalar_dense", "aten::is_nonzero"}
+
+
+def _is_view(name: str) -> bool:
+    """Whether an ATen op returns an alias of an input without writing it (a view: no kernel)."""
+    packet = getattr(torch.ops.aten, name.split("::", 1)[1], None)
+    if packet is None:
+        return False
+    schema = getattr(packet, packet.overloads()[0])._schema
+    return any(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns)
+
+
+def launches(fn, device: torch.device) -> int:
+    """Device work items one call of fn issues: on a GPU the kernels, copies and fills the
+    profiler sees; on the CPU the ATen and nasprune ops that do work (innermost ops that are
+    neither views nor allocations), each of which would be at least one launch on a GPU.
+    A proxy for the per-step launch overhead of code made of many small ops. fn runs twice
+    (the first call warms caches and optimiser state); the second is counted."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities, record_shapes=True) as prof:
+        fn()
+        sync(device)
+    events = prof.events()
+    if device.type == "cuda":
+        return sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+
+    def work(e):   # 0-dim operands only: CPU scalar wrapping, a kernel argument on a GPU
+        return (e.name.startswith(("aten::", "nasprune::")) and e.name not in _NO_WORK and not _is_view(e.name)
+                and any(len(shape) for shape in e.input_shapes))
+    return sum(1 for e in events if work(e) and not any(work(c) for c in e.cpu_children))
+
+
 def with_ratios(rows: list[dict]) -> list[dict]:
     """Adds "x eager" and "x compile" (speed relative to the rows of the same case whose impl is
     "eager" or "torch.compile") to every row."""

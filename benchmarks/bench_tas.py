@@ -28,7 +28,27 @@ from nasprune.search.tas_net import add_unequal, cwi_reference  # noqa: E402
 
 
 # ---------------------------------------------------------------- the eager reference
-def eager_conv(layer, x, index, w):
+class EagerBNs:
+    """One nn.BatchNorm2d per width candidate of every searched conv, as TAS's code has them,
+    copied from the supernet's packed tables; and the weight SGD over them and the convs."""
+
+    def __init__(self, s: TAS):
+        net = s.model
+        self.bns = {}
+        for layer in net.modules():
+            if getattr(layer, "bn", None) is not None and hasattr(layer, "choices"):
+                bns = torch.nn.ModuleList(torch.nn.BatchNorm2d(c) for c in layer.choices).to(s.device)
+                for j, bn in enumerate(bns):
+                    bn.load_state_dict(layer.bn.candidate(j))
+                self.bns[layer] = bns
+        params = [p for n, p in net.named_parameters() if not n.endswith(("_logits", "bn.affine"))]
+        params += [p for bns in self.bns.values() for p in bns.parameters()]
+        g = s.w_opt.param_groups[0]
+        self.opt = torch.optim.SGD(params, lr=g["lr"], momentum=g["momentum"], weight_decay=g["weight_decay"],
+                                   nesterov=True)
+
+
+def eager_conv(layer, x, index, w, bns):
     if layer.avg:
         x = F.avg_pool2d(x, layer.pool_stride)
     cin = layer.conv.in_channels
@@ -37,8 +57,8 @@ def eager_conv(layer, x, index, w):
     o = layer.conv(x)
     widths = [layer.choices[i] for i in index]
     frags = [o[:, :c] for c in widths]
-    if layer.bns is not None:
-        frags = [layer.bns[i](f) for i, f in zip(index, frags)]
+    if layer.bn is not None:
+        frags = [bns.bns[layer][i](f) for i, f in zip(index, frags)]
     c_max = max(widths)
     out = cwi_reference(frags[0], c_max) * w[0] + cwi_reference(frags[1], c_max) * w[1]
     return F.relu(out) if layer.relu else out
@@ -59,9 +79,9 @@ def eager_sample(net, tau):
     return index, weights, depth
 
 
-def eager_forward(net, x, tau):
+def eager_forward(net, x, tau, bns):
     index, w, q = eager_sample(net, tau)
-    x = eager_conv(net.stem, x, index[0], w[0])
+    x = eager_conv(net.stem, x, index[0], w[0], bns)
     if net.spec.stem_pool:
         x = F.max_pool2d(x, 3, 2, 1)
     for s, blocks in enumerate(net.stage_blocks):
@@ -70,8 +90,8 @@ def eager_forward(net, x, tau):
             blk, rows = net.blocks[i], net.block_rows[i]
             out = x
             for conv, r in zip(blk.convs, rows):
-                out = eager_conv(conv, out, index[r], w[r])
-            res = x if blk.shortcut is None else eager_conv(blk.shortcut, x, index[rows[-1]], w[rows[-1]])
+                out = eager_conv(conv, out, index[r], w[r], bns)
+            res = x if blk.shortcut is None else eager_conv(blk.shortcut, x, index[rows[-1]], w[rows[-1]], bns)
             x = F.relu(add_unequal(res, out))
             if a + 1 in net.depth_choices[s]:
                 ends.append(x)
@@ -81,20 +101,20 @@ def eager_forward(net, x, tau):
     return F.linear(f, net.fc.weight[:, :f.size(1)], net.fc.bias)
 
 
-def eager_step(s: TAS, batch_w, batch_a):
+def eager_step(s: TAS, batch_w, batch_a, bns: EagerBNs):
     net = s.model
     net.train()
     x, y = batch_w
-    loss = F.cross_entropy(eager_forward(net, x, s.tau), y)
-    s.w_opt.zero_grad(set_to_none=True); s.a_opt.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(eager_forward(net, x, s.tau, bns), y)
+    bns.opt.zero_grad(set_to_none=True); s.a_opt.zero_grad(set_to_none=True)
     loss.backward()
-    s.w_opt.step()
+    bns.opt.step()
     xa, ya = batch_a
-    logits = eager_forward(net, xa, s.tau)
+    logits = eager_forward(net, xa, s.tau, bns)
     current = float(net.argmax_cost())                          # host read, as get_flop('genotype')
     l_cost = cost_loss(net.expected_cost() / 1e6, torch.tensor(current), s.target, s.tolerance)
     loss_a = F.cross_entropy(logits, ya) + s.cost_weight * l_cost
-    s.w_opt.zero_grad(set_to_none=True); s.a_opt.zero_grad(set_to_none=True)
+    bns.opt.zero_grad(set_to_none=True); s.a_opt.zero_grad(set_to_none=True)
     loss_a.backward()
     s.a_opt.step()
 
@@ -127,25 +147,35 @@ def main():
     g = torch.Generator().manual_seed(0)
     bw = (torch.randn(batch, 3, args.size, args.size, generator=g).to(device), torch.randint(0, 10, (batch,), generator=g).to(device))
     ba = (torch.randn(batch, 3, args.size, args.size, generator=g).to(device), torch.randint(0, 10, (batch,), generator=g).to(device))
-    # Both at the same state of the logits (the start of a search, widest candidates likely).
-    state = {k: v.clone() for k, v in s.model.state_dict().items()}
+    bns = EagerBNs(s)
+    # Both from the same architecture logits (the start of a search, near-uniform). The weights
+    # drift over the timed steps, which does not change the work of a step; restoring them would
+    # time thousands of copies on a GPU.
+    start = [p.detach().clone() for p in s.model.arch_parameters()]
+
+    def reset():
+        with torch.no_grad():
+            for p, v in zip(s.model.arch_parameters(), start):
+                p.copy_(v)
 
     def ours():
-        s.model.load_state_dict(state)
+        reset()
         s.step(bw, ba)
 
     def eager():
-        s.model.load_state_dict(state)
-        eager_step(s, bw, ba)
+        reset()
+        eager_step(s, bw, ba, bns)
 
+    variants = {"eager": eager, "nasprune": ours}
+    ops = {name: _common.launches(fn, device) for name, fn in variants.items()}
     rows = []
-    times = _common.compare_ms({"eager": eager, "nasprune": ours}, device, rounds=4, reps=args.reps,
-                               warmup=1)
+    times = _common.compare_ms(variants, device, rounds=4, reps=args.reps, warmup=1)
     t_eager = times["eager"]
     for name, ms in times.items():
         rows.append({"bench": "tas_search_step", "impl": name, "model": args.model, "size": args.size, "batch": batch,
-                     "median_ms": ms, "speedup_vs_eager": t_eager / ms})
-    print(_common.table(rows, ["impl", "model", "batch", "median_ms", "speedup_vs_eager"]))
+                     "median_ms": ms, "speedup_vs_eager": t_eager / ms, "launches": ops[name],
+                     "launches_unit": "cuda kernels+copies" if device.type == "cuda" else "cpu work ops"})
+    print(_common.table(rows, ["impl", "model", "batch", "median_ms", "speedup_vs_eager", "launches"]))
     if not args.no_record:
         print("recorded to", _common.record("tas", device, rows))
 

@@ -118,27 +118,24 @@ def cwi(x: torch.Tensor, channels: int) -> torch.Tensor:
     return torch.matmul(table, x.reshape(n, c, h * w)).view(n, channels, h, w)
 
 
-def _pad_rows(vectors, channels: int, value: float = 0.0) -> torch.Tensor:
-    """Stack per-candidate vectors of lengths c_j into a (K, channels) tensor, padded with value."""
-    return torch.stack([F.pad(v, (0, channels - v.numel()), value=value) for v in vectors])
-
-
-def aggregate_widths(o, bn_params, widths, weights, act=None, *, training=True, momentum=0.1,
+def aggregate_widths(o, widths, weights, act=None, *, bn=None, index=None, training=True, momentum=0.1,
                      eps=1e-5, width_values=None):
     """TAS width aggregation: act(sum_j weights[j] * CWI(BN_j(o[:, :widths[j]]), max(widths))).
 
-    o: conv output with max(widths) channels. bn_params: per candidate (weight, bias,
-    running_mean, running_var), or None for no BN. widths: host list of the K candidate widths;
-    width_values: the same as an int64 device tensor (made from widths when omitted; the
+    o: conv output with max(widths) channels. widths: host list of the K sampled candidate
+    widths; width_values: the same as an int64 device tensor (made from widths when omitted; the
     supernet gathers it on the device so no layer copies to the device). weights: (K,).
-    act: None or "relu".
+    bn: the layer's :class:`CandidateBN` (None: no BN) and index: the K sampled candidates'
+    rows of it, an int64 device tensor. act: None or "relu".
 
     One fused op (``nasprune.ops.width_aggregate``) does the slicing, per-candidate affine,
     CWI, weighted sum and activation. Every candidate's BN normalises a prefix of the same
     channels, so one ``channel_stats(o)`` gives all batch statistics (differentiable: the
-    gradient through them is one more pass), folded with each candidate's gamma and beta into
-    (K, C) scale and shift rows. Running statistics update as nn.BatchNorm2d's (momentum,
-    unbiased variance) for the sampled candidates only.
+    gradient through them is one more pass), folded with the sampled rows of gamma and beta
+    (one gather from the packed table) into (K, C) scale and shift rows. Running statistics
+    update as nn.BatchNorm2d's (momentum, unbiased variance) for the sampled candidates only,
+    in one gather, lerp and scatter. Few small ops per layer matters on a GPU, where each is a
+    kernel launch and a search step runs a few thousand.
     """
     from nasprune import ops
 
@@ -147,12 +144,13 @@ def aggregate_widths(o, bn_params, widths, weights, act=None, *, training=True, 
         raise ValueError(f"aggregate_widths: o has {c} channels, the widest candidate {max(widths)}")
     if width_values is None:
         width_values = torch.tensor(widths, dtype=torch.long, device=o.device)
-    if bn_params is None:
-        scale = _pad_rows([o.new_ones(w, dtype=torch.float32) for w in widths], c)
+    if bn is None:
+        scale = o.new_ones(len(widths), c, dtype=torch.float32)
         shift = torch.zeros_like(scale)
     else:
-        gamma = _pad_rows([p[0] for p in bn_params], c)
-        beta = _pad_rows([p[1] for p in bn_params], c)
+        if index is None:
+            raise ValueError("aggregate_widths: bn needs the sampled candidates' index")
+        gamma, beta = bn.affine.index_select(0, index)[:, :, :c].unbind(1)     # (K, c) each
         if training:
             count = o.numel() // max(c, 1)
             if count < 2:
@@ -160,15 +158,16 @@ def aggregate_widths(o, bn_params, widths, weights, act=None, *, training=True, 
                                  f"per channel; o has shape {tuple(o.shape)}")
             mean, var = ops.channel_stats(o)
             with torch.no_grad():
-                unbiased = var * (count / (count - 1))
-                for (_, _, rm, rv), w in zip(bn_params, widths):
-                    rm.lerp_(mean[:w].to(rm.dtype), momentum)
-                    rv.lerp_(unbiased[:w].to(rv.dtype), momentum)
+                run = bn.stats.index_select(0, index)
+                batch = torch.stack([mean, var * (count / (count - 1))]).to(run.dtype)
+                run[:, :, :c].lerp_(batch, momentum)
+                bn.stats.index_copy_(0, index, run)
             scale = gamma * (var + eps).rsqrt()
             shift = beta - mean * scale
         else:
-            scale = gamma * (_pad_rows([p[3] for p in bn_params], c, 1.0) + eps).rsqrt()
-            shift = beta - _pad_rows([p[2] for p in bn_params], c) * scale
+            run = bn.stats.index_select(0, index)[:, :, :c]
+            scale = gamma * (run[:, 1] + eps).rsqrt()
+            shift = beta - run[:, 0] * scale
     return ops.width_aggregate(o, scale, shift, width_values, weights, act or "identity")
 
 
@@ -369,6 +368,34 @@ def resnet_spec(model: nn.Module) -> ResNetSpec:
 
 
 # ---------------------------------------------------------------- supernet
+class CandidateBN(nn.Module):
+    """The BatchNorms of one searchable conv's width candidates, packed into two tables so a
+    layer gathers its sampled candidates in one op: ``affine[j] = (gamma_j, beta_j)`` and the
+    buffer ``stats[j] = (running_mean_j, running_var_j)``, each over the first ``choices[j]``
+    channels (row j's columns beyond that are padding, never read). :meth:`candidate` gives
+    candidate j as an nn.BatchNorm2d state dict."""
+
+    def __init__(self, choices):
+        super().__init__()
+        self.choices = list(choices)
+        k, c = len(self.choices), max(self.choices)
+        self.affine = nn.Parameter(torch.stack([torch.ones(k, c), torch.zeros(k, c)], 1))
+        self.register_buffer("stats", torch.stack([torch.zeros(k, c), torch.ones(k, c)], 1))
+
+    def candidate(self, j: int) -> dict:
+        c = self.choices[j]
+        return {"weight": self.affine[j, 0, :c].detach().clone(), "bias": self.affine[j, 1, :c].detach().clone(),
+                "running_mean": self.stats[j, 0, :c].clone(), "running_var": self.stats[j, 1, :c].clone(),
+                "num_batches_tracked": torch.tensor(0)}
+
+    @torch.no_grad()
+    def load_prefixes(self, bn: nn.BatchNorm2d) -> None:
+        """Every candidate from the leading channels of one full-width BatchNorm (warm start)."""
+        k, c = len(self.choices), max(self.choices)
+        self.affine.copy_(torch.stack([bn.weight[:c], bn.bias[:c]]).expand(k, 2, c))
+        self.stats.copy_(torch.stack([bn.running_mean[:c], bn.running_var[:c]]).expand(k, 2, c))
+
+
 class SearchConv(nn.Module):
     """Conv (+ per-candidate BN) (+ ReLU) whose output width is searched. avg: AvgPool(stride)
     before a stride-1 conv (TAS's CIFAR downsampling shortcut)."""
@@ -377,23 +404,21 @@ class SearchConv(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, kernel, 1 if avg else stride, kernel // 2, bias=False)
         self.choices = width_choices(cout)
-        self.bns = nn.ModuleList(nn.BatchNorm2d(c) for c in self.choices) if bn else None
+        self.bn = CandidateBN(self.choices) if bn else None
         self.relu, self.avg, self.pool_stride = relu, avg, stride
 
-    def forward(self, x, index, weights, width_values=None):
-        """index: host list of the sampled candidates; width_values: their widths on the device."""
+    def forward(self, x, sample):
+        """sample: (host list of the sampled candidates, their mixing weights, their widths and
+        their indices as device tensors)."""
+        index, weights, width_values, device_index = sample
         if self.avg:
             x = F.avg_pool2d(x, self.pool_stride)
         widths = [self.choices[i] for i in index]
         conv = self.conv
         # Only the sampled filters and the real input channels (zero-padded inputs add nothing).
         o = F.conv2d(x, conv.weight[:max(widths), :x.size(1)], None, conv.stride, conv.padding)
-        bn_params = None
-        if self.bns is not None:
-            bns = [self.bns[i] for i in index]
-            bn_params = [(b.weight, b.bias, b.running_mean, b.running_var) for b in bns]
-        return aggregate_widths(o, bn_params, widths, weights, "relu" if self.relu else None,
-                                training=self.training, momentum=0.1, eps=1e-5,
+        return aggregate_widths(o, widths, weights, "relu" if self.relu else None, bn=self.bn,
+                                index=device_index, training=self.training, momentum=0.1, eps=1e-5,
                                 width_values=width_values)
 
     def output_size(self, size: int) -> int:
@@ -434,11 +459,11 @@ class SearchBlock(nn.Module):
         self.stride = stride
 
     def forward(self, x, samples):
-        """samples: one (index, weights, width_values) per conv."""
+        """samples: one SearchConv sample per conv."""
         out = x
         for conv, sample in zip(self.convs, samples):
-            out = conv(out, *sample)
-        residual = x if self.shortcut is None else self.shortcut(x, *samples[-1])  # shares the last sample
+            out = conv(out, sample)
+        residual = x if self.shortcut is None else self.shortcut(x, samples[-1])  # shares the last sample
         return F.relu(add_unequal(residual, out))
 
 
@@ -498,8 +523,10 @@ class TASSupernet(nn.Module):
                                       self.depth_table.size(1)).to(self.width_logits.dtype)
         values = self.width_values.gather(1, index)
         host = index.tolist()
-        sample = [(host[r], width_weights[r], values[r]) for r in range(len(host))]
-        x = self.stem(x, *sample[0])
+        # unbind: one op per tensor, and one stack in the backward (row-by-row indexing costs a
+        # launch per row each way)
+        sample = list(zip(host, width_weights.unbind(0), values.unbind(0), index.unbind(0)))
+        x = self.stem(x, sample[0])
         if self.spec.stem_pool:
             x = F.max_pool2d(x, 3, 2, 1)
         for s, blocks in enumerate(self.stage_blocks):
@@ -637,9 +664,8 @@ class TASSupernet(nn.Module):
         def conv_bn(dst: SearchConv, conv, bn):
             with torch.no_grad():
                 dst.conv.weight.copy_(conv.weight)
-                for c, b in zip(dst.choices, dst.bns or ()):
-                    b.weight.copy_(bn.weight[:c]); b.bias.copy_(bn.bias[:c])
-                    b.running_mean.copy_(bn.running_mean[:c]); b.running_var.copy_(bn.running_var[:c])
+            if dst.bn is not None:
+                dst.bn.load_prefixes(bn)
         conv_bn(self.stem, *stem)
         for dst, (pairs, proj) in zip(self.blocks, blocks):
             for conv, pair in zip(dst.convs, pairs):
@@ -760,7 +786,7 @@ def inherit_weights(derived: TASResNet, supernet: TASSupernet, widths=None) -> N
         w = conv.weight
         w.copy_(src.conv.weight[:w.size(0), :w.size(1)])
         if bn is not None:
-            bn.load_state_dict(src.bns[index[row]].state_dict())
+            bn.load_state_dict(src.bn.candidate(index[row]))
 
     with torch.no_grad():
         copy(derived.stem.conv, derived.stem.bn, supernet.stem, 0)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from nasprune import flops
 from nasprune.search import cost_loss, temperature
-from nasprune.search.tas_net import (TASSupernet, aggregate_widths, cwi, cwi_reference, depth_choices,
+from nasprune.search.tas_net import (CandidateBN, TASSupernet, aggregate_widths, cwi, cwi_reference, depth_choices,
                                      gumbel_topk, sample_widths, tas_resnet, width_choices)
 
 
@@ -71,6 +71,19 @@ def _candidate_bns(widths, seed=0):
              0.1 * torch.randn(c, generator=g), torch.rand(c, generator=g) + 0.5) for c in widths]
 
 
+def _packed(widths, seed=0):
+    """A CandidateBN whose rows 1..K are _candidate_bns(widths) (row 0: a wider unsampled
+    candidate, so the gather and the scatter of the sampled rows are exercised)."""
+    bn = CandidateBN([max(widths) + 3] + list(widths))
+    with torch.no_grad():
+        bn.affine.normal_(); bn.stats.uniform_(0.5, 1.5)
+        for j, p in enumerate(_candidate_bns(widths, seed), 1):
+            c = p[0].numel()
+            bn.affine[j, 0, :c], bn.affine[j, 1, :c] = p[0], p[1]
+            bn.stats[j, 0, :c], bn.stats[j, 1, :c] = p[2], p[3]
+    return bn, torch.arange(1, len(widths) + 1)
+
+
 def _composed(o, bns, widths, w, act, training):
     """TAS's layer math as its code writes it: per-candidate BN of the prefix, adaptive_avg_pool3d."""
     c_max = max(widths)
@@ -82,36 +95,57 @@ def _composed(o, bns, widths, w, act, training):
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("widths,act", [([8, 12], "relu"), ([12, 5], None), ([7], "relu")])
 def test_aggregate_widths_equals_per_candidate_bn_composition(widths, act, training):
-    """The fused aggregation (one channel_stats, folded BN, width_aggregate op) equals TAS's
-    composition in output, every gradient (o, gamma, beta, mixing weights) and running stats."""
+    """The fused aggregation (one channel_stats, BN rows gathered from the packed table and
+    folded, width_aggregate op) equals TAS's composition of separate BNs in output, every
+    gradient (o, gamma, beta, mixing weights) and running stats; unsampled rows are untouched."""
     g = torch.Generator().manual_seed(len(widths))
     o = (3 * torch.randn(4, max(widths), 5, 3, generator=g) + 1).requires_grad_()
     w = torch.rand(len(widths), generator=g).softmax(0).requires_grad_()
-    ours_bn = [tuple(t.clone().requires_grad_(i < 2) for i, t in enumerate(p)) for p in _candidate_bns(widths)]
+    bn, index = _packed(widths)
+    before = bn.stats.clone()
     ref_bn = [tuple(t.clone().requires_grad_(i < 2) for i, t in enumerate(p)) for p in _candidate_bns(widths)]
-    out = aggregate_widths(o, ours_bn, widths, w, act, training=training)
+    out = aggregate_widths(o, widths, w, act, bn=bn, index=index, training=training)
     ref = _composed(o, ref_bn, widths, w, act, training)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     dy = torch.randn(ref.shape, generator=g)
-    leaves_ours = [o, w] + [t for p in ours_bn for t in p[:2]]
-    leaves_ref = [o, w] + [t for p in ref_bn for t in p[:2]]
-    for a, b in zip(torch.autograd.grad(out, leaves_ours, dy), torch.autograd.grad(ref, leaves_ref, dy)):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    for p, q in zip(ours_bn, ref_bn):            # running statistics (changed only in training)
-        torch.testing.assert_close(p[2], q[2]); torch.testing.assert_close(p[3], q[3])
-    if training:
-        assert not torch.equal(ours_bn[0][2], _candidate_bns(widths)[0][2])
+    grads = torch.autograd.grad(out, [o, w, bn.affine], dy)
+    grads_ref = torch.autograd.grad(ref, [o, w] + [t for p in ref_bn for t in p[:2]], dy)
+    torch.testing.assert_close(grads[0], grads_ref[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grads[1], grads_ref[1], rtol=1e-4, atol=1e-5)
+    for j, c in enumerate(widths, 1):
+        torch.testing.assert_close(grads[2][j, 0, :c], grads_ref[2 * j], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(grads[2][j, 1, :c], grads_ref[2 * j + 1], rtol=1e-4, atol=1e-5)
+    assert not grads[2][0].any()                    # the unsampled candidate gets no gradient
+    for j, (c, q) in enumerate(zip(widths, ref_bn), 1):   # running statistics (changed only in training)
+        torch.testing.assert_close(bn.stats[j, 0, :c], q[2]); torch.testing.assert_close(bn.stats[j, 1, :c], q[3])
+    torch.testing.assert_close(bn.stats[0], before[0], rtol=0, atol=0)
+    assert torch.equal(bn.stats, before) != training
+
+
+def test_candidate_bn_rows_are_batchnorm_state_dicts():
+    base = torch.nn.BatchNorm2d(10)
+    with torch.no_grad():
+        base.weight.uniform_(); base.bias.normal_(); base.running_mean.normal_(); base.running_var.uniform_(1, 2)
+    bn = CandidateBN([3, 7, 10])
+    bn.load_prefixes(base)
+    one = torch.nn.BatchNorm2d(7)
+    one.load_state_dict(bn.candidate(1))
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        torch.testing.assert_close(getattr(one, name), getattr(base, name)[:7])
 
 
 def test_aggregate_widths_without_bn_and_bad_width():
     o = torch.randn(2, 9, 4, 4)
     w = torch.tensor([0.25, 0.75])
-    out = aggregate_widths(o, None, [4, 9], w, None)
+    out = aggregate_widths(o, [4, 9], w, None)
     torch.testing.assert_close(out, 0.25 * cwi_reference(o[:, :4], 9) + 0.75 * o)
     with pytest.raises(ValueError, match="9 channels, the widest candidate 8"):
-        aggregate_widths(o, None, [4, 8], w, None)
+        aggregate_widths(o, [4, 8], w, None)
+    bn, index = _packed([4])
     with pytest.raises(ValueError, match="more than one value per channel"):
-        aggregate_widths(torch.randn(1, 4, 1, 1), _candidate_bns([4]), [4], w[:1], None)
+        aggregate_widths(torch.randn(1, 4, 1, 1), [4], w[:1], None, bn=bn, index=index)
+    with pytest.raises(ValueError, match="needs the sampled candidates' index"):
+        aggregate_widths(torch.randn(2, 4, 1, 1), [4], w[:1], None, bn=bn)
 
 
 def test_max_cost_equals_tas_published_totals():

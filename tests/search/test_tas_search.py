@@ -29,11 +29,18 @@ def test_tiny_search_meets_flops_target_and_export_matches_estimate(splits):
     w, a = splits
     s = _searcher(arch_lr=1e-2)   # 4 short epochs: a larger Adam step than TAS's 1e-3
     start = s.model.width_logits.detach().clone()
-    arch = s.search(w, a, epochs=4, batch_size=64)
-    ratio = arch["flops"] / s.base_flops
-    # the cost loss is zero only in [R - t*F_max, R]; allow one more tolerance band either side
-    assert 0.5 - 2 * 0.05 * s.max_flops / s.base_flops <= ratio <= 0.5 + 0.05, ratio
-    net = s.export()
+    final = s.search(w, a, epochs=4, batch_size=64)
+    assert final == s.select("final")
+    # A search this short swings around the budget (one stage's depth is 10-15 % of the MACs);
+    # the in-budget rule exports the latest epoch-end arg-max in the cost loss's zero band.
+    ratios = [h["flops_ratio"] for h in s.history]
+    band = (0.5 - 0.05 * s.max_flops / s.base_flops, 0.5)
+    assert any(band[0] <= r <= band[1] for r in ratios), ratios
+    arch = s.select("in-budget")
+    assert band[0] <= arch["flops"] / s.base_flops <= band[1]
+    assert arch.get("epoch", len(s.history)) == max(h["epoch"] for h in s.history
+                                                    if band[0] <= h["flops_ratio"] <= band[1])
+    net = s.export(architecture=arch)
     assert flops.count(net, torch.zeros(1, 3, SIZE, SIZE)) == arch["flops"]
     assert isinstance(net, torch.nn.Module) and not any("logits" in n for n, _ in net.named_parameters())
     assert net(torch.randn(2, 3, SIZE, SIZE)).shape == (2, 10)
@@ -48,7 +55,7 @@ def test_exported_network_inherits_supernet_weights(splits):
     i = s.model.probabilities()[0].argmax(1)[0].item()
     c = net.stem.conv.out_channels
     torch.testing.assert_close(net.stem.conv.weight, s.model.stem.conv.weight[:c])
-    torch.testing.assert_close(net.stem.bn.weight, s.model.stem.bns[i].weight)
+    torch.testing.assert_close(net.stem.bn.weight, s.model.stem.bn.candidate(i)["weight"])
     fresh = s.export(init="random")
     assert not torch.equal(fresh.stem.conv.weight, net.stem.conv.weight)
 
@@ -116,5 +123,5 @@ def test_select_in_budget_takes_latest_epoch_arch_in_band_and_export_builds_it()
     net = s.export(architecture=chosen)
     assert flops.count(net, torch.zeros(1, 3, SIZE, SIZE)) == chosen["flops"]
     i = s.model.stem.choices.index(chosen["widths"][0])
-    torch.testing.assert_close(net.stem.bn.running_var, s.model.stem.bns[i].running_var)
+    torch.testing.assert_close(net.stem.bn.running_var, s.model.stem.bn.candidate(i)["running_var"])
     assert net.stem.conv.out_channels == chosen["widths"][0]
