@@ -1,5 +1,6 @@
 """benchmarks/quality_tas.py (issue 4's quality protocol) on the embedded digits, one epoch a
-phase: every arm runs, the control matches TAS's MACs and gets TAS's weight-training epochs."""
+phase: every arm runs (the architecture control too), the control matches TAS's MACs and gets
+TAS's weight-training epochs."""
 import sys
 from pathlib import Path
 
@@ -23,11 +24,14 @@ def test_uniform_control_is_the_closest_to_the_target_macs():
 
 def test_protocol_runs_every_arm_and_records_the_budget():
     row = quality_tas.main(["--data", "digits", "--baseline-epochs", "1", "--search-epochs", "1",
-                            "--finetune-epochs", "1", "--batch-size", "128", "--device", "cpu", "--no-record"])
+                            "--finetune-epochs", "1", "--batch-size", "128", "--device", "cpu", "--arch-control",
+                            "--no-record"])
     assert row["uniform"]["epochs"] == 2 and row["protocol"]["search_epochs"] == 1
     assert row["tas"]["macs"] < row["baseline"]["macs"]
     assert abs(row["uniform"]["macs"] - row["tas"]["macs"]) / row["tas"]["macs"] < 0.1
-    for arm in ("baseline", "tas", "uniform"):
+    assert row["tas_arch_as_control"]["epochs"] == row["uniform"]["epochs"]
+    assert row["tas_arch_as_control"]["macs"] == row["tas"]["macs"]
+    for arm in ("baseline", "tas", "uniform", "tas_arch_as_control"):
         assert 0.0 <= row[arm]["acc"] <= 1.0
     assert row["tas_minus_uniform"] == pytest.approx(row["tas"]["acc"] - row["uniform"]["acc"])
     assert isinstance(row["meets_target"], bool)
