@@ -2,6 +2,7 @@
 serves as the roofline, environment stamps, and appending results to benchmarks/results/."""
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -126,6 +127,20 @@ def label_backend(rows: list[dict], backend) -> list[dict]:
         if backend and r["impl"].startswith("nasprune"):
             r["impl"] = f"{r['impl']} [{backend}]"
     return rows
+
+
+def backend_sweep(device: torch.device, requested, cases) -> list[dict]:
+    """The rows of ``cases()`` run under every backend of :func:`backends`, with ratios and
+    labelled by backend; on a GPU led by the measured copy bandwidth and with each row's share
+    of it."""
+    from nasprune import ops
+    gpu = device.type == "cuda"
+    rows = [{"case": "copy bandwidth", "impl": "torch", "GB/s": copy_bandwidth_gbs(device)}] if gpu else []
+    for backend in backends(device, requested):
+        with ops.use_backend(backend) if backend else contextlib.nullcontext():
+            part = cases()
+        rows += label_backend(with_ratios(part), backend)
+    return add_copy_fraction(rows, rows[0]["GB/s"]) if gpu else rows
 
 
 def add_copy_fraction(rows: list[dict], bandwidth_gbs: float) -> list[dict]:

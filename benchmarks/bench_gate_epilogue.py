@@ -11,7 +11,6 @@ Appends every row to benchmarks/results/gate_epilogue.jsonl.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from pathlib import Path
 
@@ -144,18 +143,11 @@ def main(argv=None):
     shape = tuple(args.shape or ((256, 64, 56, 56) if gpu else (32, 64, 32, 32)))
     dtype = getattr(torch, args.dtype or ("bfloat16" if gpu else "float32"))
     torch.manual_seed(0)
-    rows = []
-    if gpu:
-        bw = _common.copy_bandwidth_gbs(device)
-        rows.append({"case": "copy bandwidth", "impl": "torch", "GB/s": bw})
-    for backend in _common.backends(device, args.backends):
-        with ops.use_backend(backend) if backend else contextlib.nullcontext():
-            part = epilogue_cases(shape, dtype, device, not args.no_compile)
-            part += layer_cases(shape, dtype, device, not args.no_compile, depthwise=True)
-            part += layer_cases(shape, dtype, device, not args.no_compile, depthwise=False)
-        rows += _common.label_backend(_common.with_ratios(part), backend)
-    if gpu:
-        _common.add_copy_fraction(rows, bw)
+    compile_ = not args.no_compile
+    rows = _common.backend_sweep(device, args.backends, lambda: (
+        epilogue_cases(shape, dtype, device, compile_)
+        + layer_cases(shape, dtype, device, compile_, depthwise=True)
+        + layer_cases(shape, dtype, device, compile_, depthwise=False)))
     print(f"{_common.device_name(device)}; shape {shape} {dtype}; torch {torch.__version__}")
     print(_common.table(rows, ["case", "impl", "ms", "x eager", "x compile", "GB/s", "% copy bw"]))
     if not args.no_record:

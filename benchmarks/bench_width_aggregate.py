@@ -17,7 +17,6 @@ single ops with their achieved GB/s (bytes each must move at least once). Defaul
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from pathlib import Path
 
@@ -139,16 +138,8 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype or ("bfloat16" if gpu else "float32"))
     widths = args.widths or [max(1, shape[1] * 38 // 64), max(1, shape[1] * 57 // 64)]
     torch.manual_seed(0)
-    rows = []
-    if gpu:
-        bw = _common.copy_bandwidth_gbs(device)
-        rows.append({"case": "copy bandwidth", "impl": "torch", "GB/s": bw})
-    for backend in _common.backends(device, args.backends):
-        with ops.use_backend(backend) if backend else contextlib.nullcontext():
-            part = cases(shape, dtype, device, widths, not args.no_compile)
-        rows += _common.label_backend(_common.with_ratios(part), backend)
-    if gpu:
-        _common.add_copy_fraction(rows, bw)
+    rows = _common.backend_sweep(device, args.backends,
+                                 lambda: cases(shape, dtype, device, widths, not args.no_compile))
     print(f"{_common.device_name(device)}; shape {shape} {dtype}; widths {widths}; "
           f"torch {torch.__version__}")
     print(_common.table(rows, ["case", "impl", "ms", "x eager", "x compile", "GB/s", "% copy bw"]))
