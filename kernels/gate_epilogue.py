@@ -139,6 +139,26 @@ def _bn_coefficients(sums_ptr, stat_mean_ptr, stat_invstd_ptr, k, c, K, inv_coun
     return m, s_shift * inv_count, istd * istd * (s_scale - m * s_shift) * inv_count
 
 
+@triton.jit
+def _bwd_tile(dy_ptr, z_ptr, dz_ptr, y_offs, z_offs, mask, a, b, g, m, c0, c1, s_g, s_b, s_a,
+              RELU: tl.constexpr, MODE: tl.constexpr):
+    """One tile of the backward, either layout. MODE 0 and 1 add its dgate, dshift and dscale
+    terms to the running sums; MODE 0 stores the epilogue's dz, MODE 2 the dz through the batch
+    statistics (m, c0, c1 from _bn_coefficients; unused otherwise)."""
+    zv = tl.load(z_ptr + z_offs, mask=mask, other=0.0).to(tl.float32)
+    d = tl.load(dy_ptr + y_offs, mask=mask, other=0.0).to(tl.float32)
+    t_g, t_b, t_a, dzv = _bwd_terms(d, zv, a, b, g, RELU)
+    if MODE != 2:
+        s_g += t_g
+        s_b += t_b
+        s_a += t_a
+    if MODE == 2:
+        dzv = a * (t_b - c0 - c1 * (zv - m))
+    if MODE != 1:
+        tl.store(dz_ptr + z_offs, dzv.to(dz_ptr.dtype.element_ty), mask=mask)
+    return s_g, s_b, s_a
+
+
 @triton.autotune(configs=_layout.tile_configs(), key=["inner", "BI", "RELU", "HAS_INDEX", "MODE"])
 @triton.jit
 def _bwd_cf_kernel(dy_ptr, z_ptr, dz_ptr, scale_ptr, shift_ptr, gate_ptr, index_ptr, part_ptr,
@@ -161,6 +181,8 @@ def _bwd_cf_kernel(dy_ptr, z_ptr, dz_ptr, scale_ptr, shift_ptr, gate_ptr, index_
     if MODE == 2:
         m, c0, c1 = _bn_coefficients(sums_ptr, stat_mean_ptr, stat_invstd_ptr, k, c, K, inv_count,
                                      True)
+    else:
+        m, c0, c1 = 0.0, 0.0, 0.0
     n_bi = tl.cdiv(inner, BI)
     units = tl.cdiv(outer, BR) * n_bi
     per = tl.cdiv(units, P)
@@ -184,17 +206,8 @@ def _bwd_cf_kernel(dy_ptr, z_ptr, dz_ptr, scale_ptr, shift_ptr, gate_ptr, index_
         o64 = o.to(tl.int64)
         z_offs = (z_k + o64 * z_stride)[:, None] + i[None, :]
         y_offs = (dy_c + o64 * dy_stride)[:, None] + i[None, :]
-        zv = tl.load(z_ptr + z_offs, mask=mask, other=0.0).to(tl.float32)
-        d = tl.load(dy_ptr + y_offs, mask=mask, other=0.0).to(tl.float32)
-        t_g, t_b, t_a, dzv = _bwd_terms(d, zv, a, b, g, RELU)
-        if MODE != 2:
-            s_g += t_g
-            s_b += t_b
-            s_a += t_a
-        if MODE == 2:
-            dzv = a * (t_b - c0 - c1 * (zv - m))
-        if MODE != 1:
-            tl.store(dz_ptr + z_offs, dzv.to(dz_ptr.dtype.element_ty), mask=mask)
+        s_g, s_b, s_a = _bwd_tile(dy_ptr, z_ptr, dz_ptr, y_offs, z_offs, mask, a, b, g, m, c0, c1,
+                                  s_g, s_b, s_a, RELU, MODE)
     if MODE != 2:
         at = k * P + p
         tl.store(part_ptr + at, tl.sum(tl.sum(s_a, axis=1), axis=0))
@@ -228,6 +241,8 @@ def _bwd_cl_kernel(dy_ptr, z_ptr, dz_ptr, scale_ptr, shift_ptr, gate_ptr, index_
         m = m[None, :]
         c0 = c0[None, :]
         c1 = c1[None, :]
+    else:
+        m, c0, c1 = 0.0, 0.0, 0.0
     n_rb = tl.cdiv(outer, BR)
     per = tl.cdiv(n_rb, P)
     b_start = p * per
@@ -240,18 +255,9 @@ def _bwd_cl_kernel(dy_ptr, z_ptr, dz_ptr, scale_ptr, shift_ptr, gate_ptr, index_
         o = (rb * BR + rows).to(tl.int64)
         mask = (o < outer)[:, None] & kmask[None, :]
         z_offs = (o * K)[:, None] + k[None, :]
-        zv = tl.load(z_ptr + z_offs, mask=mask, other=0.0).to(tl.float32)
-        d = tl.load(dy_ptr + ((o * C_out)[:, None] + c[None, :]), mask=mask,
-                    other=0.0).to(tl.float32)
-        t_g, t_b, t_a, dzv = _bwd_terms(d, zv, a, b, g, RELU)
-        if MODE != 2:
-            s_g += t_g
-            s_b += t_b
-            s_a += t_a
-        if MODE == 2:
-            dzv = a * (t_b - c0 - c1 * (zv - m))
-        if MODE != 1:
-            tl.store(dz_ptr + z_offs, dzv.to(dz_ptr.dtype.element_ty), mask=mask)
+        y_offs = (o * C_out)[:, None] + c[None, :]
+        s_g, s_b, s_a = _bwd_tile(dy_ptr, z_ptr, dz_ptr, y_offs, z_offs, mask, a, b, g, m, c0, c1,
+                                  s_g, s_b, s_a, RELU, MODE)
     if MODE != 2:
         at = k * P + p
         tl.store(part_ptr + at, tl.sum(s_a, axis=0), mask=kmask)
