@@ -7,7 +7,7 @@ uniform-width pruning at equal MACs and equal training budget, in one process.
 1. Baseline (the KD teacher): the pretrained CIFAR ResNet fine-tuned for --baseline-epochs at
    lr/10 (or trained from scratch for --baseline-epochs at lr without --pretrained).
 2. TAS: --search-epochs of search warm-started from the baseline, the in-budget arg-max
-   exported (--init: the supernet's weights, the baseline's, or random), then
+   exported (--init: the baseline's weights, the supernet's, or random), then
    --finetune-epochs of KD (lambda 0.9, T 4).
 3. Control: the baseline slimmed to its leading channels with one keep ratio for every channel
    group (nasprune.slim.uniform), the ratio chosen by bisection so that its MACs are the closest
@@ -70,8 +70,8 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--arch-lr", type=float, default=1e-2,
                    help="Adam step of the architecture (default 1e-2: searches much shorter than TAS's 600 epochs)")
-    p.add_argument("--init", choices=("inherit", "base", "random"), default="inherit",
-                   help="TAS's exported net: searched supernet weights (default), the baseline's, or random")
+    p.add_argument("--init", choices=("base", "inherit", "random"), default="base",
+                   help="TAS's exported net: the baseline's weights (default), the searched supernet's, or random")
     p.add_argument("--arch-control", action="store_true",
                    help="also train TAS's architecture from the baseline's weights as the control is trained")
     p.add_argument("--device", default=str(_common.default_device()))

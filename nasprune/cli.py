@@ -410,9 +410,9 @@ def build_parser():
     s.add_argument("--tau-min", type=_positive_float, default=0.1)
     s.add_argument("--kd-lambda", type=float, default=0.9)
     s.add_argument("--kd-temperature", type=_positive_float, default=4.0)
-    s.add_argument("--init", choices=("inherit", "base", "random"), default="inherit",
-                   help="pruned net init: the searched supernet's prefix weights, the baseline's prefix "
-                        "weights, or random as the TAS paper")
+    s.add_argument("--init", choices=("base", "inherit", "random"), default="base",
+                   help="pruned net init: the baseline's prefix weights (default), the searched supernet's "
+                        "prefix weights, or random as the TAS paper")
     s.add_argument("--pretrained", help="akamaster CIFAR-10 ResNet weights for the baseline")
     s.add_argument("--teacher", help="a nasprune.save file of the unpruned baseline (skips baseline training)")
     s.add_argument("--out", default="runs/tas", help="run folder (default runs/tas)")

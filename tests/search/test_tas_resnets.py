@@ -162,11 +162,12 @@ def test_export_base_init_takes_the_unpruned_models_prefix_weights():
     with torch.no_grad():                  # one stride-1 block with unequal widths: a new projection
         s.model.width_logits[2].fill_(-5.0); s.model.width_logits[2, 2] = 5.0
     arch = s.architecture()
-    base, inherited = s.export(init="base", architecture=arch), s.export(architecture=arch)
+    base, inherited = s.export(init="base", architecture=arch), s.export(init="inherit", architecture=arch)
     c, cin = base.stem.conv.weight.shape[:2]
     torch.testing.assert_close(base.stem.conv.weight, model.conv1.weight[:c])
     torch.testing.assert_close(base.stem.bn.running_var, model.bn1.running_var[:c])
     torch.testing.assert_close(inherited.stem.conv.weight, s.model.stem.conv.weight[:c])
+    torch.testing.assert_close(s.export(architecture=arch).stem.conv.weight, base.stem.conv.weight)  # default
     blk, src = base.stages[1][0], model.layer2[0]
     w = blk.shortcut[0].weight
     torch.testing.assert_close(w, src.downsample[0].weight[:w.size(0), :w.size(1)])
