@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one run (a lent GPU machine gives 30 minutes in all): build the
+# Everything that needs a GPU, in one run (a lent GPU machine gives 15 minutes in all): build the
 # extension against the machine's own torch, run the CUDA tests, time every benchmark on the GPU,
 # and copy the logs and benchmarks/results/*.jsonl to $OUT (default ./gpu-out).
 #
@@ -7,12 +7,13 @@
 #
 # Each step logs to $OUT/<step>.log; a failing step is reported and the next one still runs.
 #
-# The CIFAR-10 quality protocol (issue 4) needs the data and a call of its own (10 minutes a call):
+# The CIFAR-10 quality protocol (issue 4) needs the data and a call of its own (10 minutes a call;
+# the epochs below are a guess, as no GPU epoch has been timed: the run prints seconds per phase):
 #   here:  mkdir -p gpu-data && cp ../shared/data/cifar10-jpeg.tar.gz \
 #              ../shared/data/pretrained/cifar10-resnet20-*.th gpu-data/      (git-ignored; carry it)
-#   there: python benchmarks/quality_tas.py --device cuda --model resnet20 \
+#   there: python benchmarks/quality_tas.py --device cuda --model resnet20 --arch-control \
 #              --data gpu-data/cifar10-jpeg.tar.gz --pretrained gpu-data/cifar10-resnet20-12fca82f.th \
-#              --baseline-epochs 5 --search-epochs 30 --finetune-epochs 30 && cp benchmarks/results/quality_tas.jsonl $OUT/
+#              --baseline-epochs 2 --search-epochs 15 --finetune-epochs 15 && cp benchmarks/results/quality_tas.jsonl $OUT/
 set -u
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
