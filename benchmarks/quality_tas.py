@@ -37,6 +37,7 @@ import _common  # noqa: E402
 from nasprune import flops, models, slim  # noqa: E402
 from nasprune.data import load_dataset, tas_split  # noqa: E402
 from nasprune.search import TAS  # noqa: E402
+from nasprune.search.tas import INIT_MODES  # noqa: E402
 from nasprune.train import evaluate, train  # noqa: E402
 
 
@@ -70,7 +71,7 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--arch-lr", type=float, default=1e-2,
                    help="Adam step of the architecture (default 1e-2: searches much shorter than TAS's 600 epochs)")
-    p.add_argument("--init", choices=("base", "inherit", "random"), default="base",
+    p.add_argument("--init", choices=INIT_MODES, default="base",
                    help="TAS's exported net: the baseline's weights (default), the searched supernet's, or random")
     p.add_argument("--arch-control", action="store_true",
                    help="also train TAS's architecture from the baseline's weights as the control is trained")
@@ -109,6 +110,11 @@ def main(argv=None):
     seconds["baseline"] = time.time() - t
     print(f"baseline {base['acc']:.4f} ({base['macs'] / 1e6:.2f} MMACs)", flush=True)
 
+    def kd(net, epochs, desc):
+        """Test accuracy of net after `epochs` of KD from the baseline: every arm trains this way."""
+        train(net, train_set, epochs=epochs, lr=args.lr, teacher=teacher, desc=desc, **common)
+        return evaluate(net, test_set, device=device)["acc"]
+
     # 2. TAS
     t = time.time()
     searcher = TAS(teacher, args.flops_target, input_size=size, arch_lr=args.arch_lr, lr=args.lr,
@@ -119,8 +125,7 @@ def main(argv=None):
     seconds["search"] = time.time() - t
     t = time.time()
     pruned = searcher.export(init=args.init, architecture=arch)
-    train(pruned, train_set, epochs=args.finetune_epochs, lr=args.lr, teacher=teacher, desc="TAS KD", **common)
-    tas = {"acc": evaluate(pruned, test_set, device=device)["acc"], "macs": flops.count(pruned.cpu(), x),
+    tas = {"acc": kd(pruned, args.finetune_epochs, "TAS KD"), "macs": flops.count(pruned.cpu(), x),
            "blocks": arch["blocks"], "widths": arch["widths"], "export_epoch": arch.get("epoch", "final")}
     seconds["tas_finetune"] = time.time() - t
     print(f"TAS {tas['acc']:.4f} ({tas['macs'] / 1e6:.2f} MMACs, {tas['macs'] / base['macs']:.3f})", flush=True)
@@ -129,8 +134,7 @@ def main(argv=None):
     t = time.time()
     control, ratio, macs = uniform_at(teacher, tas["macs"], size)
     control_epochs = args.search_epochs + args.finetune_epochs
-    train(control, train_set, epochs=control_epochs, lr=args.lr, teacher=teacher, desc="uniform KD", **common)
-    uni = {"acc": evaluate(control, test_set, device=device)["acc"], "macs": macs, "keep_ratio": ratio,
+    uni = {"acc": kd(control, control_epochs, "uniform KD"), "macs": macs, "keep_ratio": ratio,
            "epochs": control_epochs}
     seconds["uniform"] = time.time() - t
     print(f"uniform {uni['acc']:.4f} ({macs / 1e6:.2f} MMACs, keep ratio {ratio:.3f})", flush=True)
@@ -140,9 +144,8 @@ def main(argv=None):
     if args.arch_control:
         t = time.time()
         net = searcher.export(init="base", architecture=arch)
-        train(net, train_set, epochs=control_epochs, lr=args.lr, teacher=teacher, desc="TAS arch KD", **common)
-        arch_control = {"acc": evaluate(net, test_set, device=device)["acc"], "macs": tas["macs"],
-                        "init": "base", "epochs": control_epochs}
+        arch_control = {"acc": kd(net, control_epochs, "TAS arch KD"), "macs": tas["macs"], "init": "base",
+                        "epochs": control_epochs}
         seconds["arch_control"] = time.time() - t
         print(f"TAS architecture trained as the control {arch_control['acc']:.4f}", flush=True)
 

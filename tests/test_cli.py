@@ -56,3 +56,15 @@ def test_bad_arguments_exit_nonzero_with_message(tmp_path, args, message):
     r = _run(*[a.replace("{tmp}", str(tmp_path)) for a in args])
     assert r.returncode != 0
     assert message in r.stderr, r.stderr
+
+
+def test_search_init_choices_are_the_searchers_and_default_to_its_first():
+    """The parser spells the export init modes itself (it imports no torch); they must not drift."""
+    from nasprune.cli import build_parser
+    from nasprune.search.tas import INIT_MODES
+    args = build_parser().parse_args(["search", "--data", "digits"])
+    assert args.init == INIT_MODES[0]
+    for mode in INIT_MODES:
+        assert build_parser().parse_args(["search", "--data", "digits", "--init", mode]).init == mode
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["search", "--data", "digits", "--init", "scratch"])

@@ -20,7 +20,7 @@ from nasprune.search.tas_net import (TASSupernet, inherit_weights, resnet_spec, 
 
 TAU_SCHEDULES = ("cosine", "linear")
 SELECT_RULES = ("in-budget", "final")
-INIT_MODES = ("inherit", "base", "random")
+INIT_MODES = ("base", "inherit", "random")    # export(init=...); the first is the default
 
 
 def cost_loss(expected, current, target, tolerance):
