@@ -11,7 +11,7 @@ bias, a fully connected layer ``C_in * C_out`` per position. Figures are per inp
   model, and the *expected* cost of a soft-gated model as a differentiable tensor of the
   expected number of kept channels per group (for search losses).
 
-The per-layer formulas live in the layer handlers (``nasprune.slim.handlers``); both paths
+The per-layer formulas live in the layer handlers (``nasprune.handlers``); both paths
 use them, so there is one cost model.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from nasprune.graph.tracer import preserved_state, run_shapes_only
-from nasprune.slim.handlers import handler_for
+from nasprune.handlers import handler_for
 
 
 @dataclass
@@ -182,7 +182,7 @@ class CostModel:
 
     def widths(self, keep) -> list[tuple[int, int]]:
         """Kept (input, output) width of every counted layer under ``keep``."""
-        from nasprune.slim.keep import normalise, removed_classes
+        from nasprune.handlers.keep import normalise, removed_classes
         removed = removed_classes(self.graph, normalise(self.graph, keep))
         out = []
         for _, _, _, _, cin, cout in self.layers:

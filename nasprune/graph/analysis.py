@@ -8,7 +8,8 @@ import torch
 from torch import fx, nn
 
 from nasprune.graph import rules
-from nasprune.graph.context import TensorInfo, TraceContext
+from nasprune.graph.context import TraceContext
+from nasprune.handlers.fields import TensorInfo
 from nasprune.graph.groups import ChannelGraph, ChannelGroup, IndexMap, Member
 from nasprune.graph.tracer import TraceError, preserved_state, record_shapes, symbolic_trace
 
@@ -24,7 +25,7 @@ def trace(model: nn.Module, example_inputs, *, exclude=(), leaf_modules=(), mode
         control flow (auxiliary heads included); shapes are always recorded in eval mode, and
         the model's modes, buffers and the global RNG are left as they were.
     """
-    from nasprune.slim.handlers import handler_for
+    from nasprune.handlers import handler_for
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"trace expects an nn.Module, got {type(model).__name__}")
@@ -182,7 +183,7 @@ class _Walker:
                 self._block_tree(v, reason)
 
     def _module(self, node: fx.Node, info):
-        from nasprune.slim.handlers import ModuleCall
+        from nasprune.handlers import ModuleCall
         module = self.modules[node.target]
         handler = self.handler_for(module)
         args = [self.field_of(a) if isinstance(a, fx.Node) else None for a in node.args]

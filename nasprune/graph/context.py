@@ -7,20 +7,11 @@ view/permute/cat/index semantics never have to be re-implemented.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
 from nasprune.graph.atoms import AtomTable
 
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """Shape and dtype of a tensor seen while recording (not a tuple, so never confused
-    with a tuple of outputs)."""
-    shape: tuple
-    dtype: torch.dtype
 
 
 class TraceContext:

@@ -12,7 +12,7 @@ import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_map
 
-from nasprune.graph.context import TensorInfo
+from nasprune.handlers.fields import TensorInfo
 
 
 class TraceError(RuntimeError):

@@ -12,9 +12,12 @@ import hashlib
 import os
 import re
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from nasprune.handlers import LayerHandler, register
 
 DEPTHS = (20, 32, 44, 56, 110)
 
@@ -34,6 +37,39 @@ class ChannelZeroPad(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_channels={self.in_channels}, before={self.before}, after={self.after}, stride={self.stride}"
+
+
+@register
+class ChannelZeroPadHandler(LayerHandler):
+    """The handler of :class:`ChannelZeroPad`: subsample, then zero channels before and after the input's. The pad
+    channels are created here, so they can be pruned; the input's channels keep their order."""
+    types = (ChannelZeroPad,)
+    roles = {"in": (), "out": ()}
+
+    def trace(self, ctx, call):
+        m = call.module
+        x, info = call.fields[0], call.infos[0]
+        in_atoms = ctx.channels(x, info.shape, 1, call.name)
+        pads = ctx.producer(call.name, "pad", m.before + m.after)
+        out_atoms = np.concatenate([pads[:m.before], in_atoms, pads[m.before:]])
+        ctx.record(call.name, self, "in", in_atoms)
+        ctx.record(call.name, self, "out", out_atoms)
+        return ctx.along(out_atoms, 1, len(call.out.shape))
+
+    def slim(self, m, keep):
+        kout, kin = keep.get("out"), keep.get("in")
+        if kout is not None:
+            before = int((kout < m.before).sum())
+            after = int((kout >= m.before + m.in_channels).sum())
+            m.before, m.after = before, after
+        if kin is not None:
+            m.in_channels = len(kin)
+
+    def mask(self, m, removed):
+        return None
+
+    def primary(self, m, role):
+        return ("shortcut", 0)
 
 
 class BasicBlock(nn.Module):

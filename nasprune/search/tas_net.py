@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nasprune.slim.handlers import handler_for
+from nasprune.handlers import handler_for
 
 WIDTH_RATIOS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 _FILL = -1e9  # logit of a padding slot (layers with fewer distinct candidates)

@@ -1,9 +1,9 @@
 """Physical slimming: ``apply`` cuts removed channels out of a model, ``mask`` zeroes them
 (the reference), ``uniform`` keeps the leading channels of every group. Layer types are
-supported through the handler registry in :mod:`nasprune.slim.handlers`."""
+supported through the handler registry in :mod:`nasprune.handlers` (re-exported here)."""
 from nasprune.slim.apply import SlimError, apply, check_runs
-from nasprune.slim.handlers import LayerHandler, handler_for, register
-from nasprune.slim.keep import KeepError
+from nasprune.handlers import LayerHandler, handler_for, register
+from nasprune.handlers.keep import KeepError
 from nasprune.slim.mask import mask
 from nasprune.slim.uniform import uniform, uniform_keep
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from nasprune.graph.tracer import preserved_state, record_shapes
-from nasprune.slim.keep import KeepError, normalise, removed_classes
+from nasprune.handlers.keep import KeepError, normalise, removed_classes
 
 
 class SlimError(RuntimeError):
@@ -147,7 +147,7 @@ def check_runs(model: nn.Module, graph) -> None:
     """Replay the traced graph on ``model`` with data-less tensors shaped like the traced
     inputs: every op must accept the slimmed shapes and the outputs keep theirs."""
     from torch import fx
-    from nasprune.slim.handlers import handler_for
+    from nasprune.handlers import handler_for
     inputs = [torch.zeros(shape, dtype=dtype) for shape, dtype in graph.input_spec]
     with preserved_state(model):
         model.eval()

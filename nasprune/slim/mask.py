@@ -12,7 +12,7 @@ import copy
 import torch
 from torch import nn
 
-from nasprune.slim.keep import normalise, removed_classes
+from nasprune.handlers.keep import normalise, removed_classes
 
 
 def mask(model: nn.Module, graph, keep) -> nn.Module:

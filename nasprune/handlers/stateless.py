@@ -5,8 +5,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from nasprune.graph import rules
-from nasprune.slim.handlers.base import LayerHandler, register
+from nasprune.handlers import fields
+from nasprune.handlers.base import LayerHandler, register
 
 
 @register
@@ -41,7 +41,7 @@ class SpatialHandler(LayerHandler):
         name = type(m).__name__
         n = next((int(c) for c in "123" if c + "d" in name), len(info.shape) - 2)
         out = call.out[0] if isinstance(call.out, tuple) else call.out
-        field = rules.spatial_field(ctx, call.fields[0], info, out, n, call.name)
+        field = fields.spatial_field(ctx, call.fields[0], info, out, n, call.name)
         return (field, field) if isinstance(call.out, tuple) else field
 
 
@@ -52,12 +52,12 @@ class FlattenHandler(LayerHandler):
 
     def trace(self, ctx, call):
         m = call.module
-        out = ctx.compact(rules.reshape_field(ctx.compact(call.fields[0]), call.infos[0].shape, call.out.shape))
+        out = ctx.compact(fields.reshape_field(ctx.compact(call.fields[0]), call.infos[0].shape, call.out.shape))
         literal = set()
         if isinstance(m, nn.Unflatten) and isinstance(m.unflattened_size, (tuple, list)):
             dim = m.dim % len(call.infos[0].shape)
             literal = {dim + i for i, s in enumerate(m.unflattened_size) if isinstance(s, int) and s != -1}
-        return rules._tie_literal(ctx, out, literal, call.name)
+        return fields.tie_literal(ctx, out, literal, call.name)
 
 
 @register
@@ -68,7 +68,7 @@ class PixelShuffleHandler(LayerHandler):
         m = call.module
         x, info = call.fields[0], call.infos[0]
         if isinstance(m, nn.ChannelShuffle):
-            return rules.channel_shuffle_field(ctx, x, info, m.groups, call.name)
+            return fields.channel_shuffle_field(ctx, x, info, m.groups, call.name)
         nd = len(info.shape)
         atoms = ctx.channels(x, info.shape, nd - 3, call.name)
         if isinstance(m, nn.PixelShuffle):
@@ -87,7 +87,7 @@ class SoftmaxHandler(LayerHandler):
         m = call.module
         nd = len(call.infos[0].shape)
         dim = -3 if isinstance(m, nn.Softmax2d) else (m.dim if m.dim is not None else nd - 1)
-        return rules.mixing_field(ctx, call.fields[0], dim, nd, call.name)
+        return fields.mixing_field(ctx, call.fields[0], dim, nd, call.name)
 
 
 @register
@@ -103,7 +103,7 @@ class MultiheadAttentionHandler(LayerHandler):
         for f in list(call.fields) + list(call.kwfields.values()):
             if isinstance(f, torch.Tensor):
                 ctx.block_field(f, reason)
-        return rules.constant_like(ctx, call.out, reason)
+        return fields.constant_like(ctx, call.out, reason)
 
     def macs(self, m, in_width, out_width, in_shape, out_shape):
         length = in_shape[-2] if (m.batch_first or len(in_shape) == 2) else in_shape[0]

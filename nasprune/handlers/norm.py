@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-from nasprune.slim.handlers.base import LayerHandler, register, slice_tensor
+from nasprune.handlers.base import LayerHandler, register, slice_tensor
 
 
 class _ChannelHandler(LayerHandler):

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from nasprune.slim.handlers.base import LayerHandler, ModuleCall, prod, register, slice_dims, slice_tensor
+from nasprune.handlers.base import LayerHandler, ModuleCall, prod, register, slice_dims, slice_tensor
 
 
 def _groups_uniform(keep: torch.Tensor, groups: int, per_group: int, what: str) -> torch.Tensor:
