@@ -83,10 +83,12 @@ class Run:
             print(message, flush=True)
 
     def write_json(self, name, obj):
-        tmp = self.path(f".{name}.tmp")
-        with open(tmp, "w") as fh:
-            json.dump(obj, fh, indent=2)
-        os.replace(tmp, self.path(name))
+        from nasprune.io import atomic_write
+
+        def write(tmp):
+            with open(tmp, "w") as fh:
+                json.dump(obj, fh, indent=2)
+        atomic_write(self.path(name), write)
 
     def read_json(self, name):
         p = self.path(name)

@@ -75,20 +75,40 @@ def save(model: nn.Module, path, *, constructor: str | None = None, kwargs: dict
     save_atomic(tensors, path, metadata)
 
 
-def save_atomic(tensors: dict, path, metadata: dict) -> None:
-    """Write a safetensors file through a temporary file in the same folder and os.replace, so a
-    crash leaves either the old file or the new one, never a truncated one."""
-    from safetensors.torch import save_file
+def atomic_write(path, write) -> None:
+    """Create or replace the file ``path`` atomically: ``write(tmp)`` writes the whole content to
+    the path ``tmp`` (a new file beside ``path``, named ``.nasprune-*.tmp``), which is then synced
+    to disk and moved into place with os.replace. A crash or an exception in ``write`` leaves
+    either the old file or the new one, never a truncated one, and no temporary file behind.
+    The folder is created when missing; the file gets the permissions a plain open() would give.
+    Every file nasprune writes (model files, checkpoints, the data cache, the run folder) goes
+    through here."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".nasprune-", suffix=".tmp", dir=folder)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def save_atomic(tensors: dict, path, metadata: dict) -> None:
+    """Write a safetensors file with :func:`atomic_write`."""
+    from safetensors.torch import save_file
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def read_architecture(path) -> dict:

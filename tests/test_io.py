@@ -134,3 +134,41 @@ def test_unslimmed_model_roundtrip(tmp_path):
     loaded = nio.load(path, cifar_resnet.cifar_resnet20(shortcut="B")).eval()
     with torch.no_grad():
         assert torch.equal(loaded(X), model(X))
+
+
+def test_atomic_write_names_its_temp_file_as_documented_and_cleans_up(tmp_path):
+    """The temporary file is `.nasprune-*.tmp` beside the target (the pattern tests look for);
+    a failed write leaves the old file and no temporary one; the folder is created."""
+    import glob
+    target = tmp_path / "sub" / "f.json"
+    seen = []
+
+    def write(tmp):
+        seen.append(glob.glob(str(tmp_path / "sub" / ".nasprune-*.tmp")))
+        Path(tmp).write_text("new")
+    nio.atomic_write(target, write)
+    assert seen == [[str(seen[0][0])]] and Path(seen[0][0]).parent == target.parent
+    assert target.read_text() == "new" and oct(target.stat().st_mode & 0o777) == oct(0o666 & ~nio._umask())
+
+    def fail(tmp):
+        Path(tmp).write_text("half")
+        raise RuntimeError("disk full")
+    with pytest.raises(RuntimeError, match="disk full"):
+        nio.atomic_write(target, fail)
+    assert target.read_text() == "new" and os.listdir(target.parent) == ["f.json"]
+
+
+def test_data_cache_and_run_folder_write_through_atomic_write(tmp_path, monkeypatch):
+    import numpy as np
+    from nasprune.cli import Run
+    from nasprune.data import cifar
+    calls = []
+    real = nio.atomic_write
+    monkeypatch.setattr(nio, "atomic_write", lambda path, write: (calls.append(Path(path).name), real(path, write)))
+    x = np.zeros((2, 32, 32, 3), np.uint8)
+    y = np.zeros(2, np.int64)
+    cifar._write_cache(tmp_path / "c.npz", {"train": (x, y), "test": (x, y)}, ("a", "b"))
+    Run(tmp_path / "run").write_json("config.json", {"a": 1})
+    assert calls == ["c.npz", "config.json"]
+    assert cifar._read_cache(tmp_path / "c.npz")[1] == ("a", "b")
+    assert json.loads((tmp_path / "run" / "config.json").read_text()) == {"a": 1}

@@ -24,7 +24,6 @@ import os
 import pickle
 import re
 import tarfile
-import tempfile
 import warnings
 import zlib
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -513,29 +512,14 @@ def _read_cache(file):
 
 
 def _write_cache(file, splits, classes):
-    file.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
+    from nasprune.io import atomic_write
+
+    def write(tmp):
+        with open(tmp, "wb") as fh:
             np.savez(fh, train_x=splits["train"][0], train_y=splits["train"][1],
                      test_x=splits["test"][0], test_y=splits["test"][1],
                      classes=np.array(classes, dtype=str))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644 & ~_umask())
-        os.replace(tmp, file)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    atomic_write(file, write)
 
 
 # --------------------------------------------------------------------------------------------

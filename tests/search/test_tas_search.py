@@ -81,7 +81,7 @@ def test_resume_after_kill_mid_epoch_reaches_the_same_architecture(splits, tmp_p
     state = load_checkpoint(ckpt)
     steps_per_epoch = len(w) // 128
     assert state["searcher"]["global_step"] == 8 and state["epoch"] == 8 // steps_per_epoch  # mid-epoch
-    assert not glob.glob(os.path.join(tmp_path, ".ckpt-*"))          # no temp file left behind
+    assert ckpt.is_file() and not glob.glob(os.path.join(tmp_path, ".nasprune-*.tmp"))  # no temp file left
 
     second = _searcher(seed=3)
     arch_resumed = second.search(w, a, epochs=2, batch_size=128, checkpoint=ckpt, resume=True)
