@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nasprune.handlers import handler_for
+from nasprune.ops.gumbel import gumbel_noise, gumbel_topk
 
 WIDTH_RATIOS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 _FILL = -1e9  # logit of a padding slot (layers with fewer distinct candidates)
@@ -39,34 +40,20 @@ def depth_choices(blocks: int) -> list[int]:
 
 
 # ---------------------------------------------------------------- sampling and aggregation
-def gumbel(shape_like: torch.Tensor, generator=None) -> torch.Tensor:
-    u = torch.empty_like(shape_like).exponential_(generator=generator)
-    return -u.clamp_min(torch.finfo(u.dtype).tiny).log()
-
-
-def gumbel_topk(logits: torch.Tensor, k: int, generator=None) -> torch.Tensor:
-    """Indices of k draws without replacement from softmax(logits) along the last dim: the
-    arg-top-k of logits + fresh Gumbel noise (one device op, no host sync)."""
-    return (logits + gumbel(logits, generator)).topk(k, dim=-1).indices
-
-
 def sample_widths(logits: torch.Tensor, mask: torch.Tensor, tau: float, generator=None, k: int = 2):
     """TAS ``select2withP`` for all layers at once. logits, mask: (L, K).
 
     new = (log_softmax(a) + g) / tau; k candidates drawn without replacement from
-    softmax(new); their weights softmax(new[selected]) carry the gradient to the logits.
+    softmax(new); their weights softmax(new[selected]) carry the gradient to the logits: the
+    op ``nasprune.ops.gumbel_topk`` over the masked logits.
     Returns (index (L, k) int64, weights (L, k))."""
-    logp = logits.masked_fill(~mask, _FILL).log_softmax(-1)
-    new = ((logp + gumbel(logits, generator)) / tau).masked_fill(~mask, _FILL)
-    with torch.no_grad():
-        index = gumbel_topk(new, k, generator)
-    return index, new.gather(1, index).softmax(-1)
+    return gumbel_topk(logits.masked_fill(~mask, _FILL), k, tau, generator=generator)
 
 
 def sample_depths(logits: torch.Tensor, mask: torch.Tensor, tau: float, generator=None):
     """Gumbel-softmax weights over every depth candidate of each stage. logits, mask: (S, D)."""
     logp = logits.masked_fill(~mask, _FILL).log_softmax(-1)
-    new = ((logp + gumbel(logits, generator)) / tau).masked_fill(~mask, _FILL)
+    new = ((logp + gumbel_noise(logp, generator)) / tau).masked_fill(~mask, _FILL)
     return new.softmax(-1)
 
 

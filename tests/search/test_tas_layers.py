@@ -1,15 +1,14 @@
 """TAS search-space math: sampling, CWI, width aggregation, expected FLOPs, cost loss."""
-import itertools
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from nasprune import flops
+from nasprune import flops, ops
 from nasprune.search import cost_loss, temperature
 from nasprune.search.tas_net import (CandidateBN, TASSupernet, aggregate_widths, cwi, cwi_reference, depth_choices,
-                                     gumbel_topk, sample_widths, tas_resnet, width_choices)
+                                     sample_widths, tas_resnet, width_choices)
 
 
 def test_width_and_depth_choices_match_tas_tables():
@@ -21,18 +20,17 @@ def test_width_and_depth_choices_match_tas_tables():
     assert depth_choices(18) == [1, 3, 5, 7, 9, 11, 13, 15, 17, 18]
 
 
-def test_gumbel_top2_frequencies_equal_sampling_without_replacement():
-    p = torch.tensor([0.4, 0.25, 0.15, 0.12, 0.08], dtype=torch.float64)
-    n = 400_000
-    g = torch.Generator().manual_seed(0)
-    idx = gumbel_topk(p.log().expand(n, -1).clone(), 2, generator=g)
-    counts = torch.zeros(5, 5, dtype=torch.float64)
-    counts.index_put_((idx[:, 0], idx[:, 1]), torch.ones(n, dtype=torch.float64), accumulate=True)
-    freq = counts / n
-    for i, j in itertools.permutations(range(5), 2):
-        exact = float(p[i] * p[j] / (1 - p[i]))     # first i, then j from the rest
-        assert abs(freq[i, j] - exact) < 4 * math.sqrt(exact / n) + 1e-4, (i, j, float(freq[i, j]), exact)
-    assert counts.diagonal().sum() == 0              # never the same candidate twice
+def test_sample_widths_is_the_ops_gumbel_topk_of_the_masked_logits():
+    """One Gumbel top-k: TAS's width sampling draws exactly what nasprune.ops.gumbel_topk draws
+    (whose frequencies tests/ops/test_gumbel.py checks) from the masked logits."""
+    logits = torch.randn(5, 8)
+    mask = torch.rand(5, 8) < 0.7
+    mask[:, :2] = True
+    index, weights = sample_widths(logits, mask, 0.7, torch.Generator().manual_seed(5))
+    ref_index, ref_weights = ops.gumbel_topk(logits.masked_fill(~mask, -1e9), 2, 0.7,
+                                             generator=torch.Generator().manual_seed(5))
+    assert torch.equal(index, ref_index) and torch.equal(weights, ref_weights)
+    assert mask.gather(1, index).all()
 
 
 def test_sample_widths_respects_mask_and_weights_are_softmax_of_selected():
