@@ -48,12 +48,16 @@ def save(model: nn.Module, path, *, constructor: str | None = None, kwargs: dict
 
     constructor / kwargs: optional dotted name of a function under ``torchvision.models`` or
     ``nasprune.models`` that builds the base model (``"torchvision.models.resnet50"``), so that
-    ``load(path)`` needs no base model. The file is replaced atomically.
+    ``load(path)`` needs no base model. Without them, a model that knows its own constructor
+    (a ``nasprune_constructor()`` method returning (constructor, kwargs), e.g.
+    ``nasprune.models.TASResNet``) records that. The file is replaced atomically.
     """
     import nasprune
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"save expects an nn.Module, got {type(model).__name__}")
+    if constructor is None and callable(getattr(model, "nasprune_constructor", None)):
+        constructor, kwargs = model.nasprune_constructor()
     if constructor is not None and not constructor.startswith(_CONSTRUCTOR_PREFIXES):
         raise ValueError(f"constructor must be under {' or '.join(_CONSTRUCTOR_PREFIXES)}, got {constructor!r}")
     record = getattr(model, "nasprune_slim", None) or {"base_class": _qualname(type(model)), "steps": []}

@@ -1,8 +1,10 @@
 """Models nasprune ships: CIFAR ResNets with option-A (zero-pad) or option-B (projection)
-shortcuts."""
+shortcuts, and the pruned ResNet a TAS search derives (``TASResNet``, built by ``tas_resnet``
+from an architecture dict)."""
 from nasprune.models.cifar_resnet import (ChannelZeroPad, CifarResNet, cifar_resnet20, cifar_resnet32,
                                           cifar_resnet44, cifar_resnet56, cifar_resnet110,
                                           load_pretrained)
+from nasprune.models.pruned_resnet import ResNetSpec, TASResNet, tas_resnet
 
-__all__ = ["ChannelZeroPad", "CifarResNet", "cifar_resnet20", "cifar_resnet32", "cifar_resnet44",
-           "cifar_resnet56", "cifar_resnet110", "load_pretrained"]
+__all__ = ["ChannelZeroPad", "CifarResNet", "ResNetSpec", "TASResNet", "cifar_resnet20", "cifar_resnet32",
+           "cifar_resnet44", "cifar_resnet56", "cifar_resnet110", "load_pretrained", "tas_resnet"]

@@ -1,8 +1,8 @@
 """Searchers: ``TAS``; the shared API (``Searcher``, ``Callback``, checkpoints) in base."""
+from nasprune.models.pruned_resnet import ResNetSpec, TASResNet, tas_resnet
 from nasprune.search.base import Callback, Searcher, load_checkpoint, save_checkpoint
 from nasprune.search.tas import TAS, cost_loss, temperature
-from nasprune.search.tas_net import (ResNetSpec, TASResNet, TASSupernet, aggregate_widths, cwi,
-                                     resnet_spec, sample_widths, tas_resnet)
+from nasprune.search.tas_net import TASSupernet, aggregate_widths, cwi, resnet_spec, sample_widths
 
 __all__ = ["Callback", "ResNetSpec", "Searcher", "TAS", "TASResNet", "TASSupernet", "aggregate_widths", "cost_loss",
            "cwi", "load_checkpoint", "resnet_spec", "sample_widths", "save_checkpoint", "tas_resnet",

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from nasprune.search.base import Searcher
-from nasprune.search.tas_net import (TASSupernet, inherit_weights, resnet_spec, sample_depths,
-                                     sample_widths, tas_resnet)
+from nasprune.models.pruned_resnet import tas_resnet
+from nasprune.search.tas_net import TASSupernet, inherit_weights, resnet_spec, sample_depths, sample_widths
 
 TAU_SCHEDULES = ("cosine", "linear")
 SELECT_RULES = ("in-budget", "final")
@@ -47,7 +47,7 @@ class TAS(Searcher):
     """Width and depth search of a ResNet under a FLOPs (MACs) budget.
 
     model: the unpruned ResNet: a nasprune.models.CifarResNet or a torchvision.models.ResNet
-        (basic or bottleneck blocks; see tas_net.ResNetSpec). Its structure defines the search
+        (basic or bottleneck blocks; see nasprune.models.ResNetSpec). Its structure defines the search
         space; its weights warm-start the supernet when init_from_model, which TAS's code does
         not do but short searches need.
     input_size: the side of the (square) input images; it sets the MACs (32 for CIFAR, 224 for

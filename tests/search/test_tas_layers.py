@@ -6,9 +6,10 @@ import torch
 import torch.nn.functional as F
 
 from nasprune import flops, ops
+from nasprune.models import tas_resnet
 from nasprune.search import cost_loss, temperature
 from nasprune.search.tas_net import (CandidateBN, TASSupernet, aggregate_widths, cwi, cwi_reference, depth_choices,
-                                     sample_widths, tas_resnet, width_choices)
+                                     sample_widths, width_choices)
 
 
 def test_width_and_depth_choices_match_tas_tables():

@@ -8,9 +8,9 @@ from torchvision.models import resnet18, resnet50, resnext50_32x4d, wide_resnet5
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from nasprune import flops
-from nasprune.models import CifarResNet
+from nasprune.models import CifarResNet, ResNetSpec, tas_resnet
 from nasprune.search import TAS
-from nasprune.search.tas_net import ResNetSpec, TASSupernet, inherit_weights, resnet_spec, tas_resnet
+from nasprune.search.tas_net import TASSupernet, inherit_weights, resnet_spec
 
 
 def _small(block=Bottleneck, layers=(2, 1, 3, 1), classes=7):
