@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
 from nasprune import flops, models, slim  # noqa: E402
+from nasprune.cli import TrainBar  # noqa: E402
 from nasprune.data import load_dataset, tas_split  # noqa: E402
 from nasprune.search import TAS  # noqa: E402
 from nasprune.search.tas import INIT_MODES  # noqa: E402
@@ -89,19 +90,22 @@ def main(argv=None):
     else:
         train_set, test_set = load_dataset(args.data, limit_per_class=args.limit_per_class)
     size = train_set.images.shape[1]
-    common = dict(batch_size=args.batch_size, device=device, seed=args.seed, progress=args.progress)
+    common = dict(batch_size=args.batch_size, device=device, seed=args.seed)
+
+    def bar(desc):
+        return TrainBar(desc).callbacks() if args.progress else {}
 
     # 1. baseline
     t = time.time()
     if args.pretrained:
         teacher = models.load_pretrained(args.model, args.pretrained, num_classes=train_set.num_classes)
         pre = evaluate(teacher.to(device), test_set, device=device)["acc"]
-        train(teacher, train_set, epochs=args.baseline_epochs, lr=args.lr * 0.1, desc="baseline", **common)
+        train(teacher, train_set, epochs=args.baseline_epochs, lr=args.lr * 0.1, **bar("baseline"), **common)
     else:
         torch.manual_seed(args.seed)
         teacher = getattr(models, f"cifar_{args.model}")(num_classes=train_set.num_classes)
         pre = None
-        train(teacher, train_set, epochs=args.baseline_epochs, lr=args.lr, desc="baseline", **common)
+        train(teacher, train_set, epochs=args.baseline_epochs, lr=args.lr, **bar("baseline"), **common)
     teacher.to(device).eval()
     x = torch.zeros(1, 3, size, size)
     base = {"acc": evaluate(teacher, test_set, device=device)["acc"], "pretrained_acc": pre,
@@ -112,7 +116,7 @@ def main(argv=None):
 
     def kd(net, epochs, desc):
         """Test accuracy of net after `epochs` of KD from the baseline: every arm trains this way."""
-        train(net, train_set, epochs=epochs, lr=args.lr, teacher=teacher, desc=desc, **common)
+        train(net, train_set, epochs=epochs, lr=args.lr, teacher=teacher, **bar(desc), **common)
         return evaluate(net, test_set, device=device)["acc"]
 
     # 2. TAS

@@ -145,6 +145,34 @@ def _load_pruned(path, arch):
     return load(path, base_model=tas_resnet(**arch))
 
 
+class TrainBar:
+    """The progress bar of a ``nasprune.train.train`` call, drawn through its callbacks."""
+
+    def __init__(self, desc):
+        self.desc, self.bar = desc, None
+
+    def on_step(self, step, total):
+        if self.bar is None:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=total, desc=self.desc, unit="step", dynamic_ncols=True)
+        self.bar.update(1)
+
+    def on_epoch(self, row):
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row.get('test_acc', row['train_acc']):.3f}")
+            if self.bar.n >= self.bar.total:
+                self.bar.close()
+
+
+    def callbacks(self):
+        """train()'s keyword arguments that draw this bar."""
+        return {"on_step": self.on_step, "on_epoch": self.on_epoch}
+
+
+def _train_progress(args, desc):
+    return TrainBar(desc).callbacks() if args.progress else {}
+
+
 # ------------------------------------------------------------------ commands
 def cmd_search(args):
     import torch
@@ -177,7 +205,7 @@ def cmd_search(args):
         teacher = load_pretrained(args.model, args.pretrained, num_classes=classes)
         baseline_history = train(teacher, train_set, epochs=args.baseline_epochs, batch_size=args.batch_size,
                                  lr=args.lr * 0.1, test_data=test_set, device=device, seed=args.seed,
-                                 progress=args.progress, desc="baseline") if args.baseline_epochs else []
+                                 **_train_progress(args, "baseline")) if args.baseline_epochs else []
     else:
         if args.baseline_epochs < 1:
             raise CLIError("--baseline-epochs 0 needs --teacher or --pretrained (the unpruned KD teacher)")
@@ -185,7 +213,7 @@ def cmd_search(args):
         teacher = _base_model(args.model, classes)
         baseline_history = train(teacher, train_set, epochs=args.baseline_epochs, batch_size=args.batch_size,
                                  lr=args.lr, test_data=test_set, device=device, seed=args.seed,
-                                 progress=args.progress, desc="baseline")
+                                 **_train_progress(args, "baseline"))
     teacher.to(device)
     base = {**_model_stats(teacher, size), **evaluate(teacher, test_set, device=device)}
     save(teacher.cpu(), run.path("teacher.safetensors"), constructor=_constructor(args.model),
@@ -244,7 +272,7 @@ def _finetune(run, pruned, teacher, arch, train_set, test_set, args, device, met
     hist = train(pruned, train_set, epochs=args.finetune_epochs, batch_size=args.batch_size, lr=args.lr,
                  teacher=teacher, kd_lambda=args.kd_lambda, kd_temperature=args.kd_temperature,
                  warmup_epochs=args.warmup_epochs, test_data=test_set, device=device, seed=args.seed,
-                 progress=args.progress, desc="KD fine-tune")
+                 **_train_progress(args, "KD fine-tune"))
     stats = {**_model_stats(pruned, size), **evaluate(pruned, test_set, device=device), "history": hist}
     _save_pruned(pruned, run.path("model.safetensors"))
     metrics["pruned"] = stats

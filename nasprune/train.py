@@ -3,10 +3,15 @@
 KD loss: (1 - lambda) * CE(z, y) + lambda * T^2 * KL(softmax(t/T) || softmax(z/T)), batch-mean KL,
 lambda 0.9, T 4. Optimiser: SGD nesterov, momentum 0.9, cosine decay to 0 per step, optional
 linear warm-up, weight decay 5e-4.
+
+The library draws no progress bar: ``train`` reports through its ``on_step`` / ``on_epoch``
+callbacks (the command line draws its bars with them). Nothing here reseeds the caller's global
+random generators: :func:`seeded` runs a block on seeded copies of them and restores them.
 """
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +24,24 @@ def kd_loss(student_logits, teacher_logits, targets, lam: float = 0.9, temperatu
     kl = F.kl_div(F.log_softmax(student_logits / temperature, 1), F.softmax(teacher_logits / temperature, 1),
                   reduction="batchmean")
     return (1 - lam) * ce + lam * temperature * temperature * kl
+
+
+@contextmanager
+def seeded(seed: int, device=None):
+    """Run the block with torch's global generators (the CPU one and, for a CUDA ``device``, that
+    device's) seeded with ``seed``, and give the caller's generators back unchanged afterwards.
+    Library code that needs reproducible global randomness (parameter initialisation, dropout)
+    uses this instead of torch.manual_seed, which would reseed the user's generators."""
+    device = torch.device(device if device is not None else "cpu")
+    cuda = []
+    if device.type == "cuda":
+        cuda = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=cuda):
+        torch.default_generator.manual_seed(int(seed))
+        for index in cuda:
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(int(seed))
+        yield
 
 
 def _loader(data, batch_size, device, *, train, seed=0):
@@ -49,13 +72,17 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 256, device=None) -> d
 def train(model: nn.Module, train_data, *, epochs: int, batch_size: int = 128, lr: float = 0.1,
           momentum: float = 0.9, weight_decay: float = 5e-4, warmup_epochs: int = 0, teacher: nn.Module | None = None,
           kd_lambda: float = 0.9, kd_temperature: float = 4.0, test_data=None, device=None, seed: int = 0,
-          progress: bool = False, desc: str = "train", on_epoch=None) -> list[dict]:
+          on_step=None, on_epoch=None) -> list[dict]:
     """Train ``model`` in place (CE, or KD from ``teacher`` when given). Returns per-epoch
-    history dicts (loss, train_acc, test_acc when test_data is given)."""
+    history dicts (epoch, loss, train_acc, and test_acc when test_data is given).
+
+    seed: the data order and augmentation, and any global randomness the model draws (dropout),
+    on seeded copies of the global generators (the caller's are left as they were).
+    on_step(step, total_steps): called after every optimiser step (no host synchronisation);
+    on_epoch(row): called with each epoch's history row."""
     if epochs < 0:
         raise ValueError(f"epochs must be >= 0, got {epochs}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch.manual_seed(seed)
     model.to(device)
     if teacher is not None:
         teacher.to(device).eval()
@@ -63,45 +90,38 @@ def train(model: nn.Module, train_data, *, epochs: int, batch_size: int = 128, l
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=True)
     steps_per_epoch, history = len(loader), []
     total, warm = epochs * steps_per_epoch, warmup_epochs * steps_per_epoch
-    bar = None
-    if progress and epochs:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)
     step = 0
-    for epoch in range(epochs):
-        model.train()
-        sums = torch.zeros(3, dtype=torch.float64, device=device)
-        for x, y in loader:
-            if step < warm:
-                cur = lr * (step + 1) / warm
-            else:
-                cur = 0.5 * lr * (1 + math.cos(math.pi * (step - warm) / max(total - warm, 1)))
-            for g in opt.param_groups:
-                g["lr"] = cur
-            z = model(x)
-            if teacher is None:
-                loss = F.cross_entropy(z, y)
-            else:
-                with torch.no_grad():
-                    t = teacher(x)
-                loss = kd_loss(z, t, y, kd_lambda, kd_temperature)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            sums += torch.stack([loss.detach().double() * y.numel(), (z.detach().argmax(1) == y).double().sum(),
-                                 torch.tensor(float(y.numel()), dtype=torch.float64, device=device)])
-            if bar is not None:
-                bar.update(1)
-        loss_sum, correct, n = sums.tolist()
-        row = {"epoch": epoch + 1, "loss": loss_sum / max(n, 1), "train_acc": correct / max(n, 1)}
-        if test_data is not None:
-            row["test_acc"] = evaluate(model, test_data, device=device)["acc"]
-        history.append(row)
-        if bar is not None:
-            bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row.get('test_acc', row['train_acc']):.3f}")
-        if on_epoch is not None:
-            on_epoch(row)
-    if bar is not None:
-        bar.close()
+    with seeded(seed, device):
+        for epoch in range(epochs):
+            model.train()
+            sums = torch.zeros(3, dtype=torch.float64, device=device)
+            for x, y in loader:
+                if step < warm:
+                    cur = lr * (step + 1) / warm
+                else:
+                    cur = 0.5 * lr * (1 + math.cos(math.pi * (step - warm) / max(total - warm, 1)))
+                for g in opt.param_groups:
+                    g["lr"] = cur
+                z = model(x)
+                if teacher is None:
+                    loss = F.cross_entropy(z, y)
+                else:
+                    with torch.no_grad():
+                        t = teacher(x)
+                    loss = kd_loss(z, t, y, kd_lambda, kd_temperature)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+                sums += torch.stack([loss.detach().double() * y.numel(), (z.detach().argmax(1) == y).double().sum(),
+                                     torch.tensor(float(y.numel()), dtype=torch.float64, device=device)])
+                if on_step is not None:
+                    on_step(step, total)
+            loss_sum, correct, n = sums.tolist()
+            row = {"epoch": epoch + 1, "loss": loss_sum / max(n, 1), "train_acc": correct / max(n, 1)}
+            if test_data is not None:
+                row["test_acc"] = evaluate(model, test_data, device=device)["acc"]
+            history.append(row)
+            if on_epoch is not None:
+                on_epoch(row)
     return history

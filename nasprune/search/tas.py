@@ -17,6 +17,7 @@ from torch import nn
 from nasprune.search.base import Searcher
 from nasprune.models.pruned_resnet import tas_resnet
 from nasprune.search.tas_net import TASSupernet, inherit_weights, resnet_spec, sample_depths, sample_widths
+from nasprune.train import seeded
 
 TAU_SCHEDULES = ("cosine", "linear")
 SELECT_RULES = ("in-budget", "final")
@@ -73,8 +74,8 @@ class TAS(Searcher):
         self.device = torch.device(device if device is not None else
                                    ("cuda" if torch.cuda.is_available() else "cpu"))
         self.seed = int(seed)
-        torch.manual_seed(self.seed)
-        self.model = TASSupernet(spec, input_size)
+        with seeded(self.seed):        # the supernet's initial weights and logits; the global RNG is left alone
+            self.model = TASSupernet(spec, input_size)
         self.base_model = model      # for export(init="base"); not copied, not modified
         if init_from_model:
             self.model.load_base(model)
@@ -202,7 +203,8 @@ class TAS(Searcher):
         if init not in INIT_MODES:
             raise ValueError(f"init must be one of {INIT_MODES}, got {init!r}")
         arch = architecture if architecture is not None else self.model.architecture()
-        net = tas_resnet(**arch)
+        with seeded(self.seed):
+            net = tas_resnet(**arch)
         if init == "inherit":
             inherit_weights(net, self.model.cpu(), arch["widths"])
             self.model.to(self.device)
