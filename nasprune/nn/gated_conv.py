@@ -213,10 +213,14 @@ class GatedConvBNAct2d(_Gated, nn.Module):
         return f"act={self.act!r}"
 
     def forward(self, x: Tensor) -> Tensor:
+        g = self._gate_for_forward()
+        return self.fused_forward(x, g, self.active_index() if _sparse_ok(self.conv) else None)
+
+    def fused_forward(self, x: Tensor, g: Tensor, index: Tensor | None = None) -> Tensor:
+        """`g * act(bn(conv(x)))` for gate values `g` given by the caller (a gated network
+        gathers them from one packed vector); `index`: the open channels to convolve, or None."""
         conv, bn = self.conv, self.bn
         self._check_input(x, conv.in_channels, conv.weight)
-        g = self._gate_for_forward()
-        index = self.active_index() if _sparse_ok(conv) else None
         z = _convolve(conv, x, index)  # the conv bias is folded into the BN shift below
         batch = self._batch_statistics(z, index)
         if batch is None:  # eval: normalise with the running statistics of conv(x) + bias

@@ -2,6 +2,7 @@
 and print one JSON line of measured facts (the pytest side asserts on them)."""
 from __future__ import annotations
 
+import copy
 import gc
 import json
 import sys
@@ -16,6 +17,7 @@ import zoo  # noqa: E402
 import nasprune.flops as flops  # noqa: E402
 import nasprune.graph as graph_mod  # noqa: E402
 import nasprune.slim as slim  # noqa: E402
+from nasprune.search.gated import GatedNetwork  # noqa: E402
 
 
 def _widths(module):
@@ -73,7 +75,10 @@ def check(name: str) -> dict:
     facts["macs"] = cost.total()
     facts["macs_slim_predicted"] = cost.exact(keep)
     facts["macs_slim_counted"] = flops.count(slimmed, x)
-    del out, out_slim, model
+    del out, out_slim
+
+    facts["gated"] = gated_facts(model, x, facts["params"] <= zoo.CONTRACT_MAX_PARAMS)
+    del model
 
     slimmed.train()
     loss = sum(t.float().sum() for t in zoo.leaves(slimmed(x)) if t.is_floating_point())
@@ -83,6 +88,65 @@ def check(name: str) -> dict:
     facts["grads_present"] = sum(g is not None for g in grads) / max(1, len(grads))
     facts["grads_finite"] = all(bool(torch.isfinite(g).all()) for g in grads if g is not None)
     facts["seconds"] = time.perf_counter() - t0
+    return facts
+
+
+def _run(model, x, seed=0):
+    """Outputs and input gradient of ``model`` on ``x`` with the RNG at ``seed`` (dropout and
+    stochastic depth draw the same masks in the model and its gated copy)."""
+    x = x.clone().requires_grad_()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        out = model(x)
+    sum(t.float().square().sum() for t in zoo.leaves(out) if t.is_floating_point()).backward()
+    return [t.detach() for t in zoo.leaves(out)], x.grad
+
+
+def gated_facts(model, x, outputs: bool) -> dict:
+    """The gated network's contract on one model (issue 12): all gates at one equal the model,
+    0/1 gates equal slim.mask / slim.apply and the cost model, continuous gates export exactly."""
+    t = time.perf_counter()
+    gn = GatedNetwork(model, x)
+    facts = {"build_s": time.perf_counter() - t, "gates": gn.num_gates, "groups": len(gn.groups),
+             "ungated": {str(g): why for g, why in gn.ungated.items()},
+             "sites": sum(len(s) for s in gn.site_info.values()),
+             "fused": sum(s.kind == "fused" for sites in gn.site_info.values() for s in sites)}
+    if outputs:
+        for mode in ("train", "eval"):
+            model.train(mode == "train")
+            gn.train(mode == "train")
+            (ya, ga), (yb, gb) = _run(model, x), _run(gn, x)
+            facts[f"ones_{mode}_out"] = zoo.max_rel_diff(ya, yb)
+            facts[f"ones_{mode}_grad"] = zoo.max_rel_diff(ga, gb)
+        if facts["ones_train_grad"] > 1e-3:  # how far fp32 rounding alone moves this model's gradient
+            twin = copy.deepcopy(model).to(memory_format=torch.channels_last)
+            model.train()
+            facts["train_grad_noise"] = zoo.max_rel_diff(_run(model, x)[1],
+                                                         _run(twin, x.to(memory_format=torch.channels_last))[1])
+            del twin
+        model.eval()
+        gn.eval()
+    keep = {g: i for g, i in zoo.random_keep(gn.graph, 3).items() if g in gn.offsets}
+    binary = gn.keep_vector(keep)
+    gn.set_gates({g: binary[o:o + gn.sizes[g]] for g, o in gn.offsets.items()})
+    slimmed = slim.apply(model, gn.graph, keep)
+    facts["binary_macs"] = float(gn.expected_macs())
+    facts["binary_params"] = float(gn.expected_params())
+    facts["exact_macs"] = flops.CostModel(gn.graph).exact(keep)
+    facts["slim_macs"] = flops.count(slimmed, x)
+    facts["slim_params"] = flops.count_params(slimmed)
+    if outputs:
+        with torch.no_grad():
+            gated_out = gn(x)
+            facts["binary_vs_slim"] = zoo.max_rel_diff(gated_out, slimmed(x))
+            facts["binary_vs_mask"] = zoo.max_rel_diff(gated_out, slim.mask(model, gn.graph, keep)(x))
+        g = torch.Generator().manual_seed(5)
+        gn.set_gates({gi: 0.2 + 0.8 * torch.rand(gn.sizes[gi], generator=g) for gi in gn.offsets})
+        exported = gn.export(keep={})
+        with torch.no_grad():
+            facts["export_err"] = zoo.max_rel_diff(gn(x), exported(x))
+        facts["export_class"] = type(exported).__name__ == type(model).__name__
+    facts["seconds"] = time.perf_counter() - t
     return facts
 
 

@@ -1,0 +1,671 @@
+"""The gated network every gate-based search shares (DAIS, PaS, FFP, AST; methods.md 1.2).
+
+``GatedNetwork(model, example_inputs, gate=...)`` is a rewritten copy of any traced model with a
+per-channel gate on every prunable channel group: a gate value 1 leaves a channel as it is, 0
+removes it, a value in between scales it. All gate values live in one packed parameter; the
+searcher sees them per group. From the gates it computes the expected MACs and parameters (one
+vectorised expression, exact per channel), a keep set for :func:`nasprune.slim.apply`, and an
+export: the user's own model class, physically slimmed, equal to the gated network.
+
+Where a group's gate sits (its *sites*), from the channel graph and the traced fx graph:
+
+- after the batch normalisation that follows a producer (a gate before it is cancelled by the
+  batch statistics in training), or after the producer itself when no normalisation follows;
+- before a positively homogeneous activation (ReLU, LeakyReLU, PReLU, identity), after any other
+  (ReLU6, SiLU, Hardswish, GELU, sigmoid...: a gate before a sigmoid does not close a channel);
+- the same gate values at every producer of a group (a residual stream), gathered for members
+  that hold only part of it (option-A shortcuts, concatenations), and at every call of a module
+  called several times (each call is its own fx node).
+
+conv -> BatchNorm2d -> (ReLU | identity) is fused into one :class:`GatedConvBNAct2d` call; every
+other site is a stand-alone gate on the fused ``gate_epilogue`` op. A group whose channels meet a
+LayerNorm or GroupNorm (statistics across channels) or a layer with no known channel dimension
+cannot be gated: ``ungated`` lists it with the reason.
+"""
+from __future__ import annotations
+
+import copy
+import operator
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from nasprune.graph import ChannelGraph, trace
+from nasprune.graph.tracer import preserved_state, symbolic_trace
+from nasprune.handlers import handler_for
+from nasprune.handlers.keep import KeepError
+from nasprune.handlers.layers import ConvHandler, LinearHandler
+from nasprune.handlers.norm import BatchNormHandler
+from nasprune.nn import gates as gate_params
+from nasprune.nn.gate import apply_gate
+from nasprune.nn.gated_conv import GatedConvBNAct2d
+
+_GATES = "nasprune_gates"  # the placeholder every rewritten graph takes the gate values through
+
+# activations by how a per-channel gate g >= 0 commutes with them
+_HOMOGENEOUS_MODULES = (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.Identity)
+_HOMOGENEOUS_FUNCS = {F.relu, F.relu_, torch.relu, torch.relu_, F.leaky_relu, "relu", "relu_"}
+_OTHER_ACT_MODULES = (nn.ReLU6, nn.Hardtanh, nn.SiLU, nn.Hardswish, nn.GELU, nn.Sigmoid, nn.Tanh,
+                      nn.Hardsigmoid, nn.Mish, nn.ELU, nn.SELU, nn.CELU, nn.Softplus)
+_OTHER_ACT_FUNCS = {F.relu6, F.hardtanh, F.silu, F.hardswish, F.gelu, F.sigmoid, torch.sigmoid, F.tanh,
+                    torch.tanh, F.hardsigmoid, F.mish, F.elu, F.selu, F.celu, F.softplus,
+                    "sigmoid", "tanh", "sigmoid_", "tanh_"}
+# ops a gated value passes through unchanged per channel and linearly (where a fold into the
+# consumers' input weights stays exact) or only re-arranged
+_LINEAR_FUNCS = {torch.cat, torch.concat, torch.flatten, torch.reshape, operator.getitem, operator.mul,
+                 torch.mul, F.adaptive_avg_pool2d, F.avg_pool2d, F.adaptive_max_pool2d, F.max_pool2d,
+                 F.dropout, torch.squeeze, torch.unsqueeze, "view", "reshape", "flatten", "mul", "contiguous",
+                 "squeeze", "unsqueeze", "mean", torch.mean}
+_LINEAR_MODULES = (nn.Dropout, nn.Dropout2d, nn.Identity, nn.Flatten, nn.AdaptiveAvgPool2d, nn.AvgPool2d,
+                   nn.AdaptiveMaxPool2d, nn.MaxPool2d, nn.AdaptiveAvgPool1d, nn.AvgPool1d)
+
+
+def _is_homogeneous(node: fx.Node, modules: dict) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules[node.target], _HOMOGENEOUS_MODULES)
+    return node.op in ("call_function", "call_method") and node.target in _HOMOGENEOUS_FUNCS
+
+
+def _is_other_activation(node: fx.Node, modules: dict) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules[node.target], _OTHER_ACT_MODULES)
+    return node.op in ("call_function", "call_method") and node.target in _OTHER_ACT_FUNCS
+
+
+def _is_linear(node: fx.Node, modules: dict) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules[node.target], _LINEAR_MODULES)
+    return node.op in ("call_function", "call_method") and node.target in _LINEAR_FUNCS
+
+
+@dataclass
+class Site:
+    """One place of the network where gate values multiply channels."""
+    name: str            # the submodule of GatedNetwork.sites that applies it
+    anchor: str          # the fx node after which (or, fused, in place of which) it applies
+    module: str          # the layer whose output channels it gates (a producer or a norm)
+    role: str            # the role of `module` whose channel positions the site gates
+    kind: str            # "fused" (conv-BN-act in one GatedConvBNAct2d) or "gate"
+    act: str             # a fused site's activation: "relu" or "identity" ("" for a gate)
+    dim: int             # the channel dimension of the gated tensor
+    fold: str            # "affine": into `module`'s weights; "consumers": into the layers fed
+    index: torch.Tensor  # per channel position, its slot in the packed gate values
+    consumers: list = field(default_factory=list)  # (layer, in positions) for fold="consumers"
+
+
+class _GateSite(nn.Module):
+    """A stand-alone gate: y = x * values[index] along ``dim`` (on the fused gate_epilogue op)."""
+
+    def __init__(self, index: torch.Tensor, dim: int):
+        super().__init__()
+        self.register_buffer("index", index, persistent=False)
+        self.dim = dim
+
+    def forward(self, x, values):
+        return apply_gate(x, values.index_select(0, self.index), self.dim)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.index.numel()}, dim={self.dim}"
+
+
+class _FusedSite(GatedConvBNAct2d):
+    """conv -> BN -> act -> gate of the user's own conv and BN modules, in one fused call. The
+    modules stay where they are in the model (their state dict keys unchanged); the site holds
+    references, not copies."""
+
+    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: str, index: torch.Tensor):
+        nn.Module.__init__(self)
+        object.__setattr__(self, "_layers", (conv, bn))
+        self.act = act
+        self.register_buffer("index", index, persistent=False)
+
+    conv = property(lambda self: self._layers[0])
+    bn = property(lambda self: self._layers[1])
+
+    def forward(self, x, values):
+        return self.fused_forward(x, values.index_select(0, self.index))
+
+    def extra_repr(self) -> str:
+        return f"act={self.act!r}, channels={self.index.numel()}"
+
+
+class GatedNetwork(nn.Module):
+    """A copy of ``model`` with a gate on every prunable channel group it can gate.
+
+    model: any model :func:`nasprune.graph.trace` handles; it is not modified.
+    example_inputs: a tensor or tuple of tensors (batch 1 or 2) for tracing.
+    gate: the gate parameterisation, a ``nasprune.nn.gates`` module or its name
+        (continuous, sigmoid, threshold, fixed, sampled).
+    fuse: fuse conv -> BatchNorm2d -> (ReLU | identity) into one GatedConvBNAct2d call.
+    exclude, leaf_modules: as for :func:`nasprune.graph.trace`.
+
+    ``graph`` is the ChannelGraph of ``model``: its group indices key every keep set and every
+    dict of gate values, and a keep set applies to the user's model with
+    ``slim.apply(model, gn.graph, keep)``.
+    """
+
+    def __init__(self, model: nn.Module, example_inputs, *, gate="continuous", fuse: bool = True,
+                 exclude=(), leaf_modules=()):
+        super().__init__()
+        inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+        self.graph: ChannelGraph = trace(model, inputs, exclude=exclude, leaf_modules=leaf_modules)
+        self.model = copy.deepcopy(model)
+        self.gate_fn = gate_params.make(gate)
+        self.fuse = bool(fuse)
+        graphs = self._trace_modes(inputs)
+        self.ungated = self._ungateable(graphs)   # group index -> why it has no gate
+        gated = [g for g in self.graph.prunable_groups if g.index not in self.ungated]
+        self.groups = [g.index for g in gated]
+        sizes = [g.size for g in gated]
+        self.offsets = dict(zip(self.groups, np.cumsum([0] + sizes[:-1]).tolist()))
+        self.sizes = dict(zip(self.groups, sizes))
+        self.num_gates = int(sum(sizes))
+        device = next(iter(self.model.parameters()), torch.zeros(())).device
+        self.gate = nn.Parameter(torch.full((self.num_gates,), self.gate_fn.init_value, device=device))
+        self.sites = nn.ModuleDict()
+        self.site_info: dict[str, list[Site]] = {}
+        modes = {}
+        for mode, fx_graph in graphs.items():
+            modes[mode] = self._rewrite(fx_graph, mode)
+        self._modes = modes  # mode -> GraphModule; held outside the module tree (shared modules)
+        self._cost = _GateCost(self)
+
+    # ------------------------------------------------------------------ construction
+    def _trace_modes(self, inputs) -> dict:
+        """The fx graph of the copy in training and, when its control flow differs, in eval."""
+        by_name = dict(self.model.named_modules())
+        leaves = [by_name[n] for n in list(self.graph.leaf_modules) + list(self.graph.leaves)]
+        graphs = {}
+        with preserved_state(self.model):
+            for mode in ("train", "eval"):
+                self.model.train(mode == "train")
+                gm, _ = symbolic_trace(self.model, leaves, handler_for)
+                graphs[mode] = gm.graph
+        if graphs["train"].python_code("self").src == graphs["eval"].python_code("self").src:
+            del graphs["eval"]
+        return graphs
+
+    def _classes(self, module: str, role: str):
+        record = self.graph.records.get(module)
+        return None if record is None else record[1].get(role)
+
+    def _groups_of(self, classes) -> set:
+        gids = self.graph.class_group[classes]
+        return {int(g) for g in gids[gids >= 0]}
+
+    def _ungateable(self, graphs) -> dict:
+        """Prunable groups no gate can close exactly, and why."""
+        why = {}
+        prunable = {g.index for g in self.graph.prunable_groups}
+        for fx_graph in graphs.values():
+            modules = dict(self.model.named_modules())
+            for node in fx_graph.nodes:
+                if node.op != "call_module" or node.target not in self.graph.records:
+                    continue
+                m = modules[node.target]
+                handler = handler_for(m)
+                roles = self.graph.records[node.target][1]
+                if "channel" in roles and not isinstance(handler, BatchNormHandler) and \
+                        not isinstance(m, _HOMOGENEOUS_MODULES):
+                    for gi in self._groups_of(roles["channel"]) & prunable:
+                        why.setdefault(gi, f"{type(m).__name__} {node.target} normalises across its "
+                                           f"channels; a gate cannot remove one exactly")
+                if isinstance(handler, BatchNormHandler) and (m.weight is None or m.bias is None):
+                    for gi in self._groups_of(roles["channel"]) & prunable:
+                        why.setdefault(gi, f"{type(m).__name__} {node.target} has no affine parameters "
+                                           f"to fold a gate into")
+                if "out" in roles and handler.counts and self._channel_dim(m) is None:
+                    for gi in self._groups_of(roles["out"]) & prunable:
+                        why.setdefault(gi, f"{type(m).__name__} {node.target}: unknown channel dimension")
+        return why
+
+    @staticmethod
+    def _channel_dim(m: nn.Module):
+        handler = handler_for(m)
+        if isinstance(handler, LinearHandler):
+            return -1
+        if isinstance(m, (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase)):
+            return 1
+        return None
+
+    def _slots(self, classes) -> torch.Tensor:
+        """Packed gate slot of each channel position (num_gates: the constant one)."""
+        gids = self.graph.class_group[classes]
+        chans = self.graph.class_channel[classes]
+        slot = np.full(len(classes), self.num_gates, dtype=np.int64)
+        for gi in np.unique(gids[gids >= 0]).tolist():
+            if gi in self.offsets:
+                sel = gids == gi
+                slot[sel] = self.offsets[gi] + chans[sel]
+        return torch.from_numpy(slot)
+
+    def _reaches_only_norms(self, node: fx.Node, modules: dict) -> bool:
+        """Every path from ``node`` meets a batch normalisation before anything but re-arranging
+        ops (a DenseNet layer's output concatenated into the next layers' norms)."""
+        for user in node.users:
+            if user.op == "call_module" and isinstance(handler_for(modules[user.target]), BatchNormHandler):
+                continue
+            if user.op in ("call_function", "call_method") and user.target in (torch.cat, torch.concat) \
+                    and self._reaches_only_norms(user, modules):
+                continue
+            return False
+        return bool(node.users)
+
+    def _anchors(self, fx_graph: fx.Graph, modules: dict):
+        """(anchor node, layer name, role) of every layer whose output a gate must follow."""
+        for node in fx_graph.nodes:
+            if node.op != "call_module" or node.target not in self.graph.records:
+                continue
+            m = modules[node.target]
+            handler = handler_for(m)
+            roles = self.graph.records[node.target][1]
+            if isinstance(handler, BatchNormHandler) and "channel" in roles:
+                role = "channel"
+            elif handler.counts and "out" in roles:
+                if self._reaches_only_norms(node, modules):
+                    continue  # the norms that follow carry the gate
+                role = "out"
+            else:
+                continue
+            if self._groups_of(roles[role]) & set(self.offsets):
+                yield node, node.target, role
+
+    def _rewrite(self, fx_graph: fx.Graph, mode: str) -> fx.GraphModule:
+        graph = copy.deepcopy(fx_graph)
+        modules = dict(self.model.named_modules())
+        last_input = [n for n in graph.nodes if n.op == "placeholder"][-1]
+        with graph.inserting_after(last_input):
+            values = graph.placeholder(_GATES)
+        sites = []
+        for node, layer, role in list(self._anchors(graph, modules)):
+            m = modules[layer]
+            index = self._slots(self.graph.records[layer][1][role])
+            after, fold = node, "affine"
+            users = list(node.users)
+            if len(users) == 1 and _is_other_activation(users[0], modules):
+                after, fold = users[0], "consumers"
+            name = f"{mode}_{len(sites)}"
+            fused = self._fusable(node, modules) if fold == "affine" else None
+            if fused is not None:
+                conv_node, act_node, act = fused
+                site = _FusedSite(modules[conv_node.target], m, act, index)
+                last = act_node if act_node is not None else node
+                with graph.inserting_after(last):
+                    new = graph.call_module(f"sites.{name}", (conv_node.args[0], values))
+                last.replace_all_uses_with(new)
+                for dead in (act_node, node, conv_node):
+                    if dead is not None:
+                        graph.erase_node(dead)
+                kind, anchor = "fused", conv_node.name
+            else:
+                site = _GateSite(index, self._channel_dim(m))
+                with graph.inserting_after(after):
+                    new = graph.call_module(f"sites.{name}", (after, values))
+                after.replace_all_uses_with(new, delete_user_cb=lambda u, new=new: u is not new)
+                kind, anchor = "gate", after.name
+            self.sites[name] = site
+            info = Site(name, anchor, layer, role, kind, site.act if kind == "fused" else "",
+                        self._channel_dim(m), fold, index)
+            if fold == "consumers":
+                info.consumers = self._consumers(new, modules)
+            sites.append(info)
+        graph.lint()
+        self.site_info[mode] = sites
+        root = _Root(self.model, self.sites)
+        return fx.GraphModule(root, graph, type(self.model).__name__)
+
+    def _fusable(self, bn_node: fx.Node, modules: dict):
+        """(conv node, act node or None, act) when bn_node is a BatchNorm2d fed only by a conv."""
+        if not self.fuse or not isinstance(modules.get(bn_node.target), nn.BatchNorm2d):
+            return None
+        conv_node = bn_node.args[0] if bn_node.args else None
+        if not (isinstance(conv_node, fx.Node) and conv_node.op == "call_module"
+                and len(conv_node.users) == 1 and len(bn_node.args) == 1 and not bn_node.kwargs):
+            return None
+        conv = modules[conv_node.target]
+        if type(handler_for(conv)) is not ConvHandler or not isinstance(conv, nn.Conv2d) \
+                or len(conv_node.args) != 1 or conv_node.kwargs:
+            return None
+        users = list(bn_node.users)
+        if len(users) == 1 and users[0].op == "call_module" and type(modules[users[0].target]) is nn.ReLU:
+            return conv_node, users[0], "relu"
+        if len(users) == 1 and users[0].op in ("call_function", "call_method") and \
+                users[0].target in (F.relu, torch.relu, "relu") and len(users[0].args) == 1:
+            return conv_node, users[0], "relu"
+        return conv_node, None, "identity"
+
+    def _consumers(self, node: fx.Node, modules: dict) -> list:
+        """Layers fed by ``node`` through ops linear in it, for folding gate values into their
+        input weights; [(layer, None)] marks a path the fold cannot follow."""
+        found, todo, seen = [], list(node.users), set()
+        while todo:
+            user = todo.pop()
+            if user in seen:
+                continue
+            seen.add(user)
+            if user.op == "call_module" and user.target in self.graph.records and \
+                    "in" in self.graph.records[user.target][1]:
+                found.append(user.target)
+            elif user.op == "output":
+                found.append(None)
+            elif _is_linear(user, modules):
+                todo.extend(user.users)
+            else:
+                found.append(None)
+        return found
+
+    # ------------------------------------------------------------------ running
+    def gate_vector(self) -> torch.Tensor:
+        """Every gate value (num_gates,), then a constant 1 for channels of ungated groups."""
+        values = self.gate_fn(self.gate)
+        return torch.cat([values, values.new_ones(1)])
+
+    def forward(self, *inputs):
+        gm = self._modes.get("train" if self.training else "eval", self._modes["train"])
+        return gm(*inputs, **{_GATES: self.gate_vector()})
+
+    # ------------------------------------------------------------------ gates per group
+    def gate_values(self) -> dict[int, torch.Tensor]:
+        """{group index: gate values of its channels} (differentiable)."""
+        values = self.gate_fn(self.gate)
+        return {g: values[o:o + self.sizes[g]] for g, o in self.offsets.items()}
+
+    def set_gates(self, raw: Mapping) -> None:
+        """Set the raw gate parameters of the groups given: {group index: tensor of its size}."""
+        with torch.no_grad():
+            for g, value in raw.items():
+                g = int(g)
+                if g not in self.offsets:
+                    reason = self.ungated.get(g, "not a prunable group of this graph")
+                    raise KeyError(f"group {g} has no gate: {reason}")
+                value = torch.as_tensor(value, dtype=self.gate.dtype, device=self.gate.device)
+                if value.shape != (self.sizes[g],):
+                    raise ValueError(f"set_gates: group {g} has {self.sizes[g]} channels, got a tensor of "
+                                     f"shape {tuple(value.shape)}")
+                o = self.offsets[g]
+                self.gate[o:o + self.sizes[g]] = value
+
+    # ------------------------------------------------------------------ cost
+    def expected_macs(self, values: torch.Tensor | None = None) -> torch.Tensor:
+        """MACs per sample (TAS convention) with each channel counted by its gate value:
+        differentiable, exact at 0/1 gates (= CostModel.exact of the keep set)."""
+        return self._cost.macs(self.gate_fn(self.gate) if values is None else values)
+
+    def expected_params(self, values: torch.Tensor | None = None) -> torch.Tensor:
+        """Parameters with each channel counted by its gate value; exact at 0/1 gates."""
+        return self._cost.params(self.gate_fn(self.gate) if values is None else values)
+
+    @property
+    def base_macs(self) -> int:
+        return self._cost.base_macs
+
+    @property
+    def base_params(self) -> int:
+        return self._cost.base_params
+
+    # ------------------------------------------------------------------ discretise, export
+    def keep(self, rule: str = "nonzero", *, threshold: float = 0.5, k=None, macs=None, params=None,
+             round_to: int = 1) -> dict[int, torch.Tensor]:
+        """A keep set for ``slim.apply(model, self.graph, keep)`` from the current gate values.
+
+        rule "nonzero": every channel whose gate is not 0; "threshold": gate > threshold;
+        "topk": the k largest gates of each group (k an int, a fraction of the group, or a
+        {group: int} dict); "budget": the largest gates over all groups, as many as fit in
+        ``macs`` (or ``params``), an absolute count or a fraction (<= 1) of the unpruned model's.
+        round_to: kept widths rounded to a multiple (down, but never below one multiple).
+        Every member layer keeps at least one channel of a group it holds part of.
+        """
+        values = self.gate_fn(self.gate).detach().float().cpu()
+        per_group = {g: values[o:o + self.sizes[g]] for g, o in self.offsets.items()}
+        if rule == "nonzero":
+            counts = {g: int((v != 0).sum()) for g, v in per_group.items()}
+        elif rule == "threshold":
+            counts = {g: int((v > threshold).sum()) for g, v in per_group.items()}
+        elif rule == "topk":
+            if k is None:
+                raise ValueError("keep('topk') needs k: an int, a fraction in (0, 1) or {group: int}")
+            counts = {g: int(k[g]) if isinstance(k, Mapping) else
+                      (int(round(k * self.sizes[g])) if isinstance(k, float) else int(k)) for g in per_group}
+        elif rule == "budget":
+            return self._budget_keep(per_group, macs, params, round_to)
+        else:
+            raise ValueError(f"rule must be nonzero, threshold, topk or budget, got {rule!r}")
+        return self._keep_from_counts(per_group, counts, round_to)
+
+    def _keep_from_counts(self, per_group, counts, round_to) -> dict[int, torch.Tensor]:
+        keep = {}
+        for g, v in per_group.items():
+            size = self.sizes[g]
+            n = min(max(int(counts[g]), 1), size)
+            if round_to > 1 and n < size:
+                n = min(size, max(round_to, n - n % round_to))
+            chosen = set(torch.argsort(v, descending=True, stable=True)[:n].tolist())
+            for m in self.graph.groups[g].members:
+                held = m.index_map.channels
+                if not chosen.intersection(held.tolist()):
+                    chosen.add(int(held[int(torch.argmax(v[held]))]))
+            if len(chosen) < size:
+                keep[g] = torch.tensor(sorted(chosen), dtype=torch.long)
+        return keep
+
+    def _budget_keep(self, per_group, macs, params, round_to):
+        if (macs is None) == (params is None):
+            raise ValueError("keep('budget') needs exactly one of macs= or params=")
+        limit, cost = (macs, self._cost.macs) if macs is not None else (params, self._cost.params)
+        base = self._cost.base_macs if macs is not None else self._cost.base_params
+        limit = limit * base if limit <= 1 else limit
+        everything = torch.cat([v for v in per_group.values()]) if per_group else torch.zeros(0)
+        levels = torch.unique(everything).sort(descending=True).values.tolist()
+
+        def attempt(level):
+            counts = {g: int((v >= level).sum()) for g, v in per_group.items()}
+            keep = self._keep_from_counts(per_group, counts, round_to)
+            return keep, float(cost(self.keep_vector(keep)))
+
+        lo, hi, best = 0, len(levels) - 1, None
+        while lo <= hi:  # the lowest level (most channels) whose keep set fits the budget
+            mid = (lo + hi) // 2
+            keep, c = attempt(levels[mid])
+            if c <= limit:
+                best, lo = keep, mid + 1
+            else:
+                hi = mid - 1
+        if best is None:
+            keep, c = attempt(float("inf"))
+            if c > limit:
+                raise KeepError(f"even one channel per group costs {c:.4g}, over the budget {limit:.4g}")
+            best = keep
+        return best
+
+    def keep_vector(self, keep: Mapping) -> torch.Tensor:
+        """0/1 gate values (num_gates,) of a keep set: 1 for kept channels and unlisted groups."""
+        v = torch.ones(self.num_gates, dtype=torch.float64)
+        for g, idx in keep.items():
+            g = int(g)
+            if g not in self.offsets:
+                if len(idx) < self.graph.groups[g].size:
+                    raise KeepError(f"group {g} has no gate ({self.ungated.get(g, 'not prunable')})")
+                continue
+            o = self.offsets[g]
+            v[o:o + self.sizes[g]] = 0
+            v[o + torch.as_tensor(idx, dtype=torch.long)] = 1
+        return v
+
+    def export(self, keep: Mapping | None = None) -> nn.Module:
+        """A plain slimmed copy of the user's model (its own class, on the CPU, in eval mode)
+        equal to this gated network in eval: every site's gate values are folded into the
+        preceding affine layer (or, after a non-homogeneous activation, into the input weights
+        of the layers it feeds), then the channels outside ``keep`` (default: every channel
+        whose gate is 0) are cut out by :func:`nasprune.slim.apply`."""
+        from nasprune.slim import apply
+        if keep is None:
+            keep = self.keep("nonzero")
+        values = torch.cat([self.gate_fn(self.gate).detach(), self.gate.new_ones(1)]).double().cpu()
+        folded = copy.deepcopy(self.model).cpu()
+        modules = dict(folded.named_modules())
+        done = set()  # a layer called several times has one site per call, all with the same gates
+        for site in [s for sites in self.site_info.values() for s in sites]:
+            if (site.module, site.role) not in done:
+                done.add((site.module, site.role))
+                self._fold(site, values[site.index], modules)
+        return apply(folded.eval(), self.graph, keep)
+
+    def _fold(self, site: Site, g: torch.Tensor, modules: dict) -> None:
+        if bool((g == 1).all()):
+            return
+        m = modules[site.module]
+        with torch.no_grad():
+            if site.fold == "affine":
+                if site.act == "relu" and bool((g < 0).any()):  # g * relu(u) = relu(g * u) needs g >= 0
+                    bad = (g < 0).nonzero().flatten().tolist()[:4]
+                    raise ValueError(f"export: gate values at {site.module} channels {bad} are negative; a "
+                                     f"negative gate after a ReLU cannot be folded into the layer before it")
+                for tensor in (m.weight, getattr(m, "bias", None)):
+                    if tensor is not None:
+                        tensor.mul_(g.to(tensor.dtype).view([-1] + [1] * (tensor.dim() - 1)))
+                return
+            consumers = site.consumers
+            if None in consumers:
+                raise ValueError(f"export: the gate after {site.module}'s activation reaches a layer or the "
+                                 f"model output through an op that is not linear in it; it cannot be folded")
+            for name in dict.fromkeys(consumers):
+                self._fold_input(modules[name], name, site, g)
+
+    def _fold_input(self, layer: nn.Module, name: str, site: Site, g: torch.Tensor) -> None:
+        """Scale the input weights of ``layer`` where its input channels carry the site's classes."""
+        site_classes = self.graph.records[site.module][1][site.role]
+        scale_of = dict(zip(site_classes.tolist(), g.tolist()))
+        in_classes = self.graph.records[name][1]["in"]
+        scale = torch.tensor([scale_of.get(int(c), 1.0) for c in in_classes], dtype=torch.float64)
+        w = layer.weight
+        if isinstance(layer, nn.Linear):
+            w.mul_(scale.to(w.dtype).view(1, -1))
+        elif isinstance(layer, nn.modules.conv._ConvTransposeNd):
+            w.mul_(scale.to(w.dtype).view([-1] + [1] * (w.dim() - 1)))
+        elif isinstance(layer, nn.modules.conv._ConvNd):
+            groups, per_in = layer.groups, layer.in_channels // layer.groups
+            per_out = layer.out_channels // groups
+            s = scale.view(groups, per_in).repeat_interleave(per_out, dim=0)  # (out, in/groups)
+            w.mul_(s.to(w.dtype).view(s.shape + (1,) * (w.dim() - 2)))
+        else:
+            raise ValueError(f"export: cannot fold gate values into the inputs of {type(layer).__name__} {name}")
+
+
+class _Root(nn.Module):
+    """The module tree a rewritten graph resolves its targets in: the user's layers, the model's
+    own top-level tensors, and the sites (the same objects, not copies)."""
+
+    def __init__(self, model: nn.Module, sites: nn.ModuleDict):
+        super().__init__()
+        for name, child in model.named_children():
+            self.add_module(name, child)
+        for name, p in model.named_parameters(recurse=False):
+            self.register_parameter(name, p)
+        for name, b in model.named_buffers(recurse=False):
+            self.register_buffer(name, b)
+        self.sites = sites
+
+
+def _tensor(module: nn.Module, name: str):
+    try:
+        return module.get_parameter(name)
+    except AttributeError:
+        return None
+
+
+class _GateCost(nn.Module):
+    """Expected MACs and parameters of a gated network as one vectorised expression.
+
+    Every counted layer's MACs are bilinear in its kept input and output widths (conv, linear,
+    transposed conv; a depthwise conv is linear in its output width), so the coefficients are
+    read once from the layer handler's own formula (the one cost model, nasprune.flops); every
+    parameter tensor's size is its full size times the kept fraction along each channel
+    dimension. A width is the sum of the gate values over a layer's channel positions (a
+    constant 1 for channels of ungated groups): one gather and one index_add per evaluation.
+    """
+
+    def __init__(self, gn: GatedNetwork):
+        super().__init__()
+        from nasprune.flops import CostModel, count_params
+        graph = gn.graph
+        cost = CostModel(graph)
+        rows, slots, full = [], [], []
+
+        def width_row(classes) -> int:
+            """A width: the sum of gate values over ``classes``; returns its row."""
+            index = gn._slots(np.asarray(classes, dtype=np.int64))
+            rows.append(torch.full((len(index),), len(full), dtype=torch.long))
+            slots.append(index)
+            full.append(len(index))
+            return len(full) - 1
+
+        macs = []  # (coef, row a, row b): MACs = sum coef * W[a] * W[b], row -1 the constant 1
+        for i, (_, _, _, _, cin, cout) in enumerate(cost.layers):
+            def probe(a, b, i=i):
+                return float(cost._layer_macs(i, torch.tensor(float(a), dtype=torch.float64),
+                                              torch.tensor(float(b), dtype=torch.float64)))
+            d = probe(0, 0)
+            if cin is None or cout is None:  # a layer kept whole
+                macs.append((d, -1, -1))
+                continue
+            b_in, c_out = probe(1, 0) - d, probe(0, 1) - d
+            a = probe(1, 1) - d - b_in - c_out
+            ri, ro = width_row(cin), width_row(cout)
+            macs += [(a, ri, ro), (b_in, ri, -1), (c_out, ro, -1), (d, -1, -1)]
+        self.base_macs = int(cost.total())
+
+        params, covered = [], {}
+        for name, (handler, roles) in graph.records.items():
+            module = graph.modules[name]
+            dims: dict = {}
+            for role, classes in roles.items():
+                if role == "in" and getattr(handler, "depthwise", lambda m: False)(module):
+                    continue  # one input channel per output channel: the out width counts
+                for tensor, _ in handler.roles.get(role, ()):
+                    dims.setdefault(tensor, []).append(classes)
+            for tensor, per_dim in dims.items():
+                t = _tensor(module, tensor)
+                if t is None or id(t) in covered:
+                    continue
+                covered[id(t)] = t.numel()
+                coef = float(t.numel()) / float(np.prod([len(c) for c in per_dim]))
+                params.append((coef, *([width_row(c) for c in per_dim] + [-1, -1])[:2]))
+        for name, classes in graph.params.items():
+            t = _tensor(gn.model, name)
+            if t is None or id(t) in covered:
+                continue
+            covered[id(t)] = t.numel()
+            lines = [classes.movedim(d, 0).reshape(classes.shape[d], -1)[:, 0].numpy()
+                     for d in range(classes.dim()) if classes.shape[d] > 1]
+            if len(lines) > 2:
+                raise NotImplementedError(f"parameter {name} holds channels along {len(lines)} dims")
+            coef = float(t.numel()) / float(np.prod([len(c) for c in lines]))
+            params.append((coef, *([width_row(c) for c in lines] + [-1, -1])[:2]))
+        self.base_params = int(count_params(gn.model))
+        params.append((float(self.base_params - sum(covered.values())), -1, -1))
+
+        for prefix, terms in (("macs", macs), ("params", params)):
+            self.register_buffer(f"{prefix}_coef", torch.tensor([t[0] for t in terms], dtype=torch.float64),
+                                 persistent=False)
+            self.register_buffer(f"{prefix}_rows", torch.tensor([t[1:] for t in terms], dtype=torch.long).view(-1, 2),
+                                 persistent=False)
+        self.register_buffer("rows", torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long), persistent=False)
+        self.register_buffer("slots", torch.cat(slots) if slots else torch.zeros(0, dtype=torch.long),
+                             persistent=False)
+        self.n_rows = len(full)
+
+    def _evaluate(self, coef, pairs, values):
+        v = torch.cat([values.to(coef.dtype), coef.new_ones(1)])
+        w = coef.new_zeros(self.n_rows).index_add(0, self.rows, v.index_select(0, self.slots))
+        w = torch.cat([w, coef.new_ones(1)])  # row -1: the constant 1
+        return (coef * w[pairs[:, 0]] * w[pairs[:, 1]]).sum()
+
+    def macs(self, values: torch.Tensor) -> torch.Tensor:
+        return self._evaluate(self.macs_coef, self.macs_rows, values)
+
+    def params(self, values: torch.Tensor) -> torch.Tensor:
+        return self._evaluate(self.params_coef, self.params_rows, values)
