@@ -91,16 +91,17 @@ def table(model: nn.Module, example_inputs) -> CostTable:
     def hook(module, args, output):
         handler = handler_for(module)
         out = output[0] if isinstance(output, (tuple, list)) else output
-        cin, cout = _widths(module)
+        shown = handler.counted_module(module)
+        cin, cout = _widths(shown)
         macs = int(handler.macs(module, cin, cout, tuple(args[0].shape), tuple(out.shape)))
         name = names[id(module)]
         if name in rows:
             rows[name].macs += macs
             rows[name].calls += 1
             return
-        params = sum(p.numel() for p in module.parameters(recurse=False))
-        rows[name] = LayerCost(name, type(module).__name__, cin, cout, tuple(getattr(module, "kernel_size", ())),
-                               getattr(module, "groups", 1), _spatial(module, tuple(out.shape)), macs, params)
+        params = sum(p.numel() for p in shown.parameters(recurse=False))
+        rows[name] = LayerCost(name, type(module).__name__, cin, cout, tuple(getattr(shown, "kernel_size", ())),
+                               getattr(shown, "groups", 1), _spatial(shown, tuple(out.shape)), macs, params)
 
     def run(*args):
         rows.clear()  # a shapes-only attempt that failed half way must not count twice
@@ -174,7 +175,7 @@ class CostModel:
         name, handler, in_shape, out_shape, cin, cout = self.layers[i]
         module = self._modules[name]
         if cin is None or cout is None:  # a layer kept whole (attention): its own widths
-            win, wout = _widths(module)
+            win, wout = _widths(handler.counted_module(module))
         return handler.macs(module, win, wout, in_shape, out_shape)
 
     def total(self) -> int:
@@ -234,9 +235,10 @@ class CostModel:
         for i, (win, wout) in enumerate(self.widths(keep or {})):
             name, handler, in_shape, out_shape, _, _ = self.layers[i]
             m = self._modules[name]
+            shown = handler.counted_module(m)
             if win is None or wout is None:
-                win, wout = _widths(m)
-            rows.append(LayerCost(name, type(m).__name__, win, wout, tuple(getattr(m, "kernel_size", ())),
-                                  getattr(m, "groups", 1), _spatial(m, out_shape),
+                win, wout = _widths(shown)
+            rows.append(LayerCost(name, type(m).__name__, win, wout, tuple(getattr(shown, "kernel_size", ())),
+                                  getattr(shown, "groups", 1), _spatial(shown, out_shape),
                                   int(self._layer_macs(i, win, wout)), 0))
         return rows

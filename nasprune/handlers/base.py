@@ -59,10 +59,16 @@ class LayerHandler:
         """Multiply-accumulates per sample (TAS convention); widths may be tensors."""
         return 0
 
+    def counted_module(self, module: nn.Module) -> nn.Module:
+        """The module whose attributes (``in_channels``, ``out_channels``, ``kernel_size``,
+        ``groups``) and own parameters a cost table shows for this layer: the layer itself,
+        or the one it wraps (a fused conv-BN layer shows its conv)."""
+        return module
+
     def primary(self, module: nn.Module, role: str) -> tuple[str, int]:
         dims = self.roles.get(role) or (("weight", 0),)
         for name, dim in dims:
-            if getattr(module, name, None) is not None:
+            if get_tensor(module, name) is not None:
                 return name, dim
         return dims[0]
 
@@ -92,21 +98,40 @@ def handler_for(module: nn.Module) -> LayerHandler | None:
 
 
 # ------------------------------------------------------------------ tensor helpers
+# Tensor names may be dotted paths into submodules ("bn.weight"), for layers built of others.
+def _locate(module: nn.Module, name: str) -> tuple[nn.Module | None, str]:
+    """The module holding tensor ``name`` and the tensor's attribute name there."""
+    path, _, attr = name.rpartition(".")
+    try:
+        return module.get_submodule(path), attr
+    except AttributeError:
+        return None, attr
+
+
+def get_tensor(module: nn.Module, name: str) -> torch.Tensor | None:
+    owner, attr = _locate(module, name)
+    return getattr(owner, attr, None) if owner is not None else None
+
+
+def _replace(module: nn.Module, name: str, old: torch.Tensor, new: torch.Tensor) -> None:
+    owner, attr = _locate(module, name)
+    if isinstance(old, nn.Parameter):
+        setattr(owner, attr, nn.Parameter(new, requires_grad=old.requires_grad))
+    else:
+        owner._buffers[attr] = new
+
+
 def slice_tensor(module: nn.Module, name: str, dim: int, index: torch.Tensor) -> None:
     """Replace parameter or buffer ``name`` by its ``index`` slice along ``dim``."""
-    old = getattr(module, name, None)
+    old = get_tensor(module, name)
     if old is None:
         return
-    new = old.detach().index_select(dim, index.to(old.device))
-    if isinstance(old, nn.Parameter):
-        setattr(module, name, nn.Parameter(new, requires_grad=old.requires_grad))
-    else:
-        module._buffers[name] = new
+    _replace(module, name, old, old.detach().index_select(dim, index.to(old.device)))
 
 
 def slice_dims(module: nn.Module, name: str, index_by_dim: dict) -> None:
     """Like :func:`slice_tensor` over several dims at once: one gather, no intermediate copy."""
-    old = getattr(module, name, None)
+    old = get_tensor(module, name)
     index_by_dim = {d: i for d, i in index_by_dim.items() if i is not None}
     if old is None or not index_by_dim:
         return
@@ -128,15 +153,11 @@ def slice_dims(module: nn.Module, name: str, index_by_dim: dict) -> None:
         for dim, i in index_by_dim.items():
             slice_tensor(module, name, dim, i)
         return
-    new = old.detach()[tuple(index)]
-    if isinstance(old, nn.Parameter):
-        setattr(module, name, nn.Parameter(new, requires_grad=old.requires_grad))
-    else:
-        module._buffers[name] = new
+    _replace(module, name, old, old.detach()[tuple(index)])
 
 
 def _zero_slices(module: nn.Module, name: str, dim: int, removed: torch.Tensor) -> None:
-    t = getattr(module, name, None)
+    t = get_tensor(module, name)
     if t is None or not bool(removed.any()):
         return
     idx = removed.nonzero().view(-1).to(t.device)
