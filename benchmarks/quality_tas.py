@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
 from nasprune import flops, models, slim  # noqa: E402
-from nasprune.cli import TrainBar  # noqa: E402
+from nasprune.cli import SearchBar, TrainBar  # noqa: E402
 from nasprune.data import load_dataset, tas_split  # noqa: E402
 from nasprune.search import TAS  # noqa: E402
 from nasprune.search.tas import INIT_MODES  # noqa: E402
@@ -124,7 +124,8 @@ def main(argv=None):
     searcher = TAS(teacher, args.flops_target, input_size=size, arch_lr=args.arch_lr, lr=args.lr,
                    device=device, seed=args.seed)
     weights, arch_set = tas_split(train_set)
-    searcher.search(weights, arch_set, args.search_epochs, batch_size=args.batch_size, progress=args.progress)
+    searcher.search(weights, arch_set, args.search_epochs, batch_size=args.batch_size,
+                    callbacks=[SearchBar("TAS search")] if args.progress else [])
     arch = searcher.select("in-budget")
     seconds["search"] = time.time() - t
     t = time.time()

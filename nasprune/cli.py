@@ -169,6 +169,34 @@ class TrainBar:
         return {"on_step": self.on_step, "on_epoch": self.on_epoch}
 
 
+class SearchBar:
+    """The progress bar of a search (a nasprune.search.Callback): steps, the step's loss and,
+    where the method reports them, its MACs and temperature."""
+
+    def __init__(self, desc):
+        self.desc, self.bar = desc, None
+
+    def on_search_begin(self, searcher):
+        from tqdm.auto import tqdm
+        self.bar = tqdm(total=searcher.epochs * searcher.steps_per_epoch, initial=searcher.global_step,
+                        desc=self.desc, unit="step", dynamic_ncols=True)
+
+    def on_step_end(self, searcher, step, metrics):
+        self.bar.update(1)
+        shown = {"loss": f"{metrics['loss']:.3f}"} if "loss" in metrics else {}
+        if "flops" in metrics:
+            shown["mflops"] = f"{metrics['flops'] / 1e6:.2f}"
+        if "tau" in metrics:
+            shown["tau"] = f"{metrics['tau']:.2f}"
+        self.bar.set_postfix(shown, refresh=False)
+
+    def on_epoch_end(self, searcher, epoch, metrics):
+        pass
+
+    def on_search_end(self, searcher):
+        self.bar.close()
+
+
 def _train_progress(args, desc):
     return TrainBar(desc).callbacks() if args.progress else {}
 
@@ -239,7 +267,8 @@ def cmd_search(args):
 
     arch = searcher.search(weight_set, arch_set, args.epochs, batch_size=args.batch_size,
                            checkpoint=run.path("checkpoint.safetensors"), resume=args.resume,
-                           checkpoint_every=args.checkpoint_every, callbacks=[Log()], progress=args.progress)
+                           checkpoint_every=args.checkpoint_every,
+                           callbacks=[Log()] + ([SearchBar(f"{args.method.upper()} search")] if args.progress else []))
     chosen = searcher.select(args.select)
     if "epoch" in chosen:   # an earlier epoch's arg-max (see TAS.select)
         run.log(f"final arg-max: {arch['flops'] / 1e6:.2f} MFLOPs = {arch['flops'] / searcher.base_flops:.3f} "

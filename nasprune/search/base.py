@@ -1,11 +1,35 @@
-"""The searcher API every method shares: ``step`` (one search iteration, what benchmarks time),
-``search`` (the schedule, with callbacks, progress and checkpoints), ``export`` (a plain
-slimmed nn.Module), ``architecture`` (a JSON-able dict).
+"""The searcher API every method shares.
 
-Checkpoints are one safetensors file: every tensor (model, optimiser state, loader positions,
-random generators) plus a JSON header for the rest; written to a temporary file and moved into
-place with os.replace, so a killed run leaves either the old or the new checkpoint. Nothing is
-pickled. Resuming with the same seed replays the remaining steps exactly.
+A method is a subclass of :class:`Searcher` that sets ``method`` (its name) and ``config`` (its
+JSON-able configuration) and implements
+
+- ``step(*batches) -> dict``: one search iteration (what benchmarks time); metrics as tensors
+  or numbers, read once per step;
+- ``export(...) -> nn.Module``: the plain pruned network;
+- ``architecture() -> dict``: keep-based for every method (:func:`keep_architecture`): the
+  method, per-layer original and kept widths, MACs and params of the export, plus whatever the
+  method needs to rebuild its export;
+- ``method_state()`` / ``load_method_state(state)``: what a checkpoint holds beyond the base's.
+
+The loop's shape is the method's choice, through hooks with bi-level defaults (a weight split
+and an architecture split, both shuffled and augmented, as TAS and DAIS search):
+
+- ``loaders(data, val_data, batch_size) -> {name: DeviceLoader}``: which data, split how,
+  augmented or not, in which order (FFP: a small un-augmented search set in order; PaS: the
+  training set alone, no architecture split). :meth:`Searcher.loader` builds one.
+- ``iterate(loaders)``: the step arguments of one epoch (default: every batch of the first
+  loader, each with the next batch of every other, drawn epoch after epoch through
+  :meth:`Searcher.next_batch`); ``epoch_length(loaders)``: its number of steps.
+- ``begin_epoch``, ``epoch_metrics`` (a row of ``history``), ``finished`` (stop early).
+
+The base owns the rest: ``seed``, ``device``, the step counter ``global_step``, ``history``, the
+epoch loop, callbacks (progress is one: the library draws no bar), checkpoints, and refusing
+to resume a checkpoint written under another configuration.
+
+Checkpoints are one safetensors file (``nasprune.io.save_atomic``): every tensor (model,
+optimiser state, loader positions, random generators) plus a JSON header for the rest; a killed
+run leaves either the old or the new checkpoint. Nothing is pickled. Resuming with the same
+configuration replays the remaining steps exactly.
 """
 from __future__ import annotations
 
@@ -16,15 +40,23 @@ import torch
 from torch import nn
 
 _META = "nasprune.checkpoint"
+CHECKPOINT_FORMAT = "nasprune.search/2"
+ARCHITECTURE_KEYS = ("method", "layer_widths", "macs", "params")
 
 
 class Callback:
-    """Hooks called by :meth:`Searcher.search`; override what you need."""
+    """Hooks called by :meth:`Searcher.search`; override what you need. ``on_search_begin``
+    comes after a resumed checkpoint is loaded: ``searcher.global_step`` of
+    ``searcher.epochs * searcher.steps_per_epoch`` steps are done."""
 
     def on_search_begin(self, searcher): ...
     def on_step_end(self, searcher, step: int, metrics: dict): ...
     def on_epoch_end(self, searcher, epoch: int, metrics: dict): ...
     def on_search_end(self, searcher): ...
+
+
+class ConfigMismatchError(ValueError):
+    """A checkpoint written by a search of another configuration."""
 
 
 # ------------------------------------------------------------------ state (de)flattening
@@ -62,7 +94,6 @@ def save_checkpoint(path, state: dict) -> None:
     from nasprune.io import save_atomic
     tensors: dict = {}
     meta = json.dumps(flatten_state("s", state, tensors))
-    os.makedirs(os.path.dirname(os.path.abspath(os.fspath(path))), exist_ok=True)
     save_atomic(tensors, path, {_META: meta})
 
 
@@ -77,15 +108,99 @@ def load_checkpoint(path) -> dict:
     return unflatten_state(json.loads(meta), load_file(path))
 
 
+def _json(value):
+    """``value`` as JSON gives it back (tuples become lists), for comparing configurations."""
+    return json.loads(json.dumps(value))
+
+
+def config_differences(recorded: dict, current: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted key, recorded value, current value) of every key whose values differ; a key only
+    one side has shows ``"<absent>"`` on the other."""
+    out = []
+    for key in sorted(set(recorded) | set(current), key=str):
+        a, b = recorded.get(key, "<absent>"), current.get(key, "<absent>")
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, f"{name}.")
+        elif a != b:
+            out.append((name, a, b))
+    return out
+
+
+def _floats(metrics: dict) -> dict:
+    """Metrics as Python floats, the tensors read in one host copy."""
+    tensors = {k: v for k, v in metrics.items() if isinstance(v, torch.Tensor)}
+    device = next(iter(tensors.values())).device if tensors else None
+    values = torch.stack([v.detach().to(device, torch.float64).reshape(()) for v in tensors.values()]).tolist() \
+        if tensors else []
+    read = dict(zip(tensors, values))
+    return {k: read[k] if k in read else float(v) for k, v in metrics.items()}
+
+
+# ------------------------------------------------------------------ architectures
+def keep_architecture(method: str, layer_widths: list, macs, params, **extra) -> dict:
+    """The keep-based architecture dict every searcher returns: ``method``; ``layer_widths``,
+    one ``{"name", "original", "kept"}`` per layer (module name in the unpruned model, its
+    output width there and in the pruned network; 0 for a layer the pruning removed); ``macs``
+    and ``params`` of the pruned network; and the method's own keys (``extra``)."""
+    rows = []
+    for row in layer_widths:
+        name, original, kept = str(row["name"]), int(row["original"]), int(row["kept"])
+        if not 0 <= kept <= original:
+            raise ValueError(f"layer {name}: kept width {kept} outside 0..{original}")
+        rows.append({"name": name, "original": original, "kept": kept})
+    return {"method": str(method), "layer_widths": rows, "macs": int(round(float(macs))),
+            "params": int(params), **extra}
+
+
+def layer_widths(original: nn.Module, pruned: nn.Module) -> list[dict]:
+    """Per-layer original and kept output widths of every conv and linear layer of
+    ``original``, matched by module name in ``pruned`` (``nasprune.slim.apply`` keeps the names;
+    a layer missing there was removed: kept 0)."""
+    kept_modules = dict(pruned.named_modules())
+
+    def width(m):
+        if isinstance(m, nn.modules.conv._ConvNd):
+            return m.out_channels
+        if isinstance(m, nn.Linear):
+            return m.out_features
+        return None
+    rows = []
+    for name, m in original.named_modules():
+        w = width(m)
+        if w is not None:
+            k = width(kept_modules[name]) if name in kept_modules else None
+            rows.append({"name": name, "original": w, "kept": k or 0})
+    return rows
+
+
+def pruned_architecture(method: str, original: nn.Module, pruned: nn.Module, example_inputs, **extra) -> dict:
+    """:func:`keep_architecture` of a pruned network whose layers keep the names they have in
+    ``original``: its layer widths, counted MACs and params."""
+    from nasprune import flops
+    return keep_architecture(method, layer_widths(original, pruned), flops.count(pruned, example_inputs),
+                             flops.count_params(pruned), **extra)
+
+
 # ------------------------------------------------------------------ the searcher
 class Searcher:
-    """Base class. Subclasses implement ``step``, ``export``, ``architecture``, ``begin_epoch``,
-    ``state_dict`` / ``load_state_dict`` and ``epoch_metrics``."""
+    """Base class of the search methods (module docstring: what a method implements, which
+    hooks shape its loop)."""
 
+    method: str = ""
     model: nn.Module
-    device: torch.device
 
-    def step(self, weight_batch, arch_batch) -> dict:
+    def __init__(self, *, seed: int = 0, device=None):
+        self.seed = int(seed)
+        self.device = torch.device(device if device is not None else
+                                   ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.config: dict = {}
+        self.global_step, self.history = 0, []
+        self.epochs = self.steps_per_epoch = 0
+        self._streams: dict = {}
+
+    # -- what a method implements
+    def step(self, *batches) -> dict:
         raise NotImplementedError
 
     def export(self) -> nn.Module:
@@ -94,87 +209,147 @@ class Searcher:
     def architecture(self) -> dict:
         raise NotImplementedError
 
+    def method_state(self) -> dict:
+        return {}
+
+    def load_method_state(self, state: dict) -> None:
+        pass
+
+    # -- hooks that shape the loop
+    def loader(self, data, batch_size: int, *, shuffle: bool = True, augment: bool = True,
+               drop_last: bool = True, offset: int = 0):
+        """A DeviceLoader of ``data`` on the searcher's device, its randomness seeded with
+        ``seed + offset`` (a DeviceLoader is returned as it is)."""
+        from nasprune.data import DeviceLoader
+        if isinstance(data, DeviceLoader):
+            return data
+        return DeviceLoader(data, batch_size, shuffle=shuffle, augment=augment, drop_last=drop_last,
+                            device=self.device, seed=self.seed + offset)
+
+    def loaders(self, data, val_data, batch_size: int) -> dict:
+        """Bi-level: weight batches from ``data``, architecture batches from ``val_data``, both
+        shuffled and augmented; without ``val_data``, ``data`` is split per class 50/50
+        (``nasprune.data.tas_split``, seed 111)."""
+        if val_data is None:
+            from nasprune.data import tas_split
+            data, val_data = tas_split(data)
+        return {"weights": self.loader(data, batch_size), "arch": self.loader(val_data, batch_size, offset=1)}
+
+    def next_batch(self, loader):
+        """The next batch of ``loader``, epoch after epoch (each reshuffled), continuing where
+        the search left it (also across a resume)."""
+        stream = self._streams.get(id(loader))
+        if stream is None:
+            stream = self._streams[id(loader)] = loader.cycle()
+        return next(stream)
+
+    def iterate(self, loaders: dict):
+        """The step arguments of one epoch: each batch of the first loader with the next batch
+        of every other loader."""
+        first, *rest = loaders.values()
+        for batch in first:
+            yield (batch, *(self.next_batch(other) for other in rest))
+
+    def epoch_length(self, loaders: dict) -> int:
+        return len(next(iter(loaders.values())))
+
     def begin_epoch(self, epoch: int, epochs: int, steps_per_epoch: int) -> None:
         """Set per-epoch schedules (temperature...)."""
 
     def epoch_metrics(self) -> dict:
         return {}
 
+    def finished(self) -> bool:
+        """True to end the search before its last epoch (e.g. once a budget is met)."""
+        return False
+
+    # -- state
     def state_dict(self) -> dict:
-        raise NotImplementedError
+        return {"method": self.method, "config": self.config, "global_step": self.global_step,
+                "history": self.history, "method_state": self.method_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        raise NotImplementedError
+        self.check_config({"method": state.get("method"), **state.get("config", {})},
+                          {"method": self.method, **self.config}, "searcher state")
+        self.global_step, self.history = int(state["global_step"]), list(state["history"])
+        self.load_method_state(state["method_state"])
+
+    @staticmethod
+    def check_config(recorded: dict, current: dict, where) -> None:
+        """Raise ConfigMismatchError naming every key whose value differs."""
+        diff = config_differences(_json(recorded), _json(current))
+        if diff:
+            detail = "; ".join(f"{k}: checkpoint {a!r}, this search {b!r}" for k, a, b in diff)
+            raise ConfigMismatchError(f"{where}: written by a search of another configuration ({detail}); "
+                                      f"resume with the same configuration, or start afresh (another "
+                                      f"checkpoint path, or without resume)")
 
     # -- the schedule
-    def _loaders(self, train_data, val_data, batch_size):
-        from nasprune.data import DeviceLoader
-        if isinstance(train_data, DeviceLoader):
-            return train_data, val_data
-        wl = DeviceLoader(train_data, batch_size, shuffle=True, augment=True, drop_last=True,
-                          device=self.device, seed=self.seed)
-        al = DeviceLoader(val_data, batch_size, shuffle=True, augment=True, drop_last=True,
-                          device=self.device, seed=self.seed + 1)
-        return wl, al
+    def search(self, data, val_data=None, epochs: int | None = None, *, batch_size: int = 256, checkpoint=None,
+               resume: bool = False, checkpoint_every: int = 0, callbacks=()):
+        """Run the search for ``epochs`` epochs and return ``self.architecture()``.
 
-    def search(self, train_data, val_data, epochs: int, *, batch_size: int = 256, checkpoint=None,
-               resume: bool = False, checkpoint_every: int = 0, callbacks=(), progress: bool = False):
-        """Alternate weight and architecture updates for ``epochs`` epochs over ``train_data``
-        (weight split) drawing architecture batches from ``val_data`` (architecture split).
-
-        Datasets (ImageDataset) or DeviceLoaders. checkpoint: path of the checkpoint file,
-        written at the end of every epoch and every ``checkpoint_every`` steps; resume: start
-        from it if it exists. Returns ``self.architecture()``.
+        data, val_data: ImageDatasets or DeviceLoaders, given to :meth:`loaders` (the method's
+        split: by default weight and architecture batches, ``data`` split in two when
+        ``val_data`` is None). checkpoint: path of the checkpoint file, written at the end of
+        every epoch and every ``checkpoint_every`` steps; resume: continue from it if it exists,
+        refused (ConfigMismatchError) if it was written under another configuration (the
+        searcher's, the epochs, the batch sizes or the split sizes). callbacks: :class:`Callback`
+        objects (the command line's progress bar and log are two).
         """
-        if epochs < 1:
+        if epochs is None or epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {epochs}")
-        wl, al = self._loaders(train_data, val_data, batch_size)
-        if len(wl) == 0 or len(al) == 0:
-            raise ValueError(f"batch_size {batch_size} is larger than a split "
-                             f"({wl.num_samples} / {al.num_samples} samples)")
-        self.epochs, self.steps_per_epoch = epochs, len(wl)
-        start_epoch = 0
+        loaders = self.loaders(data, val_data, batch_size)
+        for name, loader in loaders.items():
+            if len(loader) == 0:
+                raise ValueError(f"batch_size {loader.batch_size} is larger than the {name} split "
+                                 f"({loader.num_samples} samples)")
+        steps = self.epoch_length(loaders)
+        self.epochs, self.steps_per_epoch, self._streams = epochs, steps, {}
+        config = _json({"method": self.method, **self.config,
+                        "search": {"epochs": epochs, "steps_per_epoch": steps,
+                                   "batch_size": {n: lo.batch_size for n, lo in loaders.items()},
+                                   "samples": {n: lo.num_samples for n, lo in loaders.items()}}})
+        start_epoch = epoch_step = 0
         if resume and checkpoint is not None and os.path.exists(checkpoint):
             state = load_checkpoint(checkpoint)
+            if state.get("format") != CHECKPOINT_FORMAT:
+                raise ConfigMismatchError(f"{checkpoint}: a checkpoint of an earlier nasprune (format "
+                                          f"{state.get('format', 'nasprune.search/1')!r}, this one writes "
+                                          f"{CHECKPOINT_FORMAT!r}); start afresh without resume")
+            self.check_config(state["config"], config, checkpoint)
             self.load_state_dict(state["searcher"])
-            wl.load_state_dict(state["weight_loader"])
-            al.load_state_dict(state["arch_loader"])
-            start_epoch = state["epoch"]
-        arch_batches = al.cycle()
+            for name, loader in loaders.items():
+                loader.load_state_dict(state["loaders"][name])
+            start_epoch, epoch_step = int(state["epoch"]), int(state["epoch_step"])
 
-        def save(next_epoch):
+        def save(next_epoch, step_in_epoch):
             if checkpoint is not None:
-                save_checkpoint(checkpoint, {"searcher": self.state_dict(), "epoch": next_epoch,
-                                             "weight_loader": wl.state_dict(), "arch_loader": al.state_dict()})
+                save_checkpoint(checkpoint, {"format": CHECKPOINT_FORMAT, "config": config, "epoch": next_epoch,
+                                             "epoch_step": step_in_epoch, "searcher": self.state_dict(),
+                                             "loaders": {n: lo.state_dict() for n, lo in loaders.items()}})
 
         for cb in callbacks:
             cb.on_search_begin(self)
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=epochs * len(wl), initial=start_epoch * len(wl), desc="TAS search",
-                       unit="step", dynamic_ncols=True)
         for epoch in range(start_epoch, epochs):
-            self.begin_epoch(epoch, epochs, len(wl))
-            for weight_batch in wl:
-                metrics = self.step(weight_batch, next(arch_batches))
-                metrics = {k: float(v) for k, v in zip(metrics, torch.stack(
-                    [torch.as_tensor(v, dtype=torch.float64, device=self.device) for v in metrics.values()]).tolist())}
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", mflops=f"{metrics['flops'] / 1e6:.2f}",
-                                    tau=f"{self.tau:.2f}")
+            if self.finished():
+                break
+            self.begin_epoch(epoch, epochs, steps)
+            for batches in self.iterate(loaders):
+                metrics = self.step(*batches)
+                self.global_step += 1
+                epoch_step += 1
+                metrics = _floats(metrics)
                 for cb in callbacks:
                     cb.on_step_end(self, self.global_step, metrics)
-                if checkpoint_every and self.global_step % checkpoint_every == 0 and wl._position < len(wl):
-                    save(epoch)  # mid-epoch: resume continues this epoch where the loaders stand
-            epoch_metrics = {"epoch": epoch + 1, **self.epoch_metrics()}
-            self.history.append(epoch_metrics)
+                if checkpoint_every and self.global_step % checkpoint_every == 0 and epoch_step < steps:
+                    save(epoch, epoch_step)  # mid-epoch: resume continues this epoch where the loaders stand
+            epoch_step = 0
+            row = {"epoch": epoch + 1, **self.epoch_metrics()}
+            self.history.append(row)
             for cb in callbacks:
-                cb.on_epoch_end(self, epoch + 1, epoch_metrics)
-            save(epoch + 1)
-        if bar is not None:
-            bar.close()
+                cb.on_epoch_end(self, epoch + 1, row)
+            save(epoch + 1, 0)
         for cb in callbacks:
             cb.on_search_end(self)
         return self.architecture()

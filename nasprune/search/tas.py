@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nasprune.search.base import Searcher
 from nasprune.models.pruned_resnet import tas_resnet
+from nasprune.search.base import Searcher, keep_architecture
 from nasprune.search.tas_net import TASSupernet, inherit_weights, resnet_spec, sample_depths, sample_widths
 from nasprune.train import seeded
 
@@ -47,6 +47,9 @@ def temperature(epoch: int, epochs: int, tau_max: float, tau_min: float, schedul
 class TAS(Searcher):
     """Width and depth search of a ResNet under a FLOPs (MACs) budget.
 
+    Bi-level (the base's default loaders): weight batches and architecture batches from the two
+    halves of ``search(data)``'s per-class split, or from ``search(data, val_data)``.
+
     model: the unpruned ResNet: a nasprune.models.CifarResNet or a torchvision.models.ResNet
         (basic or bottleneck blocks; see nasprune.models.ResNetSpec). Its structure defines the search
         space; its weights warm-start the supernet when init_from_model, which TAS's code does
@@ -60,6 +63,8 @@ class TAS(Searcher):
     arch_lr, arch_betas, arch_weight_decay: architecture Adam. seed: every random draw.
     """
 
+    method = "tas"
+
     def __init__(self, model: nn.Module, flops_target: float = 0.5, *, input_size: int = 32,
                  flops_tolerance: float = 0.05, cost_weight: float = 2.0, tau=(5.0, 0.1),
                  tau_schedule: str = "cosine", lr: float = 0.1, momentum: float = 0.9,
@@ -70,10 +75,8 @@ class TAS(Searcher):
         if tau_schedule not in TAU_SCHEDULES:
             raise ValueError(f"tau_schedule must be one of {TAU_SCHEDULES}, got {tau_schedule!r}")
         from nasprune import flops
+        super().__init__(seed=seed, device=device)
         spec = resnet_spec(model)
-        self.device = torch.device(device if device is not None else
-                                   ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.seed = int(seed)
         with seeded(self.seed):        # the supernet's initial weights and logits; the global RNG is left alone
             self.model = TASSupernet(spec, input_size)
         self.base_model = model      # for export(init="base"); not copied, not modified
@@ -81,6 +84,7 @@ class TAS(Searcher):
             self.model.load_base(model)
         self.model.to(self.device)
         self.base_flops = int(flops.count(model, torch.zeros(1, spec.in_channels, input_size, input_size)))
+        self.base_params = int(flops.count_params(model))
         self.max_flops = self.model.max_cost()
         self.flops_target = float(flops_target)
         self.target = self.flops_target * self.base_flops
@@ -95,12 +99,12 @@ class TAS(Searcher):
                                       weight_decay=arch_weight_decay)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(self.seed)
-        self.global_step, self.total_steps, self.history = 0, 0, []
+        self.total_steps = 0
         self._sums = torch.zeros(5, dtype=torch.float64, device=self.device)  # loss, acc_w, acc_a, n, cost-loss
-        self.config = dict(flops_target=flops_target, input_size=input_size, flops_tolerance=flops_tolerance,
-                           cost_weight=cost_weight, tau=list(tau), tau_schedule=tau_schedule, lr=lr,
-                           momentum=momentum, weight_decay=weight_decay, arch_lr=arch_lr,
-                           arch_betas=list(arch_betas), arch_weight_decay=arch_weight_decay,
+        self.config = dict(model=spec.to_dict(), flops_target=flops_target, input_size=input_size,
+                           flops_tolerance=flops_tolerance, cost_weight=cost_weight, tau=list(tau),
+                           tau_schedule=tau_schedule, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                           arch_lr=arch_lr, arch_betas=list(arch_betas), arch_weight_decay=arch_weight_decay,
                            init_from_model=init_from_model, seed=seed)
 
     # -- one iteration
@@ -143,12 +147,11 @@ class TAS(Searcher):
         self.a_opt.step()
         self.w_opt.zero_grad(set_to_none=True)
         acc_a = (logits_a.detach().argmax(1) == ya).double().mean()
-        self.global_step += 1
         with torch.no_grad():
             self._sums += torch.stack([loss_w.detach().double(), acc_w, acc_a, acc_w.new_ones(()),
                                        l_cost.detach().double()])
         return {"loss": loss_w.detach(), "arch_loss": loss_a.detach(), "acc": acc_w, "arch_acc": acc_a,
-                "cost_loss": l_cost.detach(), "expected_flops": expected.detach(), "flops": current}
+                "cost_loss": l_cost.detach(), "expected_flops": expected.detach(), "flops": current, "tau": self.tau}
 
     # -- schedule hooks
     def begin_epoch(self, epoch, epochs, steps_per_epoch):
@@ -166,13 +169,24 @@ class TAS(Searcher):
 
     # -- results
     def architecture(self) -> dict:
-        """The arg-max architecture, its MACs (estimate = exact MACs of export()) and the budget."""
-        arch = self.model.architecture()
-        arch["flops"] = float(self.model.argmax_cost())
-        arch["expected_flops"] = float(self.model.expected_cost().detach())
-        arch["base_flops"] = self.base_flops
-        arch["target_flops"] = self.target
-        return arch
+        """The arg-max architecture, keep-based (method, per-conv original and kept widths, MACs
+        and params of export()), with TAS's own keys: the search space (ResNetSpec fields,
+        ``widths`` per conv row, ``blocks`` per stage; ``tas_resnet(**arch)`` builds it), its MACs
+        as ``flops`` (= the exact MACs of export()), ``expected_flops`` and the budget."""
+        return self._describe(self.model.architecture(), float(self.model.argmax_cost()),
+                              float(self.model.expected_cost().detach()))
+
+    def _describe(self, arch: dict, flops: float, expected_flops) -> dict:
+        spec = self.model.spec
+        kept = spec.kept_widths(arch["widths"], arch["blocks"])
+        layers = [{"name": n, "original": o, "kept": k}
+                  for n, o, k in zip(spec.row_names(), spec.row_widths(), kept)]
+        with torch.device("meta"):       # parameter count without allocating the network
+            params = sum(p.numel() for p in tas_resnet(**arch).parameters())
+        return keep_architecture(self.method, layers, flops, params, base_macs=self.base_flops,
+                                 base_params=self.base_params, **arch, flops=flops,
+                                 expected_flops=expected_flops, base_flops=self.base_flops,
+                                 target_flops=self.target)
 
     def select(self, rule: str = "in-budget") -> dict:
         """The architecture to export. "final": the arg-max at the end of the search (TAS).
@@ -180,17 +194,16 @@ class TAS(Searcher):
         MACs lie in the cost loss's zero band [target - tolerance, target]; the final one if none
         does. A short search ends wherever the arg-max happens to be as it oscillates around the
         budget (a stage's depth flipping moves it by 10-15 % of the MACs); this keeps the result
-        within the budget."""
+        within the budget. An earlier epoch's architecture carries its ``epoch``."""
         if rule not in SELECT_RULES:
             raise ValueError(f"rule must be one of {SELECT_RULES}, got {rule!r}")
         final = self.architecture()
-        if rule == "final":
+        if rule == "final" or self.target - self.tolerance <= final["flops"] <= self.target:
             return final
-        candidates = [final] + [{**final, "widths": h["widths"], "blocks": h["blocks"], "flops": h["flops"],
-                                 "epoch": h["epoch"]} for h in reversed(self.history) if "widths" in h]
-        for arch in candidates:
-            if self.target - self.tolerance <= arch["flops"] <= self.target:
-                return arch
+        for h in reversed(self.history):
+            if "widths" in h and self.target - self.tolerance <= h["flops"] <= self.target:
+                arch = {**self.model.architecture(), "widths": h["widths"], "blocks": h["blocks"]}
+                return {**self._describe(arch, h["flops"], h.get("expected_flops")), "epoch": h["epoch"]}
         return final
 
     def export(self, init: str = "base", architecture: dict | None = None) -> nn.Module:
@@ -203,29 +216,27 @@ class TAS(Searcher):
         if init not in INIT_MODES:
             raise ValueError(f"init must be one of {INIT_MODES}, got {init!r}")
         arch = architecture if architecture is not None else self.model.architecture()
-        with seeded(self.seed):
+        with seeded(self.seed):          # the random init is the seed's; the caller's RNG is left alone
             net = tas_resnet(**arch)
-        if init == "inherit":
-            inherit_weights(net, self.model.cpu(), arch["widths"])
-            self.model.to(self.device)
-        elif init == "base":
-            source = TASSupernet(self.model.spec, self.model.input_size)
-            source.load_base(self.base_model)
-            inherit_weights(net, source, arch["widths"])
+            if init == "inherit":
+                inherit_weights(net, self.model.cpu(), arch["widths"])
+                self.model.to(self.device)
+            elif init == "base":
+                source = TASSupernet(self.model.spec, self.model.input_size)
+                source.load_base(self.base_model)
+                inherit_weights(net, source, arch["widths"])
         return net
 
     # -- checkpoint state
-    def state_dict(self) -> dict:
+    def method_state(self) -> dict:
         return {"model": self.model.state_dict(), "w_opt": self.w_opt.state_dict(),
                 "a_opt": self.a_opt.state_dict(), "generator": self.generator.get_state(),
-                "global_step": self.global_step, "history": self.history, "sums": self._sums,
-                "tau": self.tau, "config": self.config}
+                "sums": self._sums, "tau": self.tau}
 
-    def load_state_dict(self, state):
+    def load_method_state(self, state):
         self.model.load_state_dict(state["model"])
         self.w_opt.load_state_dict(state["w_opt"])
         self.a_opt.load_state_dict(state["a_opt"])
         self.generator.set_state(state["generator"])
-        self.global_step, self.history = int(state["global_step"]), list(state["history"])
         self._sums.copy_(state["sums"])
         self.tau = float(state["tau"])
