@@ -8,7 +8,9 @@ from torchvision.models import resnet18, resnet50, resnext50_32x4d, wide_resnet5
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from nasprune import flops
-from nasprune.models import CifarResNet, ResNetSpec, tas_resnet
+from nasprune.flops import CostModel
+from nasprune.graph import trace
+from nasprune.models import CifarResNet, ResNetSpec, cifar_resnet20, tas_resnet
 from nasprune.search import TAS
 from nasprune.search.tas_net import TASSupernet, inherit_weights, resnet_spec
 
@@ -178,3 +180,58 @@ def test_export_base_init_takes_the_unpruned_models_prefix_weights():
     torch.testing.assert_close(w, torch.eye(*w.shape))
     with pytest.raises(ValueError, match="init must be one of"):
         s.export(init="scratch")
+
+
+def _cost_model_total(net, size):
+    return CostModel(trace(net, torch.zeros(1, 3, size, size))).total()
+
+
+@pytest.mark.parametrize("make,size", [(lambda: CifarResNet(14), 16), (lambda: _small(BasicBlock, (2, 2, 1, 2)), 32),
+                                       (lambda: _small(Bottleneck, (2, 1, 3, 1)), 48)],
+                         ids=["cifar-option-a", "basic", "bottleneck"])
+def test_tas_cost_equals_the_one_cost_model_of_the_derived_net(make, size):
+    """At one-hot width and depth probabilities the supernet's cost is nasprune.flops.CostModel's
+    total of the derived network (and flops.count's), for random architectures: dropped blocks,
+    width-induced projections."""
+    net = TASSupernet(resnet_spec(make()), size)
+    g = torch.Generator().manual_seed(size)
+    for _ in range(3):
+        with torch.no_grad():
+            net.width_logits.copy_(torch.randn(net.width_logits.shape, generator=g))
+            net.depth_logits.copy_(torch.randn(net.depth_logits.shape, generator=g))
+        derived = tas_resnet(**net.architecture()).eval()
+        cost = float(net.cost(*net.argmax_onehot()))
+        assert cost == _cost_model_total(derived, size) == flops.count(derived, torch.zeros(1, 3, size, size))
+
+
+@pytest.mark.parametrize("make,size", [(lambda: cifar_resnet20(shortcut="B"), 32),
+                                       (lambda: _small(BasicBlock, (2, 2, 1, 2)), 32),
+                                       (lambda: _small(Bottleneck, (2, 1, 3, 1)), 48)],
+                         ids=["cifar-option-b", "basic", "bottleneck"])
+def test_tas_cost_at_full_depth_equals_the_cost_model_of_the_unpruned_model_at_a_keep_set(make, size):
+    """At full depth, with one width per channel group of the unpruned model (the residual
+    streams' convs agree), TAS's cost is CostModel(trace(model)).exact(keep) of the matching
+    prefix keep set: the same MACs from the same graph-based cost model, without building a net."""
+    model = make().eval()
+    net = TASSupernet(resnet_spec(model), size)
+    graph = trace(model, torch.zeros(1, 3, size, size))
+    g = torch.Generator().manual_seed(1)
+    rows_of = {}
+    for r, name in enumerate(net.spec.row_names()):
+        group, = graph.group_of(name)
+        rows_of.setdefault(group.index, []).append(r)
+    for _ in range(3):
+        keep = {}
+        with torch.no_grad():
+            net.width_logits.fill_(-5.0)
+            net.depth_logits.fill_(-5.0)
+            for s, choices in enumerate(net.depth_choices):
+                net.depth_logits[s, len(choices) - 1] = 5.0
+            for group, rows in rows_of.items():
+                j = int(torch.randint(0, len(net.convs[rows[0]].choices), (1,), generator=g))
+                net.width_logits[rows, j] = 5.0
+                keep[group] = torch.arange(net.convs[rows[0]].choices[j])
+        assert float(net.cost(*net.argmax_onehot())) == CostModel(graph).exact(keep)
+        derived = tas_resnet(**net.architecture())
+        assert not any(isinstance(b.shortcut, nn.Sequential) and b.shortcut[0].stride == (1, 1)
+                       for stage in derived.stages for b in stage[1:])   # no width-induced projection
