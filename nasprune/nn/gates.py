@@ -8,6 +8,8 @@ same whatever parameterisation it uses.
 - `Threshold`: g = 1[raw > t] forward, identity gradient backward (PaS's straight-through DBC
   gate, methods.md section 5.1; t = 0.5, raw initialised to 0.6).
 - `FixedMask`: g = 1[raw != 0], no gradient: a frozen binary mask.
+- `Sampled`: g = mask * raw, a learnable weight per channel times a sampled 0/1 mask the searcher
+  sets (AST's y = alpha * BN(conv(x)) on the sampled subnetwork, methods.md section 6).
 """
 from __future__ import annotations
 
@@ -82,12 +84,35 @@ class FixedMask(GateParam):
         return (raw != 0).to(raw.dtype).detach()
 
 
+class Sampled(GateParam):
+    """g = mask * raw: a learnable weight per channel (raw, initialised to 1) times a 0/1 mask of
+    the sampled channels, set with `sample(mask)` (None: every channel, g = raw). The gradient
+    reaches only the sampled channels' weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.mask = None
+
+    def sample(self, mask: Tensor | None) -> None:
+        if mask is not None and (mask.dim() != 1 or not bool(((mask == 0) | (mask == 1)).all())):
+            raise ValueError(f"sample: mask must be a 1-D tensor of 0s and 1s, got shape {tuple(mask.shape)}")
+        self.mask = mask
+
+    def forward(self, raw: Tensor) -> Tensor:
+        if self.mask is None:
+            return raw
+        if self.mask.shape != raw.shape:
+            raise ValueError(f"Sampled gate: mask has shape {tuple(self.mask.shape)}, the gates {tuple(raw.shape)}")
+        return raw * self.mask.to(device=raw.device, dtype=raw.dtype)
+
+
 def make(spec: str | GateParam | None) -> GateParam:
-    """A gate parameterisation from a module or a name: continuous, sigmoid, threshold, fixed."""
+    """A gate parameterisation from a module or a name: continuous, sigmoid, threshold, fixed,
+    sampled."""
     if isinstance(spec, GateParam):
         return spec
     names = {"continuous": Continuous, "sigmoid": Sigmoid, "threshold": Threshold,
-             "fixed": FixedMask}
+             "fixed": FixedMask, "sampled": Sampled}
     if spec is None:
         return Continuous()
     if spec not in names:

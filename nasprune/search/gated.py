@@ -129,6 +129,9 @@ class _FusedSite(GatedConvBNAct2d):
     def forward(self, x, values):
         return self.fused_forward(x, values.index_select(0, self.index))
 
+    def _load_from_state_dict(self, *args, **kwargs):  # no gate of its own to default
+        nn.Module._load_from_state_dict(self, *args, **kwargs)
+
     def extra_repr(self) -> str:
         return f"act={self.act!r}, channels={self.index.numel()}"
 

@@ -60,3 +60,16 @@ def test_parameterisation_does_not_change_state_dict():
             for name in ("continuous", "sigmoid", "threshold", "fixed")}
     assert len({frozenset(k) for k in keys.values()}) == 1
     assert GatedConvBNAct2d(2, 3, 1, gate="threshold").gate[0].item() == pytest.approx(0.6)
+
+
+def test_sampled_gate_is_mask_times_weight():
+    fn = gates.make("sampled")
+    raw = torch.tensor([0.5, 2.0, -1.0], requires_grad=True)
+    assert torch.equal(fn(raw), raw.detach())  # nothing sampled yet: every channel
+    fn.sample(torch.tensor([1.0, 0.0, 1.0]))
+    g = fn(raw)
+    assert torch.equal(g.detach(), torch.tensor([0.5, 0.0, -1.0]))
+    (g * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+    assert torch.equal(raw.grad, torch.tensor([1.0, 0.0, 3.0]))  # unsampled channels learn nothing
+    with pytest.raises(ValueError, match="0s and 1s"):
+        fn.sample(torch.tensor([0.5, 1.0, 1.0]))

@@ -1,0 +1,206 @@
+"""nasprune.search.GatedNetwork: sites, packed gates, cost, keep rules, export (issue 12).
+
+The contract on every torchvision classification model (all gates at one equal the model; 0/1
+gates equal slim.mask / slim.apply and the cost model; continuous gates export exactly) is
+checked by the model sweep (tests/slim/test_sweep.py::test_gated_network); this file checks the
+API on small models in detail.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import nasprune
+from nasprune import flops, slim
+from nasprune.flops import CostModel
+from nasprune.models import cifar_resnet
+from nasprune.search.gated import GatedNetwork
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "slim"))
+import zoo  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def resnet20a():
+    model, x = zoo.build("cifar_resnet20A")
+    return model, x, GatedNetwork(model, x)
+
+
+def _binary(gn, keep):
+    v = gn.keep_vector(keep)
+    gn.set_gates({g: v[o:o + gn.sizes[g]] for g, o in gn.offsets.items()})
+
+
+def test_sites_follow_the_rules():
+    """ResNet: every conv-BN(-ReLU) is fused; MobileNetV2: gates after ReLU6 fold into the
+    layers they feed, projections (BN, no activation) are fused with identity."""
+    model, x = zoo.build("cifar_resnet20A")
+    gn = GatedNetwork(model, x)
+    sites = gn.site_info["train"]
+    assert len(sites) == 19 and all(s.kind == "fused" for s in sites)
+    assert {s.act for s in sites if s.module.endswith("bn1")} == {"relu"}  # conv1 -> bn1 -> relu
+    assert {s.act for s in sites if s.module.endswith("bn2")} == {"identity"}  # bn2 -> add -> relu
+    assert gn.groups == [g.index for g in gn.graph.prunable_groups]
+    stream = max(gn.graph.prunable_groups, key=lambda g: g.size)
+    assert stream.size == 64  # option A nests the 16- and 32-channel streams in the 64-channel one
+    partial = [s for s in sites if s.module == "layer1.0.bn2"][0]
+    o = gn.offsets[stream.index]
+    held = gn.graph.group_of("layer1.0.bn2", "channel")[0]
+    assert held.index == stream.index and partial.index.numel() == 16
+    assert set(partial.index.tolist()) < set(range(o, o + 64))  # gathered: 16 of the 64 gates
+
+    mobile = torchvision.models.mobilenet_v2(num_classes=10)
+    gm = GatedNetwork(mobile, torch.zeros(1, 3, 32, 32))
+    kinds = {(s.kind, s.fold, s.act) for s in gm.site_info["train"]}
+    assert kinds == {("gate", "consumers", ""), ("fused", "affine", "identity")}
+    after_relu6 = [s for s in gm.site_info["train"] if s.kind == "gate"]
+    assert all(s.consumers and None not in s.consumers for s in after_relu6)
+
+
+def test_all_ones_equals_model_and_gate_gradient(resnet20a):
+    model, x, gn = resnet20a
+    gn.set_gates({g: torch.ones(gn.sizes[g]) for g in gn.groups})
+    model.eval(), gn.eval()
+    with torch.no_grad():
+        assert zoo.max_rel_diff(model(x), gn(x)) <= 1e-5
+    # the gate gradient is d loss / d g = sum over the channel's sites of dy * (gated value)
+    probe = torch.zeros(gn.num_gates, requires_grad=True)
+    loss = gn._modes["train"](x, nasprune_gates=torch.cat([probe + 1, torch.ones(1)])).square().sum()
+    (autograd,) = torch.autograd.grad(loss, probe)
+    eps = 1e-2
+    for slot in (0, 17, gn.num_gates - 1):
+        bumped = torch.ones(gn.num_gates + 1)
+        bumped[slot] += eps
+        with torch.no_grad():
+            up = gn._modes["train"](x, nasprune_gates=bumped).square().sum()
+            bumped[slot] -= 2 * eps
+            down = gn._modes["train"](x, nasprune_gates=bumped).square().sum()
+        assert float(autograd[slot]) == pytest.approx(float(up - down) / (2 * eps), rel=2e-2, abs=1e-3)
+
+
+def test_expected_cost_is_per_channel_and_matches_the_cost_model():
+    model, x = zoo.build("cifar_resnet20B")  # no partial members: CostModel.expected is exact too
+    gn = GatedNetwork(model, x, gate="sigmoid")
+    g = torch.Generator().manual_seed(0)
+    gn.set_gates({gi: torch.randn(gn.sizes[gi], generator=g) for gi in gn.groups})
+    kept = {gi: v.sum() for gi, v in gn.gate_values().items()}
+    macs = gn.expected_macs()
+    assert float(macs) == pytest.approx(float(CostModel(gn.graph).expected(kept)), rel=1e-6)  # fp32 there
+    macs.backward()
+    assert gn.gate.grad is not None and bool((gn.gate.grad > 0).all())  # more channels, more MACs
+    assert float(gn.expected_macs(torch.ones(gn.num_gates))) == gn.base_macs == flops.count(model, x[:1])
+    assert float(gn.expected_params(torch.ones(gn.num_gates))) == gn.base_params == flops.count_params(model)
+
+
+def test_binary_gates_equal_slimming_and_exact_cost(resnet20a):
+    model, x, gn = resnet20a
+    keep = zoo.random_keep(gn.graph, 7)
+    _binary(gn, keep)
+    slimmed = slim.apply(model, gn.graph, keep)
+    model.eval(), gn.eval()
+    with torch.no_grad():
+        assert zoo.max_rel_diff(gn(x), slimmed(x)) <= 1e-5
+    assert float(gn.expected_macs()) == CostModel(gn.graph).exact(keep) == flops.count(slimmed, x)
+    assert float(gn.expected_params()) == flops.count_params(slimmed)
+
+
+def test_export_folds_continuous_gates_and_saves(tmp_path, resnet20a):
+    model, x, gn = resnet20a
+    g = torch.Generator().manual_seed(1)
+    gn.set_gates({gi: 0.2 + 0.8 * torch.rand(gn.sizes[gi], generator=g) for gi in gn.groups})
+    first = gn.groups[0]
+    values = gn.gate.detach().clone()
+    values[gn.offsets[first]:gn.offsets[first] + 5] = 0  # five channels closed: the export cuts them
+    with torch.no_grad():
+        gn.gate.copy_(values)
+    gn.eval()
+    exported = gn.export()
+    assert type(exported) is type(model) and not exported.training
+    assert exported.linear.in_features == gn.sizes[first] - 5  # the head reads the whole stream
+    with torch.no_grad():
+        assert zoo.max_rel_diff(gn(x), exported(x)) <= 1e-5
+    nasprune.save(exported, tmp_path / "m.safetensors")
+    loaded = nasprune.load(tmp_path / "m.safetensors", base_model=cifar_resnet.CifarResNet(20, shortcut="A"))
+    with torch.no_grad():
+        assert zoo.max_rel_diff(loaded.eval()(x), exported(x)) == 0
+    gn.set_gates({first: -torch.ones(gn.sizes[first])})
+    with pytest.raises(ValueError, match="negative"):
+        gn.export()
+
+
+@pytest.mark.parametrize("round_to", [1, 4])
+def test_keep_rules(resnet20a, round_to):
+    model, x, gn = resnet20a
+    g = torch.Generator().manual_seed(2)
+    gn.set_gates({gi: torch.rand(gn.sizes[gi], generator=g) for gi in gn.groups})
+    values = gn.gate_values()
+    keep = gn.keep("threshold", threshold=0.5, round_to=round_to)
+    for gi, idx in keep.items():
+        if round_to == 1:
+            assert set(idx.tolist()) >= set((values[gi] > 0.5).nonzero().flatten().tolist()) or len(idx) == 1
+        else:
+            assert len(idx) % round_to == 0 or len(idx) == gn.sizes[gi]
+    topk = gn.keep("topk", k=0.5)
+    for gi, idx in topk.items():
+        v = values[gi].detach()
+        assert float(v[idx].min()) >= float(torch.topk(v, gn.sizes[gi] // 2).values.min()) - 1e-7
+    for target in (0.3, 0.6):
+        budget = gn.keep("budget", macs=target, round_to=round_to)
+        exact = CostModel(gn.graph).exact(budget)
+        assert exact <= target * gn.base_macs
+        assert exact >= (target - 0.1) * gn.base_macs  # the budget is used, not wasted
+        slim.apply(model, gn.graph, budget)  # every member keeps a channel: the keep set is valid
+
+
+def test_layernorm_groups_are_reported_not_gated():
+    model = torchvision.models.convnext_tiny(num_classes=10)
+    gn = GatedNetwork(model, torch.zeros(1, 3, 32, 32))
+    assert gn.ungated and all("LayerNorm" in why for why in gn.ungated.values())
+    assert set(gn.ungated).isdisjoint(gn.groups) and gn.groups  # the MLP widths are gated
+    with pytest.raises(KeyError, match="normalises across its channels"):
+        gn.set_gates({next(iter(gn.ungated)): torch.ones(3)})
+
+
+def test_bad_input_is_named(resnet20a):
+    _, _, gn = resnet20a
+    g = gn.groups[0]
+    with pytest.raises(ValueError, match=f"group {g} has {gn.sizes[g]} channels"):
+        gn.set_gates({g: torch.ones(3)})
+    with pytest.raises(ValueError, match="nonzero, threshold, topk or budget"):
+        gn.keep("largest")
+    with pytest.raises(ValueError, match="exactly one of macs= or params="):
+        gn.keep("budget")
+
+
+def test_state_dict_is_the_models_plus_the_gates(resnet20a):
+    model, x, gn = resnet20a
+    keys = set(gn.state_dict())
+    assert keys == {f"model.{k}" for k in model.state_dict()} | {"gate"}
+    twin = GatedNetwork(model, x)
+    twin.load_state_dict(gn.state_dict())
+    gn.eval(), twin.eval()
+    with torch.no_grad():
+        assert torch.equal(gn(x), twin(x))
+
+
+def test_threshold_gates_train_through_straight_through(resnet20a):
+    model, x, _ = resnet20a
+    gn = GatedNetwork(model, x, gate="threshold")
+    assert set(gn.gate_fn(gn.gate).unique().tolist()) == {1.0}
+    out = gn.train()(x)
+    (out.square().sum() + gn.expected_macs() / gn.base_macs).backward()
+    assert gn.gate.grad is not None and bool(torch.isfinite(gn.gate.grad).all())
+    assert float(gn.gate.grad.abs().sum()) > 0
+
+
+def test_user_model_untouched(resnet20a):
+    model, x, gn = resnet20a
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    gn.train()(x)
+    gn.export(keep={})
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
