@@ -1,9 +1,11 @@
-"""Searchers: ``TAS``; the shared API (``Searcher``, ``Callback``, checkpoints) in base."""
+"""Searchers: ``TAS``; the shared API (``Searcher``, ``Callback``, checkpoints) in base; the gated
+network every gate-based method searches (``GatedNetwork``) in gated."""
 from nasprune.models.pruned_resnet import ResNetSpec, TASResNet, tas_resnet
 from nasprune.search.base import Callback, Searcher, load_checkpoint, save_checkpoint
+from nasprune.search.gated import GatedNetwork
 from nasprune.search.tas import TAS, cost_loss, temperature
 from nasprune.search.tas_net import TASSupernet, aggregate_widths, cwi, resnet_spec, sample_widths
 
-__all__ = ["Callback", "ResNetSpec", "Searcher", "TAS", "TASResNet", "TASSupernet", "aggregate_widths", "cost_loss",
+__all__ = ["Callback", "GatedNetwork", "ResNetSpec", "Searcher", "TAS", "TASResNet", "TASSupernet", "aggregate_widths", "cost_loss",
            "cwi", "load_checkpoint", "resnet_spec", "sample_widths", "save_checkpoint", "tas_resnet",
            "temperature"]
