@@ -3,12 +3,14 @@
 1. Trace + group + slim of torchvision ResNet-50 (224x224): target under 2 s on the CI CPU.
 2. Real speed from slimming: ResNet-50 and MobileNetV2 slimmed (uniform keep ratio, channel
    counts rounded to multiples of 8) to about half the MACs; CPU latency at batch 8 against
-   the original (target >= 1.6x for ResNet-50), and GPU throughput when a GPU is present.
+   the original (target >= 1.6x for ResNet-50), and GPU throughput when a GPU is present
+   (--gpu-only: that alone).
 
 Appends one JSON line per figure to benchmarks/results/slim.jsonl with the device, the torch
 version, the commit and the machine load (other processes distort CPU timings).
 
     python benchmarks/bench_slim.py [--repeats 5] [--latency-iters 20] [--models resnet50,mobilenet_v2]
+    python benchmarks/bench_slim.py --skip-pipeline --gpu-only          # GPU throughput only
 """
 from __future__ import annotations
 
@@ -88,11 +90,11 @@ def _latency(model, x, iters: int) -> tuple[float, float]:
     return statistics.median(wall), statistics.median(cpu)
 
 
-def bench_latency(name: str, iters: int) -> None:
+def bench_latency(name: str, iters: int, cpu: bool = True) -> None:
     model = torchvision.models.get_model(name).eval()
     graph, keep, ratio, macs_ratio = half_flops_keep(model, torch.zeros(1, 3, 224, 224))
     slimmed = slim.apply(model, graph, keep).eval()
-    for layout in ("nchw", "channels_last"):
+    for layout in ("nchw", "channels_last") if cpu else ():
         x = torch.randn(8, 3, 224, 224)
         if layout == "channels_last":  # oneDNN's preferred layout: no reorders around each conv
             model, slimmed = (m.to(memory_format=torch.channels_last) for m in (model, slimmed))
@@ -139,7 +141,9 @@ def _gpu_throughput(name, model, slimmed) -> None:
                 end.record()
                 torch.cuda.synchronize()
                 thr[label] = 50 * xs.shape[0] / (start.elapsed_time(end) / 1e3)
-        record({"bench": "slimmed_throughput_gpu", "model": name, "batch": 8,
+        conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+        layout = "channels_last" if conv.weight.is_contiguous(memory_format=torch.channels_last) else "nchw"
+        record({"bench": "slimmed_throughput_gpu", "model": name, "batch": 8, "weights_layout": layout,
                 "images_per_s_original": round(thr["original"], 1), "images_per_s_slimmed": round(thr["slimmed"], 1),
                 "speedup": round(thr["slimmed"] / thr["original"], 3)})
 
@@ -150,12 +154,16 @@ def main() -> None:
     parser.add_argument("--latency-iters", type=int, default=21)
     parser.add_argument("--models", default="resnet50,mobilenet_v2")
     parser.add_argument("--skip-pipeline", action="store_true")
+    parser.add_argument("--gpu-only", action="store_true",
+                        help="only the GPU throughput of each model (no CPU latency); needs a GPU")
     args = parser.parse_args()
+    if args.gpu_only and not torch.cuda.is_available():
+        parser.error("--gpu-only needs a CUDA GPU")
     torch.manual_seed(0)
     if not args.skip_pipeline:
         bench_pipeline(args.repeats)
     for name in filter(None, args.models.split(",")):
-        bench_latency(name, args.latency_iters)
+        bench_latency(name, args.latency_iters, cpu=not args.gpu_only)
 
 
 if __name__ == "__main__":

@@ -62,12 +62,18 @@ def _filter_scores_kernel(table_ptr, row_tensor_ptr, out_ptr, T, carrier_ptr, KI
     if KIND == 2:
         g_addr = tl.load(table_ptr + T + t) + base * (16 // VEC)
         aligned = aligned & (g_addr % 16 == 0)
-    w_ptr = w_addr.to(carrier_ptr.dtype, bitcast=False)
-    g_ptr = g_addr.to(carrier_ptr.dtype, bitcast=False)
     if aligned:
-        s = _row_sum(tl.multiple_of(w_ptr, 16), tl.multiple_of(g_ptr, 16), tl.multiple_of(n, VEC),
-                     KIND, BLOCK)
+        # tl.multiple_of marks the op that defines its argument, not one use of it: hints on
+        # values shared with the path below (w_addr's pointer, the loaded n) reach that path too,
+        # which then loads 16 bytes at a time from rows that are not 16-byte aligned (CUDA error:
+        # misaligned address, seen on an H200). So the hints go on values made here alone:
+        # (x // 16) * 16 == x and (n // VEC) * VEC == n on this path.
+        w_ptr = tl.multiple_of(((w_addr // 16) * 16).to(carrier_ptr.dtype, bitcast=False), 16)
+        g_ptr = tl.multiple_of(((g_addr // 16) * 16).to(carrier_ptr.dtype, bitcast=False), 16)
+        s = _row_sum(w_ptr, g_ptr, tl.multiple_of((n // VEC) * VEC, VEC), KIND, BLOCK)
     else:
+        w_ptr = w_addr.to(carrier_ptr.dtype, bitcast=False)
+        g_ptr = g_addr.to(carrier_ptr.dtype, bitcast=False)
         s = _row_sum(w_ptr, g_ptr, n, KIND, BLOCK)
     if KIND == 1:
         s = tl.sqrt(s)
