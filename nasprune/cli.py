@@ -3,12 +3,23 @@
     nasprune search --method tas --model resnet20 --data digits --flops-target 0.5 --out runs/demo
     nasprune search --model resnet50 --data cifar10.tar.gz --flops-target 0.5   (torchvision ResNet)
     nasprune finetune --run runs/demo --epochs 30
-    nasprune eval --run runs/demo            (or --model-file F.safetensors [--arch A.json])
+    nasprune eval --run runs/demo            (or --model-file F.safetensors)
     nasprune report --run runs/demo
 
+``search`` runs one pipeline every method shares, a function per phase: data, baseline (the KD
+teacher), search, export, fine-tune, report. A method is one entry of :data:`METHODS`: its
+options and its hooks (which models it takes, how it builds its searcher, picks the
+architecture and exports it). ``--model`` takes nasprune's CIFAR ResNets and every torchvision
+classification model; a method refuses, with a message naming what it takes, the models it
+cannot search.
+
 A run folder holds config.json, log.txt, teacher.safetensors (baseline), checkpoint.safetensors
-(search, resumable with --resume), architecture.json, model.safetensors (pruned, nasprune.save),
-metrics.json, widths.png and curves.png.
+(search, resumable with --resume), architecture.json (the keep-based architecture dict),
+model.safetensors (pruned; ``nasprune.load(path)`` rebuilds it alone), metrics.json, widths.png
+and curves.png.
+
+This module is the only place that knows the command line and draws progress bars; the library
+reports through callbacks. Its parser imports no torch (``--help`` is fast).
 """
 from __future__ import annotations
 
@@ -17,19 +28,19 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 CIFAR_MODELS = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
-TORCHVISION_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2",
-                      "wide_resnet101_2")
-MODELS = CIFAR_MODELS + TORCHVISION_MODELS
-METHODS = ("tas",)
+TORCHVISION_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2",
+                       "wide_resnet101_2")
 
 
 class CLIError(Exception):
     pass
 
 
-# ------------------------------------------------------------------ helpers
+# ------------------------------------------------------------------ argument types
 def _fraction(text):
     try:
         v = float(text)
@@ -62,6 +73,145 @@ def _positive_float(text):
     return v
 
 
+# ------------------------------------------------------------------ models
+def torchvision_models() -> list[str]:
+    """Every torchvision classification model name."""
+    import torchvision
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def model_constructor(name: str) -> str:
+    """Dotted constructor of a --model name: nasprune's CIFAR ResNets, torchvision's classifiers."""
+    if name in CIFAR_MODELS:
+        return f"nasprune.models.cifar_{name}"
+    if name in torchvision_models():
+        return f"torchvision.models.{name}"
+    raise CLIError(f"--model {name!r} is neither a CIFAR ResNet ({', '.join(CIFAR_MODELS)}) nor a torchvision "
+                   f"classification model (torchvision.models.list_models(module=torchvision.models), e.g. "
+                   f"resnet50, mobilenet_v2, efficientnet_b0, vgg16_bn)")
+
+
+def _build_model(constructor: str, num_classes: int):
+    import importlib
+    module, _, fn = constructor.rpartition(".")
+    return getattr(importlib.import_module(module), fn)(num_classes=num_classes)
+
+
+def _model_stats(model, image_size, in_channels=3):
+    import torch
+    from nasprune import flops
+    return {"flops": int(flops.count(model, torch.zeros(1, in_channels, image_size, image_size))),
+            "params": int(flops.count_params(model))}
+
+
+def _save_model(model, path, constructor, num_classes):
+    """nasprune.save, recording the base model's constructor unless the model knows its own
+    (a TAS-pruned TASResNet does), so that nasprune.load(path) rebuilds it alone."""
+    from nasprune.io import save
+    if callable(getattr(model, "nasprune_constructor", None)):
+        save(model.cpu(), path)
+    else:
+        save(model.cpu(), path, constructor=constructor, kwargs={"num_classes": num_classes})
+
+
+def _load_model(path, arch=None):
+    """A saved model; files of earlier runs that record no constructor (TAS-pruned files before
+    TASResNet recorded its own) are rebuilt from their architecture dict."""
+    from nasprune.io import load, read_architecture
+    if not os.path.isfile(path):
+        raise CLIError(f"model file {path!r} not found")
+    if read_architecture(path).get("constructor"):
+        return load(path)
+    if arch is None or "widths" not in arch:
+        raise CLIError(f"{path} records no constructor (a TAS file of an earlier nasprune); "
+                       f"pass --arch architecture.json")
+    from nasprune.models import tas_resnet
+    return load(path, base_model=tas_resnet(**arch))
+
+
+# ------------------------------------------------------------------ methods
+@dataclass(frozen=True)
+class Option:
+    """A method's command-line option: argparse flags and keyword arguments (with its default)."""
+    flags: tuple
+    kwargs: dict
+
+    @property
+    def dest(self) -> str:
+        return self.flags[0].lstrip("-").replace("-", "_")
+
+
+@dataclass(frozen=True)
+class Method:
+    """One search method of ``nasprune search``.
+
+    check_model(name): raise CLIError for a --model the method cannot search.
+    build(job) -> Searcher; select(job) -> the architecture dict to export (keep-based);
+    export(job) -> the pruned nn.Module of job.architecture.
+    """
+    name: str
+    summary: str
+    options: tuple
+    check_model: Callable
+    build: Callable
+    select: Callable
+    export: Callable
+
+
+def _tas_check_model(name):
+    if name not in CIFAR_MODELS + TORCHVISION_RESNETS:
+        raise CLIError(f"--method tas searches ResNets: the CIFAR ResNets ({', '.join(CIFAR_MODELS)}) and "
+                       f"torchvision's ({', '.join(TORCHVISION_RESNETS)}); not {name}")
+
+
+def _tas_build(job):
+    from nasprune.search import TAS
+    a = job.args
+    return TAS(job.teacher, a.flops_target, input_size=job.size, tau=(a.tau_max, a.tau_min),
+               tau_schedule=a.tau_schedule, lr=a.lr, arch_lr=a.arch_lr, cost_weight=a.cost_weight,
+               flops_tolerance=a.flops_tolerance, device=job.device, seed=a.seed)
+
+
+def _tas_select(job):
+    s = job.searcher
+    chosen = s.select(job.args.select)
+    if "epoch" in chosen:       # an earlier epoch's arg-max (see TAS.select)
+        final = s.architecture()["flops"]
+        job.run.log(f"final arg-max: {final / 1e6:.2f} MFLOPs = {final / s.base_flops:.3f} of the baseline, "
+                    f"outside the budget band; exporting the arg-max of epoch {chosen['epoch']}")
+    return chosen
+
+
+def _tas_export(job):
+    return job.searcher.export(init=job.args.init, architecture=job.architecture)
+
+
+TAS_METHOD = Method(
+    name="tas", summary="TAS (Dong & Yang, NeurIPS 2019): widths and depths of a ResNet",
+    options=(
+        Option(("--arch-lr",), dict(type=_positive_float, default=1e-3,
+                                    help="Adam step of the architecture logits (default 1e-3, TAS's; short "
+                                         "searches of a few hundred steps need about 1e-2 to reach the budget)")),
+        Option(("--cost-weight",), dict(type=_positive_float, default=2.0, help="lambda_cost (default 2)")),
+        Option(("--flops-tolerance",), dict(type=_fraction, default=0.05,
+                                            help="t of the cost loss, a fraction of the supernet's MACs "
+                                                 "(default 0.05)")),
+        Option(("--select",), dict(choices=("in-budget", "final"), default="in-budget",
+                                   help="architecture to export: the latest epoch-end arg-max within the budget "
+                                        "band (default), or the final arg-max as TAS")),
+        Option(("--tau-schedule",), dict(choices=("cosine", "linear"), default="cosine")),
+        Option(("--tau-max",), dict(type=_positive_float, default=5.0)),
+        Option(("--tau-min",), dict(type=_positive_float, default=0.1)),
+        Option(("--init",), dict(choices=("base", "inherit", "random"), default="base",
+                                 help="pruned net init: the baseline's prefix weights (default), the searched "
+                                      "supernet's prefix weights, or random as the TAS paper")),
+    ),
+    check_model=_tas_check_model, build=_tas_build, select=_tas_select, export=_tas_export)
+
+METHODS = {m.name: m for m in (TAS_METHOD,)}
+
+
+# ------------------------------------------------------------------ run folder and progress
 class Run:
     """A run folder: paths, log, JSON files."""
 
@@ -90,59 +240,14 @@ class Run:
                 json.dump(obj, fh, indent=2)
         atomic_write(self.path(name), write)
 
-    def read_json(self, name):
+    def read_json(self, name, required=True):
         p = self.path(name)
         if not os.path.isfile(p):
+            if not required:
+                return None
             raise CLIError(f"{p} not found; is {self.folder!r} a nasprune run folder?")
         with open(p) as fh:
             return json.load(fh)
-
-
-def _device(name):
-    import torch
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise CLIError("--device cuda requested but no CUDA device is available")
-    return name
-
-
-def _data(spec, image_size, limit_per_class):
-    from nasprune.data import load_dataset
-    if spec in (None, "digits"):
-        return load_dataset(None, size=image_size)
-    if not os.path.exists(spec):
-        raise CLIError(f"--data {spec!r}: no such file or folder (use 'digits' for the embedded dataset)")
-    return load_dataset(spec, limit_per_class=limit_per_class)
-
-
-def _constructor(name):
-    """Dotted constructor of a --model name: nasprune's CIFAR ResNets, torchvision's ResNets."""
-    return f"nasprune.models.cifar_{name}" if name in CIFAR_MODELS else f"torchvision.models.{name}"
-
-
-def _base_model(name, num_classes):
-    import importlib
-    module, _, fn = _constructor(name).rpartition(".")
-    return getattr(importlib.import_module(module), fn)(num_classes=num_classes)
-
-
-def _model_stats(model, image_size, in_channels=3):
-    import torch
-    from nasprune import flops
-    return {"flops": int(flops.count(model, torch.zeros(1, in_channels, image_size, image_size))),
-            "params": int(flops.count_params(model))}
-
-
-def _save_pruned(model, path):
-    from nasprune.io import save
-    save(model.cpu(), path)
-
-
-def _load_pruned(path, arch):
-    from nasprune.io import load
-    from nasprune.search import tas_resnet
-    return load(path, base_model=tas_resnet(**arch))
 
 
 class TrainBar:
@@ -162,7 +267,6 @@ class TrainBar:
             self.bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row.get('test_acc', row['train_acc']):.3f}")
             if self.bar.n >= self.bar.total:
                 self.bar.close()
-
 
     def callbacks(self):
         """train()'s keyword arguments that draw this bar."""
@@ -197,161 +301,226 @@ class SearchBar:
         self.bar.close()
 
 
+class SearchLog:
+    """Logs each search epoch's metrics and keeps metrics.json current (a search Callback)."""
+
+    def __init__(self, job):
+        self.job = job
+
+    def on_search_begin(self, searcher):
+        pass
+
+    def on_step_end(self, searcher, step, metrics):
+        pass
+
+    def on_epoch_end(self, searcher, epoch, metrics):
+        self.job.run.log(f"search epoch {epoch}: {_format_metrics(metrics)}", echo=not self.job.args.progress)
+        self.job.metrics["search"] = searcher.history
+        self.job.run.write_json("metrics.json", self.job.metrics)
+
+    def on_search_end(self, searcher):
+        pass
+
+
 def _train_progress(args, desc):
     return TrainBar(desc).callbacks() if args.progress else {}
 
 
-# ------------------------------------------------------------------ commands
-def cmd_search(args):
-    import torch
-    from nasprune.data import tas_split
-    from nasprune.io import load, save
-    from nasprune.models import load_pretrained
-    from nasprune.search import TAS, Callback
-    from nasprune.train import evaluate, train
+def _format_metrics(metrics):
+    """'key value' pairs of the scalars (MACs-sized numbers in millions) and short lists."""
+    parts = []
+    for k, v in metrics.items():
+        if k == "epoch" or isinstance(v, bool):
+            continue
+        if isinstance(v, float):
+            parts.append(f"{k} {v / 1e6:.2f}M" if abs(v) >= 1e5 else f"{k} {v:.3f}")
+        elif isinstance(v, int):
+            parts.append(f"{k} {v}")
+        elif isinstance(v, list) and len(v) <= 8:
+            parts.append(f"{k} {v}")
+    return ", ".join(parts)
 
-    device = _device(args.device)
+
+def _device(name):
+    import torch
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise CLIError("--device cuda requested but no CUDA device is available")
+    return name
+
+
+def _data(spec, image_size, limit_per_class):
+    from nasprune.data import load_dataset
+    if spec in (None, "digits"):
+        return load_dataset(None, size=image_size)
+    if not os.path.exists(spec):
+        raise CLIError(f"--data {spec!r}: no such file or folder (use 'digits' for the embedded dataset)")
+    return load_dataset(spec, limit_per_class=limit_per_class)
+
+
+# ------------------------------------------------------------------ the search pipeline
+class Job:
+    """What the phases of a run share."""
+
+    def __init__(self, args, run, constructor):
+        self.args, self.run, self.constructor = args, run, constructor
+        self.method = METHODS.get(getattr(args, "method", None))
+        self.device = _device(args.device)
+        self.metrics: dict = {}
+        self.t0 = time.time()
+        self.train_set = self.test_set = self.size = self.classes = None
+        self.teacher = self.searcher = self.architecture = self.pruned = None
+
+
+def phase_data(job):
+    a = job.args
+    job.train_set, job.test_set = _data(a.data, a.image_size, a.limit_per_class)
+    job.size, job.classes = job.train_set.images.shape[1], job.train_set.num_classes
+    job.run.log(f"data: {getattr(job.train_set, 'name', a.data)} {len(job.train_set)} train / {len(job.test_set)} "
+                f"test, {job.size}x{job.size}, {job.classes} classes")
+    job.metrics.update({"model": a.model, "method": a.method, "data": a.data or "digits", "image_size": job.size})
+
+
+def phase_baseline(job):
+    """The unpruned model, trained or loaded: the search's starting point and the KD teacher."""
+    from nasprune.io import load
+    from nasprune.models import load_pretrained
+    from nasprune.train import evaluate, seeded, train
+    a, history = job.args, []
+    if a.teacher:
+        teacher = load(a.teacher)
+        job.run.log(f"teacher: {a.teacher}")
+    elif a.pretrained:
+        if a.model not in CIFAR_MODELS:
+            raise CLIError(f"--pretrained loads the CIFAR ResNets' checkpoints ({', '.join(CIFAR_MODELS)}); "
+                           f"for {a.model} pass --teacher (a nasprune.save file) or train a baseline")
+        teacher = load_pretrained(a.model, a.pretrained, num_classes=job.classes)
+        if a.baseline_epochs:
+            history = train(teacher, job.train_set, epochs=a.baseline_epochs, batch_size=a.batch_size, lr=a.lr * 0.1,
+                            test_data=job.test_set, device=job.device, seed=a.seed,
+                            **_train_progress(a, "baseline"))
+    else:
+        if a.baseline_epochs < 1:
+            raise CLIError("--baseline-epochs 0 needs --teacher or --pretrained (the unpruned KD teacher)")
+        with seeded(a.seed):
+            teacher = _build_model(job.constructor, job.classes)
+        history = train(teacher, job.train_set, epochs=a.baseline_epochs, batch_size=a.batch_size, lr=a.lr,
+                        test_data=job.test_set, device=job.device, seed=a.seed, **_train_progress(a, "baseline"))
+    base = {**_model_stats(teacher, job.size), **evaluate(teacher.to(job.device), job.test_set, device=job.device)}
+    _save_model(teacher, job.run.path("teacher.safetensors"), job.constructor, job.classes)
+    job.teacher = teacher.to(job.device)
+    job.metrics["baseline"] = {**base, "history": history}
+    job.run.log(f"baseline: acc {base['acc']:.4f}, {base['flops'] / 1e6:.2f} MFLOPs, "
+                f"{base['params'] / 1e6:.3f} M params")
+
+
+def phase_search(job):
+    """The method's search on the training set (the method splits it as it needs), resumable."""
+    a = job.args
+    job.searcher = job.method.build(job)
+    callbacks = [SearchLog(job)] + ([SearchBar(f"{a.method.upper()} search")] if a.progress else [])
+    job.searcher.search(job.train_set, epochs=a.epochs, batch_size=a.batch_size,
+                        checkpoint=job.run.path("checkpoint.safetensors"), resume=a.resume,
+                        checkpoint_every=a.checkpoint_every, callbacks=callbacks)
+    arch = job.architecture = job.method.select(job)
+    job.run.write_json("architecture.json", arch)
+    job.metrics["search"] = job.searcher.history
+    base = job.metrics["baseline"]["flops"]
+    kept = [r["kept"] for r in arch["layer_widths"]]
+    job.run.log(f"architecture: {arch['macs'] / 1e6:.2f} MFLOPs = {arch['macs'] / base:.3f} of the baseline "
+                f"(target {a.flops_target}), {arch['params'] / 1e6:.3f} M params"
+                + (f", blocks {arch['blocks']}" if "blocks" in arch else "") + f", widths {kept}")
+
+
+def phase_export(job):
+    job.pruned = job.method.export(job)
+    _save_model(job.pruned, job.run.path("model.safetensors"), job.constructor, job.classes)
+    job.run.write_json("metrics.json", job.metrics)
+
+
+def phase_finetune(job):
+    """KD fine-tuning of the pruned network from the baseline (or, with 0 epochs, its accuracy)."""
+    from nasprune.train import evaluate, train
+    a = job.args
+    history = []
+    if a.finetune_epochs:
+        history = train(job.pruned, job.train_set, epochs=a.finetune_epochs, batch_size=a.batch_size, lr=a.lr,
+                        teacher=job.teacher, kd_lambda=a.kd_lambda, kd_temperature=a.kd_temperature,
+                        warmup_epochs=a.warmup_epochs, test_data=job.test_set, device=job.device, seed=a.seed,
+                        **_train_progress(a, "KD fine-tune"))
+        _save_model(job.pruned, job.run.path("model.safetensors"), job.constructor, job.classes)
+    stats = {**_model_stats(job.pruned, job.size),
+             **evaluate(job.pruned.to(job.device), job.test_set, device=job.device), "history": history}
+    job.metrics["pruned"] = stats
+    job.run.write_json("metrics.json", job.metrics)
+    job.run.log(f"pruned: acc {stats['acc']:.4f}, {stats['flops'] / 1e6:.2f} MFLOPs, "
+                f"{stats['params'] / 1e6:.3f} M params")
+
+
+def phase_report(job):
+    job.metrics["seconds"] = job.metrics.get("seconds", 0.0) + time.time() - job.t0
+    job.run.write_json("metrics.json", job.metrics)
+    _plots(job.run, job.metrics, job.architecture)
+    _summary(job.run, job.metrics)
+
+
+SEARCH_PHASES = (phase_data, phase_baseline, phase_search, phase_export, phase_finetune, phase_report)
+
+
+def cmd_search(args):
+    constructor = model_constructor(args.model)      # fail fast: before any data or training
+    METHODS[args.method].check_model(args.model)
     run = Run(args.out)
     run.write_json("config.json", {"command": "search", **{k: v for k, v in vars(args).items() if k != "func"}})
-    t0 = time.time()
-    train_set, test_set = _data(args.data, args.image_size, args.limit_per_class)
-    size = train_set.images.shape[1]
-    classes = train_set.num_classes
-    run.log(f"data: {train_set.name if hasattr(train_set, 'name') else args.data} "
-            f"{len(train_set)} train / {len(test_set)} test, {size}x{size}, {classes} classes")
-    metrics = {"model": args.model, "method": args.method, "data": args.data or "digits", "image_size": size}
-
-    # 1. baseline (the KD teacher)
-    if args.teacher:
-        teacher = load(args.teacher)
-        run.log(f"teacher: {args.teacher}")
-        baseline_history = []
-    elif args.pretrained:
-        if args.model not in CIFAR_MODELS:
-            raise CLIError(f"--pretrained loads the CIFAR ResNets' checkpoints ({', '.join(CIFAR_MODELS)}); "
-                           f"for {args.model} pass --teacher (a nasprune.save file) or train a baseline")
-        teacher = load_pretrained(args.model, args.pretrained, num_classes=classes)
-        baseline_history = train(teacher, train_set, epochs=args.baseline_epochs, batch_size=args.batch_size,
-                                 lr=args.lr * 0.1, test_data=test_set, device=device, seed=args.seed,
-                                 **_train_progress(args, "baseline")) if args.baseline_epochs else []
-    else:
-        if args.baseline_epochs < 1:
-            raise CLIError("--baseline-epochs 0 needs --teacher or --pretrained (the unpruned KD teacher)")
-        torch.manual_seed(args.seed)
-        teacher = _base_model(args.model, classes)
-        baseline_history = train(teacher, train_set, epochs=args.baseline_epochs, batch_size=args.batch_size,
-                                 lr=args.lr, test_data=test_set, device=device, seed=args.seed,
-                                 **_train_progress(args, "baseline"))
-    teacher.to(device)
-    base = {**_model_stats(teacher, size), **evaluate(teacher, test_set, device=device)}
-    save(teacher.cpu(), run.path("teacher.safetensors"), constructor=_constructor(args.model),
-         kwargs={"num_classes": classes})
-    teacher.to(device)
-    metrics["baseline"] = {**base, "history": baseline_history}
-    run.log(f"baseline: acc {base['acc']:.4f}, {base['flops'] / 1e6:.2f} MFLOPs, {base['params'] / 1e6:.3f} M params")
-
-    # 2. search
-    searcher = TAS(teacher, args.flops_target, input_size=size, tau=(args.tau_max, args.tau_min),
-                   tau_schedule=args.tau_schedule, lr=args.lr, arch_lr=args.arch_lr,
-                   cost_weight=args.cost_weight, flops_tolerance=args.flops_tolerance,
-                   device=device, seed=args.seed)
-    weight_set, arch_set = tas_split(train_set)
-
-    class Log(Callback):
-        def on_epoch_end(self, s, epoch, m):
-            run.log(f"search epoch {epoch}: loss {m['loss']:.3f} acc {m['train_acc']:.3f} tau {m['tau']:.2f} "
-                    f"arg-max {m['flops'] / 1e6:.2f} MFLOPs ({m['flops_ratio']:.3f}) blocks {m['blocks']}",
-                    echo=not args.progress)
-            metrics["search"] = s.history
-            run.write_json("metrics.json", metrics)
-
-    arch = searcher.search(weight_set, arch_set, args.epochs, batch_size=args.batch_size,
-                           checkpoint=run.path("checkpoint.safetensors"), resume=args.resume,
-                           checkpoint_every=args.checkpoint_every,
-                           callbacks=[Log()] + ([SearchBar(f"{args.method.upper()} search")] if args.progress else []))
-    chosen = searcher.select(args.select)
-    if "epoch" in chosen:   # an earlier epoch's arg-max (see TAS.select)
-        run.log(f"final arg-max: {arch['flops'] / 1e6:.2f} MFLOPs = {arch['flops'] / searcher.base_flops:.3f} "
-                f"of the baseline, outside the budget band; exporting the arg-max of epoch {chosen['epoch']}")
-    arch = chosen
-    run.write_json("architecture.json", arch)
-    metrics["search"] = searcher.history
-    run.log(f"architecture: blocks {arch['blocks']}, widths {arch['widths']}, "
-            f"{arch['flops'] / 1e6:.2f} MFLOPs = {arch['flops'] / searcher.base_flops:.3f} of the baseline "
-            f"(target {args.flops_target})")
-    pruned = searcher.export(init=args.init, architecture=arch)
-    _save_pruned(pruned, run.path("model.safetensors"))
-    run.write_json("metrics.json", metrics)
-    if args.finetune_epochs:
-        _finetune(run, pruned, teacher, arch, train_set, test_set, args, device, metrics)
-    else:
-        metrics["pruned"] = {**_model_stats(pruned, size), **evaluate(pruned.to(device), test_set, device=device),
-                             "history": []}
-        run.write_json("metrics.json", metrics)
-    metrics["seconds"] = time.time() - t0
-    run.write_json("metrics.json", metrics)
-    _plots(run, metrics, arch)
-    _summary(run, metrics)
+    job = Job(args, run, constructor)
+    for phase in SEARCH_PHASES:
+        phase(job)
     return 0
-
-
-def _finetune(run, pruned, teacher, arch, train_set, test_set, args, device, metrics):
-    from nasprune.train import evaluate, train
-    size = train_set.images.shape[1]
-    hist = train(pruned, train_set, epochs=args.finetune_epochs, batch_size=args.batch_size, lr=args.lr,
-                 teacher=teacher, kd_lambda=args.kd_lambda, kd_temperature=args.kd_temperature,
-                 warmup_epochs=args.warmup_epochs, test_data=test_set, device=device, seed=args.seed,
-                 **_train_progress(args, "KD fine-tune"))
-    stats = {**_model_stats(pruned, size), **evaluate(pruned, test_set, device=device), "history": hist}
-    _save_pruned(pruned, run.path("model.safetensors"))
-    metrics["pruned"] = stats
-    run.write_json("metrics.json", metrics)
-    run.log(f"pruned: acc {stats['acc']:.4f}, {stats['flops'] / 1e6:.2f} MFLOPs, {stats['params'] / 1e6:.3f} M params")
 
 
 def cmd_finetune(args):
     from nasprune.io import load
+    from nasprune.train import seeded
     run = Run(args.run, create=False)
     config = run.read_json("config.json")
-    arch = run.read_json("architecture.json")
-    metrics = run.read_json("metrics.json")
-    device = _device(args.device)
-    train_set, test_set = _data(config.get("data"), config.get("image_size", 32), config.get("limit_per_class"))
-    teacher = load(run.path("teacher.safetensors"))
-    from nasprune.search import tas_resnet
-    pruned = tas_resnet(**arch) if args.init == "random" else _load_pruned(run.path("model.safetensors"), arch)
     for k in ("batch_size", "kd_lambda", "kd_temperature", "warmup_epochs", "seed"):
         if getattr(args, k, None) is None:
             setattr(args, k, config.get(k))
-    args.finetune_epochs = args.epochs
-    _finetune(run, pruned, teacher.to(device), arch, train_set, test_set, args, device, metrics)
-    _plots(run, metrics, arch)
-    _summary(run, metrics)
+    args.finetune_epochs, args.model, args.method = args.epochs, config.get("model"), config.get("method", "tas")
+    job = Job(args, run, model_constructor(args.model))
+    job.architecture, job.metrics = run.read_json("architecture.json"), run.read_json("metrics.json")
+    job.train_set, job.test_set = _data(config.get("data"), config.get("image_size", 32), config.get("limit_per_class"))
+    job.size, job.classes = job.train_set.images.shape[1], job.train_set.num_classes
+    job.teacher = load(run.path("teacher.safetensors")).to(job.device)
+    job.pruned = _load_model(run.path("model.safetensors"), job.architecture)
+    if args.init == "random":
+        with seeded(args.seed or 0):
+            for m in job.pruned.modules():
+                if hasattr(m, "reset_parameters"):
+                    m.reset_parameters()
+    phase_finetune(job)
+    phase_report(job)
     return 0
 
 
 def cmd_eval(args):
-    from nasprune.io import load, read_architecture
     from nasprune.train import evaluate
     device = _device(args.device)
+    arch = None
     if args.run:
         run = Run(args.run, create=False)
-        arch = run.read_json("architecture.json")
+        arch = run.read_json("architecture.json", required=False)
         config = run.read_json("config.json")
         path, data, size = run.path("model.safetensors"), config.get("data"), config.get("image_size", 32)
     else:
         if not args.model_file:
             raise CLIError("give --run DIR or --model-file FILE")
         path, data, size = args.model_file, args.data, args.image_size
-        arch = None
         if args.arch:
             with open(args.arch) as fh:
                 arch = json.load(fh)
-    if not os.path.isfile(path):
-        raise CLIError(f"model file {path!r} not found")
-    if arch is None and not read_architecture(path).get("constructor"):
-        raise CLIError(f"{path} holds a TAS-pruned network; pass --arch architecture.json")
-    model = _load_pruned(path, arch) if arch is not None else load(path)
+    model = _load_model(path, arch)
     _, test_set = _data(data, size, None)
     res = {**_model_stats(model, test_set.images.shape[1]), **evaluate(model.to(device), test_set, device=device)}
     print(json.dumps(res, indent=2))
@@ -379,8 +548,17 @@ def _summary(run, metrics):
                      f"accuracy change {100 * (p['acc'] - b['acc']):+.2f} points")
     if "seconds" in metrics:
         lines.append(f"total {metrics['seconds']:.0f} s; run folder {run.folder}")
-    text = "\n".join(lines)
-    run.log("\n" + text)
+    run.log("\n" + "\n".join(lines))
+
+
+def _layer_widths(arch):
+    """The architecture's per-layer (name, original, kept) widths; architecture.json files of
+    TAS runs before the keep-based dict are converted from their search-space keys."""
+    if "layer_widths" in arch:
+        return [(r["name"], r["original"], r["kept"]) for r in arch["layer_widths"]]
+    from nasprune.models import ResNetSpec
+    spec = ResNetSpec.from_dict(arch)
+    return list(zip(spec.row_names(), spec.row_widths(), spec.kept_widths(arch["widths"], arch["blocks"])))
 
 
 def _plots(run, metrics, arch):
@@ -388,23 +566,21 @@ def _plots(run, metrics, arch):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    # kept width per conv vs the original (dropped blocks at 0)
-    from nasprune.search.tas_net import ResNetSpec
-    spec = ResNetSpec.from_dict(arch)
-    original, kept = spec.row_widths(), list(arch["widths"])
-    first = 0
-    for n, b in zip(spec.layers, arch["blocks"]):
-        for rows in spec.block_rows()[first + b:first + n]:
-            for r in rows:
-                kept[r] = 0
-        first += n
+    # kept width per layer against the original (a removed layer at 0)
+    layers = _layer_widths(arch)
+    names, original, kept = zip(*layers) if layers else ((), (), ())
     fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(kept)), 3.5))
     xs = range(len(kept))
     ax.bar(xs, original, color="#cccccc", label="original")
     ax.bar(xs, kept, color="#1f77b4", label="kept")
-    ax.set_xlabel(f"conv layer (stem, then the {spec.convs_per_block} convs of each block; 0 = block dropped)")
+    if len(names) <= 24:
+        ax.set_xticks(list(xs), names, rotation=60, ha="right", fontsize=7)
+    ax.set_xlabel("layer, in the model's order (0 = removed)")
     ax.set_ylabel("channels")
-    ax.set_title(f"TAS widths, blocks per stage {arch['blocks']}")
+    title = f"{arch.get('method', 'tas').upper()} widths"
+    if "blocks" in arch:
+        title += f", blocks per stage {arch['blocks']}"
+    ax.set_title(title)
     ax.legend()
     fig.tight_layout()
     fig.savefig(run.path("widths.png"), dpi=100)
@@ -412,39 +588,86 @@ def _plots(run, metrics, arch):
 
     search = metrics.get("search", [])
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.5))
-    if search:
+    base = metrics.get("baseline", {}).get("flops") or arch.get("base_macs") or arch.get("base_flops")
+    if search and base:
         ep = [m["epoch"] for m in search]
-        base = metrics.get("baseline", {}).get("flops") or arch.get("base_flops")
-        a1.plot(ep, [m["flops"] / base for m in search], "o-", label="arg-max")
-        a1.plot(ep, [m["expected_flops"] / base for m in search], "s--", label="expected")
-        a1.axhline(arch["target_flops"] / base, color="k", lw=0.8, label="target")
-        a2.plot(ep, [m["train_acc"] for m in search], label="search (weight split)")
-        a2.plot(ep, [m["arch_acc"] for m in search], label="search (arch split)")
-    a1.set_xlabel("search epoch"); a1.set_ylabel("FLOPs / baseline"); a1.legend(); a1.set_title("FLOPs")
+        for key, style, label in (("macs", "o-", "current"), ("flops", "o-", "arg-max"),
+                                  ("expected_macs", "s--", "expected"), ("expected_flops", "s--", "expected")):
+            if key in search[0]:
+                a1.plot(ep, [m[key] / base for m in search], style, label=label)
+        target = arch.get("target_macs", arch.get("target_flops"))
+        if target:
+            a1.axhline(target / base, color="k", lw=0.8, label="target")
+        for key in search[0]:
+            if key.endswith("acc"):
+                a2.plot(ep, [m[key] for m in search], label=f"search {key}")
+    a1.set_xlabel("search epoch"); a1.set_ylabel("FLOPs / baseline"); a1.set_title("FLOPs")
+    if a1.lines:
+        a1.legend()
     for key, label in (("baseline", "baseline test"), ("pruned", "KD fine-tune test")):
         hist = metrics.get(key, {}).get("history", [])
         if hist and "test_acc" in hist[0]:
             a2.plot([h["epoch"] for h in hist], [h["test_acc"] for h in hist], label=label)
-    a2.set_xlabel("epoch"); a2.set_ylabel("accuracy"); a2.legend(); a2.set_title("accuracy")
+    a2.set_xlabel("epoch"); a2.set_ylabel("accuracy"); a2.set_title("accuracy")
+    if a2.lines:
+        a2.legend()
     fig.tight_layout()
     fig.savefig(run.path("curves.png"), dpi=100)
     plt.close(fig)
 
 
 # ------------------------------------------------------------------ parser
+class _SubcommandParser(argparse.ArgumentParser):
+    """A subcommand's parser. For one with --method (search): an option of another method than
+    --method's is an error, and the chosen method's unset options take its defaults."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        ns, extra = super().parse_known_args(args, namespace)
+        if getattr(ns, "method", None) not in METHODS:
+            return ns, extra
+        method = METHODS[ns.method]
+        own = {o.dest for o in method.options}
+        for other in METHODS.values():
+            for opt in other.options:
+                if opt.dest not in own and hasattr(ns, opt.dest):
+                    self.error(f"{opt.flags[0]} is an option of --method {other.name}, not of --method {method.name}")
+        for opt in method.options:
+            if not hasattr(ns, opt.dest):
+                setattr(ns, opt.dest, opt.kwargs.get("default"))
+        return ns, extra
+
+
+def _add_method_options(parser):
+    """Every method's options, each flag once (methods may share one), in one group; they are
+    absent from the namespace unless given (_SubcommandParser fills the chosen method's defaults)."""
+    group = parser.add_argument_group("method options", "each applies to the methods named after it")
+    takers: dict = {}
+    for method in METHODS.values():
+        for opt in method.options:
+            takers.setdefault(opt.dest, (opt, []))[1].append(method.name)
+    for opt, names in takers.values():
+        kwargs = dict(opt.kwargs)
+        default = kwargs.pop("default", None)
+        kwargs["help"] = (kwargs.get("help") or f"default {default}") + f" [--method {', '.join(names)}]"
+        group.add_argument(*opt.flags, default=argparse.SUPPRESS, **kwargs)
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="nasprune", description="Network pruning as architecture search.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{search,finetune,eval,report}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{search,finetune,eval,report}",
+                           parser_class=_SubcommandParser)
 
     def common(sp):
         sp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
         sp.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
     s = sub.add_parser("search", help="train a baseline, search, export, KD fine-tune")
-    s.add_argument("--method", choices=METHODS, default="tas")
-    s.add_argument("--model", choices=MODELS, default="resnet20",
-                   help="a CIFAR ResNet (resnet20 ... resnet110) or a torchvision ResNet "
-                        "(resnet18 ... resnet152, wide_resnet50_2, wide_resnet101_2); default resnet20")
+    s.add_argument("--method", choices=tuple(METHODS), default="tas",
+                   help="; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()))
+    s.add_argument("--model", default="resnet20",
+                   help=f"a CIFAR ResNet ({', '.join(CIFAR_MODELS)}) or any torchvision classification model "
+                        f"(resnet50, mobilenet_v2, ...); a method names the ones it searches (tas: ResNets); "
+                        f"default resnet20")
     s.add_argument("--data", default="digits", help="'digits' (embedded) or a CIFAR-10 path (pickles, tree, tar.gz)")
     s.add_argument("--image-size", type=_count(8), default=32, help="digits only (default 32)")
     s.add_argument("--limit-per-class", type=_count(1), default=None, help="CIFAR: first N images per class")
@@ -455,23 +678,8 @@ def build_parser():
     s.add_argument("--warmup-epochs", type=_count(0), default=0)
     s.add_argument("--batch-size", type=_count(1), default=64)
     s.add_argument("--lr", type=_positive_float, default=0.1)
-    s.add_argument("--arch-lr", type=_positive_float, default=1e-3,
-                   help="Adam step of the architecture logits (default 1e-3, TAS's; short searches "
-                        "of a few hundred steps need about 1e-2 to reach the budget)")
-    s.add_argument("--cost-weight", type=_positive_float, default=2.0, help="lambda_cost (default 2)")
-    s.add_argument("--flops-tolerance", type=_fraction, default=0.05,
-                   help="t of the cost loss, a fraction of the supernet's MACs (default 0.05)")
-    s.add_argument("--select", choices=("in-budget", "final"), default="in-budget",
-                   help="architecture to export: the latest epoch-end arg-max within the budget band "
-                        "(default), or the final arg-max as TAS")
-    s.add_argument("--tau-schedule", choices=("cosine", "linear"), default="cosine")
-    s.add_argument("--tau-max", type=_positive_float, default=5.0)
-    s.add_argument("--tau-min", type=_positive_float, default=0.1)
     s.add_argument("--kd-lambda", type=float, default=0.9)
     s.add_argument("--kd-temperature", type=_positive_float, default=4.0)
-    s.add_argument("--init", choices=("base", "inherit", "random"), default="base",
-                   help="pruned net init: the baseline's prefix weights (default), the searched supernet's "
-                        "prefix weights, or random as the TAS paper")
     s.add_argument("--pretrained", help="akamaster CIFAR-10 ResNet weights for the baseline")
     s.add_argument("--teacher", help="a nasprune.save file of the unpruned baseline (skips baseline training)")
     s.add_argument("--out", default="runs/tas", help="run folder (default runs/tas)")
@@ -479,6 +687,7 @@ def build_parser():
     s.add_argument("--checkpoint-every", type=_count(0), default=50, help="steps between checkpoints")
     s.add_argument("--seed", type=int, default=0)
     common(s)
+    _add_method_options(s)
     s.set_defaults(func=cmd_search)
 
     f = sub.add_parser("finetune", help="KD fine-tune a run's pruned network")
@@ -497,7 +706,7 @@ def build_parser():
     e = sub.add_parser("eval", help="accuracy, FLOPs and params of a saved model")
     e.add_argument("--run")
     e.add_argument("--model-file")
-    e.add_argument("--arch", help="architecture.json of a TAS-pruned model file")
+    e.add_argument("--arch", help="architecture.json, for TAS-pruned model files of earlier nasprune versions")
     e.add_argument("--data", default="digits")
     e.add_argument("--image-size", type=_count(8), default=32)
     common(e)
