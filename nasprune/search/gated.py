@@ -200,18 +200,20 @@ class GatedNetwork(nn.Module):
         gids = self.graph.class_group[classes]
         return {int(g) for g in gids[gids >= 0]}
 
+    def _layer_nodes(self, fx_graph: fx.Graph, modules: dict):
+        """(node, module, handler, {role: classes}) of every call of a traced layer."""
+        for node in fx_graph.nodes:
+            if node.op == "call_module" and node.target in self.graph.records:
+                m = modules[node.target]
+                yield node, m, handler_for(m), self.graph.records[node.target][1]
+
     def _ungateable(self, graphs) -> dict:
         """Prunable groups no gate can close exactly, and why."""
         why = {}
         prunable = {g.index for g in self.graph.prunable_groups}
+        modules = dict(self.model.named_modules())
         for fx_graph in graphs.values():
-            modules = dict(self.model.named_modules())
-            for node in fx_graph.nodes:
-                if node.op != "call_module" or node.target not in self.graph.records:
-                    continue
-                m = modules[node.target]
-                handler = handler_for(m)
-                roles = self.graph.records[node.target][1]
+            for node, m, handler, roles in self._layer_nodes(fx_graph, modules):
                 if "channel" in roles and not isinstance(handler, BatchNormHandler) and \
                         not isinstance(m, _HOMOGENEOUS_MODULES):
                     for gi in self._groups_of(roles["channel"]) & prunable:
@@ -260,12 +262,7 @@ class GatedNetwork(nn.Module):
 
     def _anchors(self, fx_graph: fx.Graph, modules: dict):
         """(anchor node, layer name, role) of every layer whose output a gate must follow."""
-        for node in fx_graph.nodes:
-            if node.op != "call_module" or node.target not in self.graph.records:
-                continue
-            m = modules[node.target]
-            handler = handler_for(m)
-            roles = self.graph.records[node.target][1]
+        for node, m, handler, roles in self._layer_nodes(fx_graph, modules):
             if isinstance(handler, BatchNormHandler) and "channel" in roles:
                 role = "channel"
             elif handler.counts and "out" in roles:
