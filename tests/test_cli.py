@@ -126,3 +126,24 @@ def test_parser_imports_no_torch():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == "[]"
+
+
+def test_runs_of_earlier_versions_still_plot_and_load(tmp_path):
+    """architecture.json of a TAS run before the keep-based dict converts to per-layer widths; a
+    model file that records no constructor loads with its architecture dict, and says so without."""
+    import torch
+    import nasprune
+    from nasprune.cli import CLIError, _layer_widths, _load_model
+    from nasprune.models import ResNetSpec, tas_resnet
+    old = {**ResNetSpec.cifar(2).to_dict(), "family": "tas-resnet", "widths": [8] + [12] * 4 + [20] * 4 + [40] * 4,
+           "blocks": [2, 1, 2]}
+    rows = _layer_widths(old)
+    assert len(rows) == 13 and rows[0] == ("conv1", 16, 8) and rows[7] == ("layer2.1.conv1", 32, 0)
+    net = tas_resnet(**old).eval()
+    net.nasprune_constructor = None                 # as files were saved before TASResNet recorded it
+    nasprune.save(net, tmp_path / "old.safetensors")
+    with pytest.raises(CLIError, match="pass --arch architecture.json"):
+        _load_model(str(tmp_path / "old.safetensors"))
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(_load_model(str(tmp_path / "old.safetensors"), old).eval()(x), net(x))
