@@ -5,6 +5,9 @@ summed layer by layer in Python. Both hold the very same weights and gate values
 
 One training step: forward, cross-entropy + 0.1 * expected MACs / base MACs, backward, SGD on
 the weights and the gates. And the expected-MACs evaluation alone (forward and backward).
+GatedNetwork runs a conv network channels-last (its default, memory_format="auto"); the eager
+model is timed as a user writes it (NCHW) and channels-last too, so that the ratio against the
+second shows what the fused ops add beyond the layout.
 
     python benchmarks/bench_gated.py                        # CPU: ResNet-56, MobileNetV2, 32x32, batch 64
     python benchmarks/bench_gated.py --device cuda          # GPU: batch 256
@@ -42,9 +45,9 @@ class EagerSite(nn.Module):
         return x * values.index_select(0, self.index).view(shape)
 
 
-def eager_network(model, x) -> GatedNetwork:
+def eager_network(model, x, memory_format="contiguous") -> GatedNetwork:
     """The same gates with no fused op: plain modules and a multiply per site."""
-    gn = GatedNetwork(model, x, fuse=False)
+    gn = GatedNetwork(model, x, fuse=False, memory_format=memory_format)
     for mode_sites in gn.site_info.values():
         for site in mode_sites:
             gn.sites[site.name] = EagerSite(site.index, site.dim % 4 if site.dim < 0 else site.dim)
@@ -83,10 +86,10 @@ def case(name, batch, size, device):
     model = build(name)
     x0 = torch.zeros(1, 3, size, size)
     ours = GatedNetwork(model, x0, gate="sigmoid").to(device)
-    eager = eager_network(model, x0)
-    eager.gate_fn = ours.gate_fn
-    eager.to(device)
-    eager.load_state_dict(ours.state_dict())
+    eager = eager_network(model, x0).to(device)              # NCHW, as a user writes it
+    eager_cl = eager_network(model, x0, "channels_last").to(device)  # the layout nasprune runs in
+    for twin in (eager, eager_cl):
+        twin.gate_fn = ours.gate_fn
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, size, size, generator=g).to(device)
     y = torch.randint(0, 10, (batch,), generator=g).to(device)
@@ -117,13 +120,18 @@ def case(name, batch, size, device):
     assert err < 1e-3, f"{name}: the eager twin differs by {err}"
     assert abs(float(ours.expected_macs()) - float(eager_cost(eager))) < 1e-6 * base
     rows = []
-    for what, variants in (("train_step", {"eager": stepper(eager, eager_cost), "nasprune": stepper(ours, ours_macs)}),
+    for what, variants in (("train_step", {"eager": stepper(eager, eager_cost),
+                                            "eager channels-last": stepper(eager_cl, eager_cost),
+                                            "nasprune": stepper(ours, ours_macs)}),
                            ("expected_macs", {"eager": cost_only(eager, eager_cost), "nasprune": cost_only(ours, ours_macs)})):
         times = _common.compare_ms(variants, device, rounds=4 if what == "train_step" else 9,
                                    reps=2 if what == "train_step" else 20, warmup=1)
         for impl, ms in times.items():
             rows.append({"bench": f"gated_{what}", "impl": impl, "model": name, "size": size, "batch": batch,
                          "median_ms": ms, "speedup_vs_eager": times["eager"] / ms,
+                         "speedup_vs_eager_cl": times["eager channels-last"] / ms if what == "train_step" else None,
+                         "layout": "channels_last" if impl != "eager" and (impl != "nasprune" or ours.channels_last)
+                         else "contiguous",
                          "sites": sum(len(s) for s in ours.site_info.values()),
                          "fused": sum(s.kind == "fused" for v in ours.site_info.values() for s in v)})
     return rows
@@ -145,7 +153,8 @@ def main():
     rows = []
     for name in args.models.split(","):
         rows += case(name, batch, args.size, device)
-    print(_common.table(rows, ["bench", "impl", "model", "batch", "median_ms", "speedup_vs_eager", "sites", "fused"]))
+    print(_common.table(rows, ["bench", "impl", "model", "batch", "median_ms", "speedup_vs_eager",
+                               "speedup_vs_eager_cl", "sites", "fused"]))
     if not args.no_record:
         print("recorded to", _common.record("gated", device, rows))
 

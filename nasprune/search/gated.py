@@ -76,6 +76,22 @@ def _is_other_activation(node: fx.Node, modules: dict) -> bool:
     return node.op in ("call_function", "call_method") and node.target in _OTHER_ACT_FUNCS
 
 
+_ZERO_AT_ZERO_MODULES = (nn.ReLU6, nn.Hardtanh, nn.SiLU, nn.Hardswish, nn.GELU, nn.Tanh, nn.Mish, nn.ELU,
+                         nn.SELU, nn.CELU)
+_ZERO_AT_ZERO_FUNCS = {F.relu6, F.hardtanh, F.silu, F.hardswish, F.gelu, F.tanh, torch.tanh, F.mish, F.elu,
+                       F.selu, F.celu, "tanh", "tanh_"}
+
+
+def _zero_at_zero(node: fx.Node, modules: dict) -> bool:
+    """The activation maps 0 to 0, so a gate before it still closes a channel."""
+    if node.op == "call_module":
+        m = modules[node.target]
+        if isinstance(m, nn.Hardtanh):
+            return m.min_val <= 0 <= m.max_val
+        return isinstance(m, _ZERO_AT_ZERO_MODULES)
+    return node.op in ("call_function", "call_method") and node.target in _ZERO_AT_ZERO_FUNCS
+
+
 def _is_linear(node: fx.Node, modules: dict) -> bool:
     if node.op == "call_module":
         return isinstance(modules[node.target], _LINEAR_MODULES)
@@ -144,6 +160,9 @@ class GatedNetwork(nn.Module):
     gate: the gate parameterisation, a ``nasprune.nn.gates`` module or its name
         (continuous, sigmoid, threshold, fixed, sampled).
     fuse: fuse conv -> BatchNorm2d -> (ReLU | identity) into one GatedConvBNAct2d call.
+    memory_format: "auto" runs a model with 2-D convolutions channels-last (weights and 4-D inputs;
+        oneDNN and cuDNN convolve it faster, and the fused ops take it natively), "contiguous"
+        keeps NCHW. The export is contiguous either way.
     exclude, leaf_modules: as for :func:`nasprune.graph.trace`.
 
     ``graph`` is the ChannelGraph of ``model``: its group indices key every keep set and every
@@ -152,11 +171,17 @@ class GatedNetwork(nn.Module):
     """
 
     def __init__(self, model: nn.Module, example_inputs, *, gate="continuous", fuse: bool = True,
-                 exclude=(), leaf_modules=()):
+                 memory_format: str = "auto", exclude=(), leaf_modules=()):
         super().__init__()
         inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
         self.graph: ChannelGraph = trace(model, inputs, exclude=exclude, leaf_modules=leaf_modules)
         self.model = copy.deepcopy(model)
+        if memory_format not in ("auto", "channels_last", "contiguous"):
+            raise ValueError(f"memory_format must be auto, channels_last or contiguous, got {memory_format!r}")
+        has_conv2d = any(isinstance(m, nn.Conv2d) for m in model.modules())
+        self.channels_last = memory_format == "channels_last" or (memory_format == "auto" and has_conv2d)
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
         self.gate_fn = gate_params.make(gate)
         self.fuse = bool(fuse)
         graphs = self._trace_modes(inputs)
@@ -172,23 +197,22 @@ class GatedNetwork(nn.Module):
         self.sites = nn.ModuleDict()
         self.site_info: dict[str, list[Site]] = {}
         modes = {}
-        for mode, fx_graph in graphs.items():
-            modes[mode] = self._rewrite(fx_graph, mode)
+        for mode, traced in graphs.items():
+            modes[mode] = self._rewrite(traced, mode)
         self._modes = modes  # mode -> GraphModule; held outside the module tree (shared modules)
         self._cost = _GateCost(self)
 
     # ------------------------------------------------------------------ construction
     def _trace_modes(self, inputs) -> dict:
-        """The fx graph of the copy in training and, when its control flow differs, in eval."""
+        """The traced copy (fx GraphModule) in training and, when its control flow differs, in eval."""
         by_name = dict(self.model.named_modules())
         leaves = [by_name[n] for n in list(self.graph.leaf_modules) + list(self.graph.leaves)]
         graphs = {}
         with preserved_state(self.model):
             for mode in ("train", "eval"):
                 self.model.train(mode == "train")
-                gm, _ = symbolic_trace(self.model, leaves, handler_for)
-                graphs[mode] = gm.graph
-        if graphs["train"].python_code("self").src == graphs["eval"].python_code("self").src:
+                graphs[mode], _ = symbolic_trace(self.model, leaves, handler_for)
+        if graphs["train"].graph.python_code("self").src == graphs["eval"].graph.python_code("self").src:
             del graphs["eval"]
         return graphs
 
@@ -212,7 +236,8 @@ class GatedNetwork(nn.Module):
         why = {}
         prunable = {g.index for g in self.graph.prunable_groups}
         modules = dict(self.model.named_modules())
-        for fx_graph in graphs.values():
+        for traced in graphs.values():
+            fx_graph = traced.graph
             for node, m, handler, roles in self._layer_nodes(fx_graph, modules):
                 if "channel" in roles and not isinstance(handler, BatchNormHandler) and \
                         not isinstance(m, _HOMOGENEOUS_MODULES):
@@ -226,6 +251,12 @@ class GatedNetwork(nn.Module):
                 if "out" in roles and handler.counts and self._channel_dim(m) is None:
                     for gi in self._groups_of(roles["out"]) & prunable:
                         why.setdefault(gi, f"{type(m).__name__} {node.target}: unknown channel dimension")
+            for node, layer, role in self._anchors(fx_graph, modules, prunable):
+                if self._placement(node, modules) is None:
+                    act = next(iter(node.users))
+                    for gi in self._groups_of(self.graph.records[layer][1][role]) & prunable:
+                        why.setdefault(gi, f"the activation {act.name} after {layer} does not map 0 to 0 "
+                                           f"and feeds an op a gate after it cannot fold through")
         return why
 
     @staticmethod
@@ -260,8 +291,24 @@ class GatedNetwork(nn.Module):
             return False
         return bool(node.users)
 
-    def _anchors(self, fx_graph: fx.Graph, modules: dict):
-        """(anchor node, layer name, role) of every layer whose output a gate must follow."""
+    def _placement(self, node: fx.Node, modules: dict):
+        """(node the gate follows, fold) for anchor ``node``, or None when no place is exact.
+
+        After a non-homogeneous activation when every path from it to the layers it feeds is
+        linear (the gate then folds into their input weights); else, if the activation maps 0 to
+        0 (SiLU, Hardswish, ReLU6...), before it (folding into the layer before: a stem's
+        Hardswish feeding a residual add); else none (a sigmoid before an add)."""
+        users = list(node.users)
+        if len(users) == 1 and _is_other_activation(users[0], modules):
+            if None not in self._consumers(users[0], modules):
+                return users[0], "consumers"
+            return (node, "affine") if _zero_at_zero(users[0], modules) else None
+        return node, "affine"
+
+    def _anchors(self, fx_graph: fx.Graph, modules: dict, groups=None):
+        """(anchor node, layer name, role) of every layer whose output a gate must follow, for
+        the channels of ``groups`` (default: the gated ones)."""
+        groups = set(self.offsets) if groups is None else groups
         for node, m, handler, roles in self._layer_nodes(fx_graph, modules):
             if isinstance(handler, BatchNormHandler) and "channel" in roles:
                 role = "channel"
@@ -271,11 +318,11 @@ class GatedNetwork(nn.Module):
                 role = "out"
             else:
                 continue
-            if self._groups_of(roles[role]) & set(self.offsets):
+            if self._groups_of(roles[role]) & groups:
                 yield node, node.target, role
 
-    def _rewrite(self, fx_graph: fx.Graph, mode: str) -> fx.GraphModule:
-        graph = copy.deepcopy(fx_graph)
+    def _rewrite(self, traced: fx.GraphModule, mode: str) -> fx.GraphModule:
+        graph = copy.deepcopy(traced.graph)
         modules = dict(self.model.named_modules())
         last_input = [n for n in graph.nodes if n.op == "placeholder"][-1]
         with graph.inserting_after(last_input):
@@ -284,10 +331,7 @@ class GatedNetwork(nn.Module):
         for node, layer, role in list(self._anchors(graph, modules)):
             m = modules[layer]
             index = self._slots(self.graph.records[layer][1][role])
-            after, fold = node, "affine"
-            users = list(node.users)
-            if len(users) == 1 and _is_other_activation(users[0], modules):
-                after, fold = users[0], "consumers"
+            after, fold = self._placement(node, modules)
             name = f"{mode}_{len(sites)}"
             fused = self._fusable(node, modules) if fold == "affine" else None
             if fused is not None:
@@ -316,6 +360,9 @@ class GatedNetwork(nn.Module):
         graph.lint()
         self.site_info[mode] = sites
         root = _Root(self.model, self.sites)
+        for node in graph.nodes:  # constants fx made from literal tensors live on the traced module
+            if node.op == "get_attr" and "." not in node.target and not hasattr(root, node.target):
+                root.register_buffer(node.target, getattr(traced, node.target))
         return fx.GraphModule(root, graph, type(self.model).__name__)
 
     def _fusable(self, bn_node: fx.Node, modules: dict):
@@ -366,6 +413,9 @@ class GatedNetwork(nn.Module):
 
     def forward(self, *inputs):
         gm = self._modes.get("train" if self.training else "eval", self._modes["train"])
+        if self.channels_last:
+            inputs = [x.contiguous(memory_format=torch.channels_last)
+                      if isinstance(x, torch.Tensor) and x.dim() == 4 else x for x in inputs]
         return gm(*inputs, **{_GATES: self.gate_vector()})
 
     # ------------------------------------------------------------------ gates per group
@@ -505,7 +555,7 @@ class GatedNetwork(nn.Module):
         if keep is None:
             keep = self.keep("nonzero")
         values = torch.cat([self.gate_fn(self.gate).detach(), self.gate.new_ones(1)]).double().cpu()
-        folded = copy.deepcopy(self.model).cpu()
+        folded = copy.deepcopy(self.model).cpu().to(memory_format=torch.contiguous_format)
         modules = dict(folded.named_modules())
         done = set()  # a layer called several times has one site per call, all with the same gates
         for site in [s for sites in self.site_info.values() for s in sites]:

@@ -77,7 +77,11 @@ def check(name: str) -> dict:
     facts["macs_slim_counted"] = flops.count(slimmed, x)
     del out, out_slim
 
-    facts["gated"] = gated_facts(model, x, facts["params"] <= zoo.CONTRACT_MAX_PARAMS)
+    if name not in zoo.SEGMENTATION:  # the gated network's contract covers the classifiers
+        try:
+            facts["gated"] = gated_facts(model, x, facts["params"] <= zoo.CONTRACT_MAX_PARAMS)
+        except Exception as exc:  # noqa: BLE001 - reported to its own test, not the slimming one
+            facts["gated"] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-3000:]}
     del model
 
     slimmed.train()
@@ -106,7 +110,9 @@ def gated_facts(model, x, outputs: bool) -> dict:
     """The gated network's contract on one model (issue 12): all gates at one equal the model,
     0/1 gates equal slim.mask / slim.apply and the cost model, continuous gates export exactly."""
     t = time.perf_counter()
-    gn = GatedNetwork(model, x)
+    # the contract is about where gates sit and what they fold into; run in the model's own NCHW
+    # layout (the default channels-last moves fp32 rounding by ~1e-5 on deep random-weight nets)
+    gn = GatedNetwork(model, x, memory_format="contiguous")
     facts = {"build_s": time.perf_counter() - t, "gates": gn.num_gates, "groups": len(gn.groups),
              "ungated": {str(g): why for g, why in gn.ungated.items()},
              "sites": sum(len(s) for s in gn.site_info.values()),
@@ -118,12 +124,12 @@ def gated_facts(model, x, outputs: bool) -> dict:
             (ya, ga), (yb, gb) = _run(model, x), _run(gn, x)
             facts[f"ones_{mode}_out"] = zoo.max_rel_diff(ya, yb)
             facts[f"ones_{mode}_grad"] = zoo.max_rel_diff(ga, gb)
-        if facts["ones_train_grad"] > 1e-3:  # how far fp32 rounding alone moves this model's gradient
-            twin = copy.deepcopy(model).to(memory_format=torch.channels_last)
-            model.train()
-            facts["train_grad_noise"] = zoo.max_rel_diff(_run(model, x)[1],
-                                                         _run(twin, x.to(memory_format=torch.channels_last))[1])
-            del twin
+        if facts["ones_train_grad"] > 1e-3:  # how far fp32 rounding alone moves this model's gradient:
+            twin = copy.deepcopy(model).train()  # the same model, channels-last instead of NCHW
+            twin_cl = copy.deepcopy(twin).to(memory_format=torch.channels_last)
+            facts["train_grad_noise"] = zoo.max_rel_diff(_run(twin, x)[1],
+                                                         _run(twin_cl, x.to(memory_format=torch.channels_last))[1])
+            del twin, twin_cl
         model.eval()
         gn.eval()
     keep = {g: i for g, i in zoo.random_keep(gn.graph, 3).items() if g in gn.offsets}
@@ -146,6 +152,13 @@ def gated_facts(model, x, outputs: bool) -> dict:
         with torch.no_grad():
             facts["export_err"] = zoo.max_rel_diff(gn(x), exported(x))
         facts["export_class"] = type(exported).__name__ == type(model).__name__
+        eval_keys = ("ones_eval_out", "ones_eval_grad", "binary_vs_slim", "binary_vs_mask")
+        if max(facts[k] for k in eval_keys) > 1e-5:  # fp32 rounding alone in eval, measured the same way
+            twin = copy.deepcopy(model).eval()
+            twin_cl = copy.deepcopy(twin).to(memory_format=torch.channels_last)
+            (ya, ga), (yb, gb) = _run(twin, x), _run(twin_cl, x.to(memory_format=torch.channels_last))
+            facts["eval_noise"] = max(zoo.max_rel_diff(ya, yb), zoo.max_rel_diff(ga, gb))
+            del twin, twin_cl
     facts["seconds"] = time.perf_counter() - t
     return facts
 
