@@ -9,7 +9,8 @@ from nasprune import flops, slim
 from nasprune.data import load_dataset, tas_split
 from nasprune.models import CifarResNet, ResNetSpec
 from nasprune.search import TAS, Callback, Searcher
-from nasprune.search.base import ConfigMismatchError, keep_architecture, layer_widths, pruned_architecture
+from nasprune.search.base import (ARCHITECTURE_KEYS, ConfigMismatchError, keep_architecture, layer_widths,
+                                  pruned_architecture)
 
 SIZE = 16
 
@@ -34,7 +35,7 @@ def test_tas_architecture_is_keep_based_and_describes_the_export():
     arch = s.architecture()
     net = s.export(architecture=arch)
     x = torch.zeros(1, 3, SIZE, SIZE)
-    assert arch["method"] == "tas" and arch["blocks"][1] == 1
+    assert set(ARCHITECTURE_KEYS) <= set(arch) and arch["method"] == "tas" and arch["blocks"][1] == 1
     assert arch["macs"] == flops.count(net, x) == arch["flops"]
     assert arch["params"] == flops.count_params(net)
     assert arch["base_macs"] == flops.count(CifarResNet(8), x) and arch["base_params"] == flops.count_params(CifarResNet(8))
