@@ -273,6 +273,22 @@ class TrainBar:
         return {"on_step": self.on_step, "on_epoch": self.on_epoch}
 
 
+class DecodeBar:
+    """The progress bar of image decoding (the data loaders' ``progress(done, total, desc)``)."""
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, done, total, desc):
+        if self.bar is None:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=total, desc=desc, unit="img", leave=False, dynamic_ncols=True)
+        self.bar.update(done - self.bar.n)
+        if done >= total:
+            self.bar.close()
+            self.bar = None
+
+
 class SearchBar:
     """The progress bar of a search (a nasprune.search.Callback): steps, the step's loss and,
     where the method reports them, its MACs and temperature."""
@@ -356,7 +372,7 @@ def _data(spec, image_size, limit_per_class):
         return load_dataset(None, size=image_size)
     if not os.path.exists(spec):
         raise CLIError(f"--data {spec!r}: no such file or folder (use 'digits' for the embedded dataset)")
-    return load_dataset(spec, limit_per_class=limit_per_class)
+    return load_dataset(spec, limit_per_class=limit_per_class, progress=DecodeBar() if sys.stderr.isatty() else None)
 
 
 # ------------------------------------------------------------------ the search pipeline

@@ -300,38 +300,42 @@ def decode_images(entries, size=IMAGE_SIZE, workers=None, progress=None, desc="d
     """Decode [(display_name, bytes or path)] with Pillow into a uint8 array (n, H, W, 3).
 
     workers: processes to use (0: decode here); default: all cores (at most 8) for 4096 images or
-    more, else 0. progress: show a tqdm bar (None: only on a terminal).
+    more, else 0. progress: a callback ``progress(done, total, desc)`` called as chunks finish
+    (the command line draws its bar with it; the library draws none), or None.
     """
-    from tqdm.auto import tqdm
-
     n = len(entries)
     workers = _default_workers(n) if workers is None else int(workers)
     out = np.empty((n, size[1], size[0], 3), dtype=np.uint8)
     chunk = max(256, min(4096, -(-n // max(1, workers * 8))))
     bounds = [(a, min(n, a + chunk)) for a in range(0, n, chunk)]
-    with tqdm(total=n, unit="img", desc=desc, disable=(None if progress is None else not progress),
-              leave=False) as bar:
-        if workers > 1 and len(bounds) > 1:
-            try:
-                with ProcessPoolExecutor(workers, mp_context=_mp_context()) as pool:
-                    futures = {pool.submit(_decode_chunk, entries[a:b], size): (a, b)
-                               for a, b in bounds}
-                    try:
-                        for fut in as_completed(futures):
-                            a, b = futures[fut]
-                            out[a:b] = fut.result()
-                            bar.update(b - a)
-                    except BaseException:
-                        pool.shutdown(wait=True, cancel_futures=True)
-                        raise
-                return out
-            except (BrokenProcessPool, OSError, PermissionError) as e:
-                warnings.warn(f"process pool unavailable ({e}); decoding in this process",
-                              RuntimeWarning, stacklevel=2)
-                bar.reset()
-        for a, b in bounds:
-            out[a:b] = _decode_chunk(entries[a:b], size)
-            bar.update(b - a)
+    done = 0
+
+    def advance(k):
+        nonlocal done
+        done += k
+        if progress is not None:
+            progress(done, n, desc)
+
+    if workers > 1 and len(bounds) > 1:
+        try:
+            with ProcessPoolExecutor(workers, mp_context=_mp_context()) as pool:
+                futures = {pool.submit(_decode_chunk, entries[a:b], size): (a, b) for a, b in bounds}
+                try:
+                    for fut in as_completed(futures):
+                        a, b = futures[fut]
+                        out[a:b] = fut.result()
+                        advance(b - a)
+                except BaseException:
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise
+            return out
+        except (BrokenProcessPool, OSError, PermissionError) as e:
+            warnings.warn(f"process pool unavailable ({e}); decoding in this process",
+                          RuntimeWarning, stacklevel=2)
+            done = 0
+    for a, b in bounds:
+        out[a:b] = _decode_chunk(entries[a:b], size)
+        advance(b - a)
     return out
 
 
@@ -535,7 +539,7 @@ def load_cifar10(path, cache_dir=None, *, limit_per_class=None, workers=None, pr
     limit_per_class: keep only the first this-many images of each class in each split (sorted
         file names; batch order for the pickles), for quick tests.
     workers: decoding processes (0: this process); default: all cores for large image sets.
-    progress: tqdm bar while decoding; None: only on a terminal.
+    progress: a callback progress(done, total, desc) while decoding (see decode_images), or None.
 
     Each ImageDataset holds images uint8 (N, 32, 32, 3), labels int64 (N,), and the class names
     (folder names sorted, or batches.meta's label_names for the pickles).

@@ -155,8 +155,10 @@ def test_pool_decode_equals_serial(tmp_path):
     serial = D.decode_images(entries, workers=0)
     np.testing.assert_array_equal(serial[0], np.asarray(Image.open(files[0])))
     # 840 images make several chunks, decoded by two worker processes and reassembled in order.
-    pooled = D.decode_images(entries * 40, workers=2, progress=True)
+    seen = []
+    pooled = D.decode_images(entries * 40, workers=2, progress=lambda done, total, desc: seen.append((done, total)))
     np.testing.assert_array_equal(pooled, np.concatenate([serial] * 40))
+    assert len(seen) > 1 and seen[-1] == (840, 840)  # one call per finished chunk, counting up
 
 
 def test_limit_per_class(tmp_path):
