@@ -107,17 +107,24 @@ def test_slim_half_of_every_group(sweep, name):
     assert facts["grads_present"] == 1.0, f"{name}: only {facts['grads_present']:.0%} of parameters got a gradient"
 
 
-# eval input gradients: a fused conv-BN epilogue rounds its pre-activations differently from
-# nn.BatchNorm2d in the last bit, which flips the ReLU mask where one is within an ulp of zero
-# (seen up to 9e-4 of the largest gradient on random-weight RegNets); hence 1e-3 there
-GATED_TOL = {"ones_eval_out": 1e-5, "ones_eval_grad": 1e-3, "ones_train_out": 1e-4, "ones_train_grad": 1e-3,
-             "binary_vs_slim": 1e-5, "binary_vs_mask": 1e-5, "export_err": 1e-5}
+# "plain": every site a stand-alone gate: where a gate is 1 it multiplies by exactly 1, so the gated
+# network computes what the model computes; held to the issue's fp32 relative error 1e-5.
+# "fused" (the default): the conv-BN epilogue rounds a pre-activation differently from
+# nn.BatchNorm2d in the last bit (seen up to 1.4e-5 on the outputs of random-weight RegNets), and
+# where a pre-activation lies within that rounding of zero the ReLU mask flips; in training a
+# batch of 2 spreads one flip through BatchNorm's backward over the whole channel (seen: 8.8 % of
+# the largest input gradient on cifar_resnet44B, whose plain gated network is bit-exact)
+GATED_TOL = {"plain_ones_train_out": 1e-5, "plain_ones_train_grad": 1e-5, "plain_ones_eval_out": 1e-5,
+             "plain_ones_eval_grad": 1e-5, "plain_binary_vs_slim": 1e-5, "plain_binary_vs_mask": 1e-5,
+             "plain_export_err": 1e-5,
+             "fused_ones_train_out": 1e-4, "fused_ones_train_grad": 0.2, "fused_ones_eval_out": 1e-4,
+             "fused_ones_eval_grad": 1e-2, "fused_binary_vs_slim": 1e-4, "fused_binary_vs_mask": 1e-4,
+             "fused_export_err": 1e-5}
 
 
 @pytest.mark.parametrize("name", [n for n in _names() if n not in zoo.SEGMENTATION])
 def test_gated_network(sweep, name):
-    """Issue 12's contract of nasprune.search.GatedNetwork on every classification model. Training
-    mode runs BatchNorm on a batch of 2 (ill-conditioned statistics), hence its wider tolerance."""
+    """Issue 12's contract of nasprune.search.GatedNetwork on every classification model."""
     facts = sweep[name]
     assert "error" not in facts, f"{name}: {facts.get('error')}\n{facts.get('traceback', '')}"
     gated = facts["gated"]
@@ -125,13 +132,7 @@ def test_gated_network(sweep, name):
     assert gated["groups"] > 0 and gated["gates"] > 0, f"{name}: no gated group; ungated: {gated['ungated']}"
     assert gated["binary_macs"] == gated["exact_macs"] == gated["slim_macs"]
     assert gated["binary_params"] == gated["slim_params"]
-    # in training mode a batch of 2 makes BatchNorm's gradient ill-conditioned: the same model run
-    # channels-last instead of NCHW moves it by as much (train_grad_noise, measured when it matters)
-    tolerance = dict(GATED_TOL, ones_train_grad=max(GATED_TOL["ones_train_grad"], 2 * gated.get("train_grad_noise", 0)))
-    # likewise in eval, on deep random-weight nets (RegNets, GoogLeNet): measured when over 1e-5
-    for key in ("ones_eval_out", "ones_eval_grad", "binary_vs_slim", "binary_vs_mask"):
-        tolerance[key] = max(tolerance[key], 2 * gated.get("eval_noise", 0))
-    for key, tol in tolerance.items():
+    for key, tol in GATED_TOL.items():
         if key in gated:
             assert gated[key] <= tol, f"{name}: {key} = {gated[key]:.2e} > {tol:.0e}"
     if "export_class" in gated:
