@@ -117,7 +117,7 @@ def test_slim_half_of_every_group(sweep, name):
 GATED_TOL = {"plain_ones_train_out": 1e-5, "plain_ones_train_grad": 1e-5, "plain_ones_eval_out": 1e-5,
              "plain_ones_eval_grad": 1e-5, "plain_binary_vs_slim": 1e-5, "plain_binary_vs_mask": 1e-5,
              "plain_export_err": 1e-5,
-             "fused_ones_train_out": 1e-4, "fused_ones_train_grad": 0.2, "fused_ones_eval_out": 1e-4,
+             "fused_ones_train_out": 1e-3, "fused_ones_train_grad": 0.2, "fused_ones_eval_out": 1e-4,
              "fused_ones_eval_grad": 1e-2, "fused_binary_vs_slim": 1e-4, "fused_binary_vs_mask": 1e-4,
              "fused_export_err": 1e-5}
 
