@@ -2,6 +2,7 @@
 network every gate-based method searches (``GatedNetwork``) in gated."""
 from nasprune.models.pruned_resnet import ResNetSpec, TASResNet, tas_resnet
 from nasprune.search.base import Callback, Searcher, load_checkpoint, save_checkpoint
+from nasprune.search.dais import DAIS
 from nasprune.search.gated import GatedNetwork
 from nasprune.search.tas import TAS, cost_loss, temperature
 from nasprune.search.tas_net import TASSupernet, aggregate_widths, cwi, resnet_spec, sample_widths
