@@ -18,7 +18,8 @@
 #     pytest-xdist and --timeout 120 with pytest-timeout where installed; -v: one line per test,
 #     so a group stopped at its limit still says what passed,
 #   bench_gate_epilogue 150, bench_width_aggregate 100, bench_scores 90 (no torch.compile),
-#   bench_tas 90, bench_slim 60 (--gpu-only), bench_scores_compile 90 (the torch.compile baseline,
+#   bench_tas 90, bench_gated 90 (the gated network's training step; never run on a GPU yet),
+#   bench_slim 60 (--gpu-only), bench_scores_compile 90 (the torch.compile baseline,
 #   ResNet-50 only).
 # Seen on the H200 (2026-12-04, two calls): gpu 8 s, build 54-78 s, env 17-28 s,
 # tests_filter_scores 33 s, tests_ops about 95 s, tests_cuda_backends 124 s, bench_gate_epilogue
@@ -144,6 +145,7 @@ step bench_gate_epilogue   150 $PY benchmarks/bench_gate_epilogue.py --device cu
 step bench_width_aggregate 100 $PY benchmarks/bench_width_aggregate.py --device cuda
 step bench_scores           90 $PY benchmarks/bench_scores.py --device cuda --dtype bfloat16 --no-compile
 step bench_tas              90 $PY benchmarks/bench_tas.py --device cuda
+step bench_gated            90 $PY benchmarks/bench_gated.py --device cuda
 step bench_slim             60 $PY benchmarks/bench_slim.py --skip-pipeline --gpu-only
 step bench_scores_compile   90 $PY benchmarks/bench_scores.py --device cuda --dtype bfloat16 \
   --models resnet50 --criteria l1 taylor --no-peers
