@@ -208,7 +208,82 @@ TAS_METHOD = Method(
     ),
     check_model=_tas_check_model, build=_tas_build, select=_tas_select, export=_tas_export)
 
-METHODS = {m.name: m for m in (TAS_METHOD,)}
+
+def _width(text):
+    """--min-width: a number of channels (an integer >= 1) or a fraction of the group in (0, 1)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a channel count or a fraction, got {text!r}") from None
+    if v >= 1 and v == int(v):
+        return int(v)
+    if 0 < v < 1:
+        return v
+    raise argparse.ArgumentTypeError(f"must be an integer >= 1 or a fraction in (0, 1); got {text}")
+
+
+def _dais_build(job):
+    from nasprune.search import DAIS
+    a = job.args
+    return DAIS(job.teacher, a.flops_target, input_size=job.size, flops_tolerance=a.flops_tolerance,
+                flops_margin=a.flops_margin, cost_weight=a.cost_weight, l1_weight=a.l1_weight,
+                tie_weight=a.tie_weight, ties=a.tie or (), min_width=a.min_width, alpha_init=a.alpha_init,
+                temperature=(a.t_start, a.t_end), schedule=a.schedule, lr=a.search_lr, alpha_lr=a.alpha_lr,
+                device=job.device, seed=a.seed)
+
+
+def _dais_select(job):
+    arch = job.searcher.architecture()
+    if arch["selected_by"] == "budget":     # the I > 0.5 keep missed the band (see DAIS.keep)
+        job.run.log(f"I > 0.5 keeps {arch['threshold_macs'] / arch['base_macs']:.3f} of the MACs, outside "
+                    f"[{job.args.flops_target - job.args.flops_tolerance:.3f}, {job.args.flops_target:.3f}]; "
+                    f"exporting the largest channels by alpha that fit the target instead")
+    return arch
+
+
+def _dais_export(job):
+    """The export, and its accuracy before fine-tuning against the gated network's at the final
+    temperature (the gap the annealing closes)."""
+    from nasprune.train import evaluate
+    s = job.searcher
+    pruned = s.export()
+    gated = evaluate(s.gn, job.test_set, device=job.device)["acc"]
+    exported = evaluate(pruned.to(job.device), job.test_set, device=job.device)["acc"]
+    job.metrics["export"] = {"gated_acc": gated, "exported_acc": exported, "temperature": s.temperature}
+    job.run.log(f"exported before fine-tuning: acc {exported:.4f}; the gated network at T = {s.temperature:.3g}: "
+                f"acc {gated:.4f}")
+    return pruned
+
+
+DAIS_METHOD = Method(
+    name="dais", summary="DAIS (Guan et al., TNNLS 2023): annealed channel indicators of any CNN",
+    options=(
+        Option(("--alpha-lr",), dict(type=_positive_float, default=3e-4,
+                                     help="Adam step of the indicator logits alpha (default 3e-4; short searches of "
+                                          "a few hundred steps need about 0.1-0.2 with --alpha-init 0.5)")),
+        Option(("--alpha-init",), dict(type=_positive_float, default=2.0,
+                                       help="initial alpha of every channel (default 2: I = 0.88 at T = 1)")),
+        Option(("--search-lr",), dict(type=_positive_float, default=0.01,
+                                      help="SGD step of the weights during the search, cosine to 0 (default 0.01)")),
+        *(o for o in TAS_METHOD.options if o.dest in ("cost_weight", "flops_tolerance")),   # the same flags
+        Option(("--flops-margin",), dict(type=float, default=0.01,
+                                         help="the FLOPs loss aims this far inside the band (default 0.01)")),
+        Option(("--schedule",), dict(choices=("exponential", "linear", "reciprocal", "constant"),
+                                     default="exponential", help="temperature per step (default exponential)")),
+        Option(("--t-start",), dict(type=_positive_float, default=1.0, help="first temperature (default 1)")),
+        Option(("--t-end",), dict(type=_positive_float, default=0.01, help="last temperature (default 0.01)")),
+        Option(("--l1-weight",), dict(type=float, default=0.0, help="lambda_1 of mean(I) (default 0)")),
+        Option(("--tie-weight",), dict(type=float, default=0.0,
+                                       help="lambda_tie of the soft tie sum ||I_a - I_b||^2 over --tie pairs")),
+        Option(("--tie",), dict(nargs=2, action="append", metavar=("LAYER_A", "LAYER_B"),
+                                help="two layers (module names) of equal width to tie softly; repeatable")),
+        Option(("--min-width",), dict(type=_width, default=1,
+                                      help="channels every group keeps: a count, or a fraction of the group "
+                                           "(default 1)")),
+    ),
+    check_model=lambda name: None, build=_dais_build, select=_dais_select, export=_dais_export)
+
+METHODS = {m.name: m for m in (TAS_METHOD, DAIS_METHOD)}
 
 
 # ------------------------------------------------------------------ run folder and progress
