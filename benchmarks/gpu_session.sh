@@ -19,6 +19,7 @@
 #     so a group stopped at its limit still says what passed,
 #   bench_gate_epilogue 150, bench_width_aggregate 100, bench_scores 90 (no torch.compile),
 #   bench_tas 90, bench_gated 90 (the gated network's training step; never run on a GPU yet),
+#   bench_dais 90 (the DAIS step against an eager DAIS; never run on a GPU yet),
 #   bench_slim 60 (--gpu-only), bench_scores_compile 90 (the torch.compile baseline,
 #   ResNet-50 only).
 # Seen on the H200 (2026-12-04, two calls): gpu 8 s, build 54-78 s, env 17-28 s,
@@ -146,6 +147,7 @@ step bench_width_aggregate 100 $PY benchmarks/bench_width_aggregate.py --device 
 step bench_scores           90 $PY benchmarks/bench_scores.py --device cuda --dtype bfloat16 --no-compile
 step bench_tas              90 $PY benchmarks/bench_tas.py --device cuda
 step bench_gated            90 $PY benchmarks/bench_gated.py --device cuda
+step bench_dais             90 $PY benchmarks/bench_dais.py --device cuda
 step bench_slim             60 $PY benchmarks/bench_slim.py --skip-pipeline --gpu-only
 step bench_scores_compile   90 $PY benchmarks/bench_scores.py --device cuda --dtype bfloat16 \
   --models resnet50 --criteria l1 taylor --no-peers
