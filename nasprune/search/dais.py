@@ -104,8 +104,7 @@ class DAIS(Searcher):
 
     def __init__(self, model: nn.Module, flops_target: float = 0.5, *, example_inputs=None, input_size: int = 32,
                  in_channels: int = 3, flops_tolerance: float = 0.05, flops_margin: float = 0.01,
-                 cost_weight: float = 2.0,
-                 l1_weight: float = 0.0, tie_weight: float = 0.0, ties=(), min_width=1, alpha_floor: float = 0.05,
+                 cost_weight: float = 2.0, l1_weight: float = 0.0, tie_weight: float = 0.0, ties=(), min_width=1, alpha_floor: float = 0.05,
                  alpha_init: float = 2.0, temperature=(1.0, 1e-2), schedule: str = "exponential",
                  lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4, alpha_lr: float = 3e-4,
                  alpha_betas=(0.5, 0.999), alpha_step_cap: float | None = 1.0, device=None, seed: int = 0):
@@ -121,6 +120,9 @@ class DAIS(Searcher):
         if not (isinstance(min_width, int) and min_width >= 1) and not (isinstance(min_width, float)
                                                                         and 0 < min_width < 1):
             raise ValueError(f"min_width is a number of channels (int >= 1) or a fraction in (0, 1); got {min_width}")
+        if not 0 <= 2 * flops_margin < flops_tolerance:
+            raise ValueError(f"flops_margin must lie in [0, flops_tolerance / 2); got {flops_margin} "
+                             f"with flops_tolerance {flops_tolerance}")
         super().__init__(seed=seed, device=device)
         if example_inputs is None:
             example_inputs = torch.zeros(1, in_channels, input_size, input_size)
@@ -134,9 +136,6 @@ class DAIS(Searcher):
         self.example_inputs = example_inputs
         with torch.no_grad():
             gn.gate.fill_(float(alpha_init))
-        if not 0 <= 2 * flops_margin < flops_tolerance:
-            raise ValueError(f"flops_margin must lie in [0, flops_tolerance / 2); got {flops_margin} "
-                             f"with flops_tolerance {flops_tolerance}")
         self.flops_target, self.flops_tolerance = float(flops_target), float(flops_tolerance)
         self.flops_margin = float(flops_margin)
         self.cost_weight, self.l1_weight, self.tie_weight = float(cost_weight), float(l1_weight), float(tie_weight)
@@ -158,8 +157,8 @@ class DAIS(Searcher):
         self._sums = torch.zeros(6, dtype=torch.float64, device=self.device)  # loss, acc, arch acc, n, flops loss, ce_a
         self.config = dict(model=type(model).__name__, input_shape=list(example.shape[1:]), num_gates=gn.num_gates,
                            base_macs=gn.base_macs, flops_target=flops_target, flops_tolerance=flops_tolerance,
-                           flops_margin=flops_margin, cost_weight=cost_weight, l1_weight=l1_weight, tie_weight=tie_weight,
-                           ties=[list(t) for t in self.ties], min_width=min_width, alpha_floor=alpha_floor,
+                           flops_margin=flops_margin, cost_weight=cost_weight, l1_weight=l1_weight,
+                           tie_weight=tie_weight,                           ties=[list(t) for t in self.ties], min_width=min_width, alpha_floor=alpha_floor,
                            alpha_init=alpha_init, temperature=[t_start, t_end], schedule=schedule, lr=lr,
                            momentum=momentum, weight_decay=weight_decay, alpha_lr=alpha_lr,
                            alpha_betas=list(alpha_betas), alpha_step_cap=alpha_step_cap, seed=seed)
@@ -216,6 +215,18 @@ class DAIS(Searcher):
                 torch.cuda.set_rng_state(self._rng["cuda"], self.device)
             yield
             self._rng = self._rng_state()
+
+    @staticmethod
+    @contextmanager
+    def _frozen(params):
+        """No gradients for ``params`` inside the block (autograd then skips computing them)."""
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p in params:
+                p.requires_grad_(True)
 
     # -- the schedule
     def begin_epoch(self, epoch, epochs, steps_per_epoch):
@@ -287,25 +298,18 @@ class DAIS(Searcher):
         self._schedule()
         with self._own_rng():
             x, y = weight_batch
-            gn.gate.requires_grad_(False)             # no gate gradient in the weight step
-            logits = gn(x)
-            loss_w = F.cross_entropy(logits, y)
-            self.w_opt.zero_grad(set_to_none=True)
-            loss_w.backward()
+            with self._frozen([gn.gate]):             # the weight step computes no gate gradient
+                logits = gn(x)
+                loss_w = F.cross_entropy(logits, y)
+                self.w_opt.zero_grad(set_to_none=True)
+                loss_w.backward()
             self.w_opt.step()
-            gn.gate.requires_grad_(True)
-
             xa, ya = arch_batch
-            for p in self.weights:                    # no weight gradients in the alpha step
-                p.requires_grad_(False)
-            try:
+            with self._frozen(self.weights):          # the alpha step computes no weight gradients
                 logits_a = gn(xa)
                 terms = self.arch_loss(logits_a, ya)
                 self.a_opt.zero_grad(set_to_none=True)
                 terms["total"].backward()
-            finally:
-                for p in self.weights:
-                    p.requires_grad_(True)
             self.a_opt.step()
             self._hold_min_width()
         with torch.no_grad():
@@ -337,6 +341,12 @@ class DAIS(Searcher):
         with gates_as(gn, (len(order) - rank).float()):       # unique, exact in fp32
             return gn.keep("budget", macs=self.flops_target), "budget"
 
+    @torch.no_grad()
+    def _indicator_stats(self) -> tuple[float, float]:
+        """E[MACs] at the current temperature, and the share of indicators in (0.05, 0.95)."""
+        values = self.indicators()
+        return float(self.gn.expected_macs(values)), float(((values > 0.05) & (values < 0.95)).double().mean())
+
     def _keep_macs(self, keep) -> float:
         return float(self.gn.expected_macs(self.gn.keep_vector(keep).to(self.device)))
 
@@ -357,10 +367,7 @@ class DAIS(Searcher):
         keep, how = self.keep()
         vector = gn.keep_vector(keep).to(self.device)
         threshold = gn.keep("threshold", threshold=0.5) if how == "budget" else keep
-        with torch.no_grad():
-            values = self.indicators()
-            expected = float(gn.expected_macs(values))
-            undecided = float(((values > 0.05) & (values < 0.95)).double().mean())
+        expected, undecided = self._indicator_stats()
         return keep_architecture(
             self.method, self._layer_widths(keep), float(gn.expected_macs(vector)), float(gn.expected_params(vector)),
             keep={str(g): idx.tolist() for g, idx in keep.items()}, selected_by=how,
@@ -395,10 +402,7 @@ class DAIS(Searcher):
         loss, acc_w, acc_a, n, fl, ce_a = (self._sums / self._sums[3].clamp_min(1)).tolist()
         self._sums.zero_()
         gn = self.gn
-        with torch.no_grad():
-            values = self.indicators()
-            expected = float(gn.expected_macs(values))
-            undecided = float(((values > 0.05) & (values < 0.95)).double().mean())
+        expected, undecided = self._indicator_stats()
         macs = self._keep_macs(gn.keep("threshold", threshold=0.5))
         return {"loss": loss, "train_acc": acc_w, "arch_acc": acc_a, "arch_ce": ce_a, "flops_loss": fl,
                 "tau": self.temperature, "macs": macs, "expected_macs": expected, "macs_ratio": macs / gn.base_macs,
