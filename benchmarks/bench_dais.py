@@ -92,7 +92,7 @@ def case(name, batch, size, device):
     assert err < 1e-3, f"{name}: the eager twin differs by {err}"
     variants = {k: (lambda e=e: e.step(wb, ab)) for k, e in eager.items()}
     variants["nasprune"] = lambda: s.step(wb, ab)
-    times = _common.compare_ms(variants, device, rounds=4, reps=2, warmup=1)
+    times = _common.compare_ms(variants, device, rounds=6, reps=2, warmup=1)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     return [{"bench": "dais_step", "impl": impl, "model": name, "size": size, "batch": batch, "median_ms": ms,
              "speedup_vs_eager": times["eager"] / ms, "speedup_vs_eager_cl": times["eager channels-last"] / ms,
