@@ -7,6 +7,6 @@ from nasprune.search.gated import GatedNetwork
 from nasprune.search.tas import TAS, cost_loss, temperature
 from nasprune.search.tas_net import TASSupernet, aggregate_widths, cwi, resnet_spec, sample_widths
 
-__all__ = ["Callback", "GatedNetwork", "ResNetSpec", "Searcher", "TAS", "TASResNet", "TASSupernet", "aggregate_widths", "cost_loss",
+__all__ = ["Callback", "DAIS", "GatedNetwork", "ResNetSpec", "Searcher", "TAS", "TASResNet", "TASSupernet", "aggregate_widths", "cost_loss",
            "cwi", "load_checkpoint", "resnet_spec", "sample_widths", "save_checkpoint", "tas_resnet",
            "temperature"]
