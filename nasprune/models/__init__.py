@@ -5,6 +5,8 @@ from nasprune.models.cifar_resnet import (ChannelZeroPad, CifarResNet, cifar_res
                                           cifar_resnet44, cifar_resnet56, cifar_resnet110,
                                           load_pretrained)
 from nasprune.models.pruned_resnet import ResNetSpec, TASResNet, tas_resnet
+from nasprune.models.repvgg import RepVGG, RepVGGBlock, reparameterize, repvgg_a0, repvgg_a1, repvgg_b0
 
-__all__ = ["ChannelZeroPad", "CifarResNet", "ResNetSpec", "TASResNet", "cifar_resnet20", "cifar_resnet32",
-           "cifar_resnet44", "cifar_resnet56", "cifar_resnet110", "load_pretrained", "tas_resnet"]
+__all__ = ["ChannelZeroPad", "CifarResNet", "RepVGG", "RepVGGBlock", "ResNetSpec", "TASResNet", "cifar_resnet20",
+           "cifar_resnet32", "cifar_resnet44", "cifar_resnet56", "cifar_resnet110", "load_pretrained",
+           "reparameterize", "repvgg_a0", "repvgg_a1", "repvgg_b0", "tas_resnet"]
