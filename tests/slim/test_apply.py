@@ -117,6 +117,32 @@ def test_uniform_keeps_every_layer_of_a_nested_group_alive(resnet20a):
     assert min(m.out_channels for m in slim.modules() if isinstance(m, nn.Conv2d)) >= 1
 
 
+@pytest.mark.parametrize("name,round_to", [("cifar_resnet20A", 1), ("mobilenet_v2", 8)])
+def test_uniform_at_a_macs_target(name, round_to):
+    """The uniform control at a MACs target: the one keep ratio closest to the target, counted
+    without re-tracing, equal to flops.count of the slimmed model; no ratio on the grid of
+    group widths comes closer."""
+    import nasprune.flops as F
+    model, x = build(name)
+    total = F.count(model, x)
+    graph = G.trace(model, x)
+    cost = F.CostModel(graph)
+    for target in (0.3, 0.5, 0.7):
+        slim = S.uniform_at(model, x, target, round_to=round_to)
+        got = F.count(slim, x)
+        assert got == round(slim.nasprune_uniform["flops_fraction"] * total)
+        keep, ratio = S.uniform_keep_at(graph, target, round_to=round_to, cost=cost)
+        assert ratio == slim.nasprune_uniform["keep_ratio"] and cost.exact(keep) == got
+        # every ratio near the chosen one at which a group width changes: none lands closer
+        steps = {k / g.size for g in graph.prunable_groups for k in range(1, g.size + 1)}
+        best = min(abs(cost.exact(S.uniform_keep(graph, r, round_to)) - target * total)
+                   for r in steps if abs(r - ratio) < 0.05)
+        assert abs(got - target * total) <= best
+        assert abs(got / total - target) < 0.05, f"{name} at {target}: {got / total:.3f}"
+    with pytest.raises(ValueError, match="flops_target"):
+        S.uniform_keep_at(graph, 1.5)
+
+
 def test_graph_of_another_model_is_refused(resnet20a):
     _, _, graph = resnet20a
     with pytest.raises(ValueError, match="traced from a CifarResNet"):
