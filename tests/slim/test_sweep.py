@@ -2,14 +2,16 @@
 traced and slimmed to half of each prunable group with random weights.
 
 The models run in two worker processes (a model's memory is freed when its worker moves on,
-and a crash costs one model, not the session); the tests assert on the facts they report.
+and a crash costs one model, not the session); the tests assert on the facts they report. One
+worker takes the models largest first, the other smallest first, so that the two largest (about
+19 and 12 GiB at their peak in one worker) never run side by side on a 24 GiB machine.
 Set NASPRUNE_SWEEP_MODELS=a,b,c to sweep a subset.
 """
 from __future__ import annotations
 
 import json
 import os
-import queue
+import collections
 import subprocess
 import sys
 import threading
@@ -22,9 +24,8 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 import zoo  # noqa: E402
 
-WORKERS = 2
 MODEL_TIMEOUT_S = 420
-# largest first, so that the two workers finish together
+# largest first
 HEAVY = ["vit_h_14", "regnet_y_128gf", "vit_l_16", "vit_l_32", "maxvit_t", "regnet_y_32gf",
          "convnext_large", "efficientnet_v2_l", "efficientnet_b7", "vgg19_bn", "vgg19", "vgg16_bn",
          "vgg16", "wide_resnet101_2", "regnet_x_32gf", "swin_v2_b", "swin_b", "vgg13_bn", "vgg13",
@@ -46,12 +47,12 @@ def _worker():
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
 
 
-def _drive(todo: queue.Queue, results: dict) -> None:
+def _drive(todo: collections.deque, largest_first: bool, results: dict) -> None:
     proc = _worker()
     while True:
         try:
-            name = todo.get_nowait()
-        except queue.Empty:
+            name = todo.popleft() if largest_first else todo.pop()  # atomic on a deque
+        except IndexError:
             break
         start = time.perf_counter()
         proc.stdin.write(name + "\n")
@@ -75,12 +76,11 @@ def _drive(todo: queue.Queue, results: dict) -> None:
 
 @pytest.fixture(scope="session")
 def sweep() -> dict:
-    todo: queue.Queue = queue.Queue()
-    for name in _names():
-        todo.put(name)
+    todo = collections.deque(_names())
     results: dict = {}
     start = time.perf_counter()
-    threads = [threading.Thread(target=_drive, args=(todo, results)) for _ in range(WORKERS)]
+    threads = [threading.Thread(target=_drive, args=(todo, largest_first, results))
+               for largest_first in (True, False)]
     for t in threads:
         t.start()
     for t in threads:
