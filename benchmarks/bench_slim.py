@@ -60,19 +60,11 @@ def bench_pipeline(repeats: int) -> None:
 
 
 def half_flops_keep(model, x, round_to=8):
-    """Uniform keep ratio whose slimmed MACs are closest to half the original's."""
+    """Uniform width (multiples of 8) whose slimmed MACs are closest to half the original's."""
     graph = graph_mod.trace(model, x)
     cost = flops.CostModel(graph)
-    total = cost.total()
-    lo, hi = 0.3, 1.0
-    for _ in range(20):
-        mid = (lo + hi) / 2
-        if cost.exact(slim.uniform_keep(graph, mid, round_to)) > total / 2:
-            hi = mid
-        else:
-            lo = mid
-    keep = slim.uniform_keep(graph, lo, round_to)
-    return graph, keep, lo, cost.exact(keep) / total
+    keep, ratio = slim.uniform_keep_at(graph, 0.5, round_to=round_to, cost=cost)
+    return graph, keep, ratio, cost.exact(keep) / cost.total()
 
 
 def _latency(model, x, iters: int) -> tuple[float, float]:

@@ -119,9 +119,10 @@ def test_uniform_keeps_every_layer_of_a_nested_group_alive(resnet20a):
 
 @pytest.mark.parametrize("name,round_to", [("cifar_resnet20A", 1), ("mobilenet_v2", 8)])
 def test_uniform_at_a_macs_target(name, round_to):
-    """The uniform control at a MACs target: the one keep ratio closest to the target, counted
-    without re-tracing, equal to flops.count of the slimmed model; no ratio on the grid of
-    group widths comes closer."""
+    """The uniform control at a MACs target, counted without re-tracing and equal to flops.count
+    of the slimmed model: within 1 % of the target (a CIFAR ResNet-20's 16/32/64-wide groups all
+    step at once at one ratio: the step is 5 % of its MACs, so the groups step one at a time),
+    no plain ratio closer, every group at int(r * size) or one step more."""
     import nasprune.flops as F
     model, x = build(name)
     total = F.count(model, x)
@@ -138,7 +139,12 @@ def test_uniform_at_a_macs_target(name, round_to):
         best = min(abs(cost.exact(S.uniform_keep(graph, r, round_to)) - target * total)
                    for r in steps if abs(r - ratio) < 0.05)
         assert abs(got - target * total) <= best
-        assert abs(got / total - target) < 0.05, f"{name} at {target}: {got / total:.3f}"
+        assert abs(got / total - target) < 0.01, f"{name} at {target}: {got / total:.4f}"
+        plain = S.uniform_keep(graph, ratio, round_to)
+        sizes = {g.index: g.size for g in graph.prunable_groups}
+        for gi in set(keep) | set(plain):
+            n, base = len(keep.get(gi, range(sizes[gi]))), len(plain.get(gi, range(sizes[gi])))
+            assert n - base in (0, round_to), f"{name}: group {gi} keeps {n}, the ratio gives {base}"
     with pytest.raises(ValueError, match="flops_target"):
         S.uniform_keep_at(graph, 1.5)
 
