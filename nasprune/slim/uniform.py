@@ -15,16 +15,18 @@ def _counts(graph, keep_ratio: float, round_to: int) -> dict[int, int]:
     return counts
 
 
-def _leading(graph, counts: dict[int, int]) -> dict[int, torch.Tensor]:
-    """The leading ``counts[g]`` channels of every prunable group, plus the first channel of any
-    member the prefix would empty; groups kept whole are left out."""
+def _leading(graph, counts: dict[int, int], order=None) -> dict[int, torch.Tensor]:
+    """The first ``counts[g]`` channels of every prunable group in ``order[g]`` (default: the
+    leading channels), plus the first in that order of any member they would empty; groups kept
+    whole are left out."""
     keep = {}
     for g in graph.prunable_groups:
-        chosen = set(range(counts[g.index]))
+        ranked = order[g.index].tolist() if order is not None and g.index in order else list(range(g.size))
+        chosen = set(ranked[:counts[g.index]])
         for m in g.members:
-            held = m.index_map.channels.tolist()
-            if not chosen.intersection(held):
-                chosen.add(held[0])
+            held = set(m.index_map.channels.tolist())
+            if not chosen & held:
+                chosen.add(next(c for c in ranked if c in held))
         if len(chosen) < g.size:
             keep[g.index] = torch.tensor(sorted(chosen), dtype=torch.long)
     return keep
@@ -37,15 +39,18 @@ def _check(keep_ratio, round_to):
         raise ValueError(f"round_to must be >= 1, got {round_to}")
 
 
-def uniform_keep(graph, keep_ratio: float, round_to: int = 1) -> dict[int, torch.Tensor]:
+def uniform_keep(graph, keep_ratio: float, round_to: int = 1, order=None) -> dict[int, torch.Tensor]:
     """Keep set with the leading ``int(keep_ratio * size)`` channels (at least one) of every
     prunable group, rounded down to a multiple of ``round_to`` when that leaves some.
 
-    A group whose members hold only some of its channels (the nested residual stream of an
-    option-A ResNet) also keeps the first channel of any member the prefix would empty.
+    order: optional {group index: its channels best first} (a permutation, e.g. by descending
+    L1 norm: the classic per-layer magnitude rule at one ratio); the first channels in that
+    order are kept instead of the leading ones. A group whose members hold only some of its
+    channels (the nested residual stream of an option-A ResNet) also keeps the first channel
+    (in order) of any member the prefix would empty.
     """
     _check(keep_ratio, round_to)
-    return _leading(graph, _counts(graph, keep_ratio, round_to))
+    return _leading(graph, _counts(graph, keep_ratio, round_to), order)
 
 
 def uniform(model: nn.Module, example_inputs, keep_ratio: float, *, round_to: int = 1, **trace_kwargs) -> nn.Module:
@@ -56,10 +61,12 @@ def uniform(model: nn.Module, example_inputs, keep_ratio: float, *, round_to: in
     return apply(model, graph, uniform_keep(graph, keep_ratio, round_to))
 
 
-def uniform_keep_at(graph, flops_target: float, *, round_to: int = 1, cost=None) -> tuple[dict[int, torch.Tensor], float]:
+def uniform_keep_at(graph, flops_target: float, *, round_to: int = 1, cost=None,
+                    order=None) -> tuple[dict[int, torch.Tensor], float]:
     """(keep set, keep ratio): uniform width at a MACs target, counted by the cost model on
     ``graph`` (no re-tracing). ``cost``: a ``nasprune.flops.CostModel`` of ``graph`` when the
-    caller has one.
+    caller has one. ``order``: as in :func:`uniform_keep` (the MACs are those of the channels
+    actually kept: in a nested group they depend on which).
 
     The ratio r is bisected to the step of :func:`uniform_keep`'s MACs that crosses
     ``flops_target`` times the original's. Where groups of related sizes (16, 32, 64) all gain a
@@ -77,13 +84,13 @@ def uniform_keep_at(graph, flops_target: float, *, round_to: int = 1, cost=None)
     target = flops_target * cost.total()
 
     def macs(counts):
-        return cost.exact(_leading(graph, counts))
+        return cost.exact(_leading(graph, counts, order))
 
     lo, hi = 1e-6, 1.0  # macs(lo) <= target < macs(hi), unless the target lies outside them
     if macs(_counts(graph, hi, round_to)) <= target:
-        return _leading(graph, _counts(graph, hi, round_to)), hi
+        return _leading(graph, _counts(graph, hi, round_to), order), hi
     if macs(_counts(graph, lo, round_to)) > target:
-        return _leading(graph, _counts(graph, lo, round_to)), lo
+        return _leading(graph, _counts(graph, lo, round_to), order), lo
     for _ in range(40):  # the ratio to 1e-12: far below one channel of any group
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if macs(_counts(graph, mid, round_to)) <= target else (lo, mid)
@@ -93,7 +100,7 @@ def uniform_keep_at(graph, flops_target: float, *, round_to: int = 1, cost=None)
         counts[g] = above[g]
         m = macs(counts)
         best = min(best, (abs(m - target), m, dict(counts)), key=lambda b: b[:2])
-    return _leading(graph, best[2]), lo
+    return _leading(graph, best[2], order), lo
 
 
 def uniform_at(model: nn.Module, example_inputs, flops_target: float, *, round_to: int = 1,

@@ -149,6 +149,31 @@ def test_uniform_at_a_macs_target(name, round_to):
         S.uniform_keep_at(graph, 1.5)
 
 
+def test_uniform_at_in_a_given_channel_order(resnet20a):
+    """order= keeps the first channels of a ranking (the L1 control): the top of the ranking in
+    every group, one ranked channel for a member it would empty, the MACs within 1 %."""
+    import nasprune.flops as F
+    model, x, graph = resnet20a
+    cost = F.CostModel(graph)
+    g = torch.Generator().manual_seed(0)
+    order = {gr.index: torch.randperm(gr.size, generator=g) for gr in graph.prunable_groups}
+    keep, ratio = S.uniform_keep_at(graph, 0.5, cost=cost, order=order)
+    assert abs(cost.exact(keep) / cost.total() - 0.5) < 0.01
+    for gr in graph.prunable_groups:
+        kept = set(keep.get(gr.index, torch.arange(gr.size)).tolist())
+        ranked = order[gr.index].tolist()
+        top = set(ranked[: int(ratio * gr.size)])
+        assert top <= kept
+        for m in gr.members:  # no member emptied; an extra channel only as a member's best
+            held = set(m.index_map.channels.tolist())
+            assert kept & held
+        extra = kept - set(ranked[: int(ratio * gr.size) + 1])
+        assert all(any(c == next(r for r in ranked if r in set(m.index_map.channels.tolist()))
+                       for m in gr.members) for c in extra)
+    with torch.no_grad():
+        assert S.apply(model, graph, keep)(x).shape == model(x).shape
+
+
 def test_graph_of_another_model_is_refused(resnet20a):
     _, _, graph = resnet20a
     with pytest.raises(ValueError, match="traced from a CifarResNet"):
