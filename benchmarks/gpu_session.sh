@@ -20,6 +20,7 @@
 #   bench_gate_epilogue 150, bench_width_aggregate 100, bench_scores 90 (no torch.compile),
 #   bench_tas 90, bench_gated 90 (the gated network's training step; never run on a GPU yet),
 #   bench_dais 90 (the DAIS step against an eager DAIS; never run on a GPU yet),
+#   quality_study 240 (the quality protocol's noise study on the GPU; carry gpu-data/, below),
 #   bench_slim 60 (--gpu-only), bench_scores_compile 90 (the torch.compile baseline,
 #   ResNet-50 only).
 # Seen on the H200 (2026-12-04, two calls): gpu 8 s, build 54-78 s, env 17-28 s,
@@ -40,13 +41,12 @@
 #   steps.txt                    one line per step: ok / FAIL (rc) / TIMEOUT / SKIP, seconds
 #   results/<name>.jsonl         only the lines this run appended to benchmarks/results/<name>.jsonl
 #
-# The CIFAR-10 quality protocol (issue 4) needs the data and a call of its own (10 minutes a call;
-# the epochs below are a guess, as no GPU epoch has been timed: the run prints seconds per phase):
+# The CIFAR-10 data for the quality steps travels in the git-ignored gpu-data/ (carry it):
 #   here:  mkdir -p gpu-data && cp ../shared/data/cifar10-jpeg.tar.gz \
-#              ../shared/data/pretrained/cifar10-resnet20-*.th gpu-data/      (git-ignored; carry it)
-#   there: python benchmarks/quality_tas.py --device cuda --model resnet20 --arch-control \
-#              --data gpu-data/cifar10-jpeg.tar.gz --pretrained gpu-data/cifar10-resnet20-12fca82f.th \
-#              --baseline-epochs 2 --search-epochs 15 --finetune-epochs 15 && cp benchmarks/results/quality_tas.jsonl $OUT/
+#              ../shared/data/pretrained/cifar10-resnet{20,56}-*.th gpu-data/
+# A method's row at the GPU budget (ResNet-56) takes a call of its own:
+#   there: python benchmarks/quality.py --method NAME --budget gpu --device cuda \
+#              --data gpu-data/cifar10-jpeg.tar.gz --pretrained-dir gpu-data
 set -u
 OUT=${OUT:-gpu-out}
 PY=${PYTHON:-python3}
@@ -148,6 +148,11 @@ step bench_scores           90 $PY benchmarks/bench_scores.py --device cuda --dt
 step bench_tas              90 $PY benchmarks/bench_tas.py --device cuda
 step bench_gated            90 $PY benchmarks/bench_gated.py --device cuda
 step bench_dais             90 $PY benchmarks/bench_dais.py --device cuda
+# The quality protocol's noise study (issue 13) for the CPU budget's ResNet-20, on the GPU: the
+# uniform control over a grid of KD learning rates and epochs, 3 seeds a cell, one record a cell
+# (needs gpu-data/ carried: the CIFAR-10 JPEG copy and the pretrained CIFAR ResNets).
+step quality_study        240 $PY benchmarks/quality.py --study --device cuda --data gpu-data/cifar10-jpeg.tar.gz \
+  --pretrained-dir gpu-data --lrs 0.02 0.05 0.01 --epochs-grid 1 2 3
 step bench_slim             60 $PY benchmarks/bench_slim.py --skip-pipeline --gpu-only
 step bench_scores_compile   90 $PY benchmarks/bench_scores.py --device cuda --dtype bfloat16 \
   --models resnet50 --criteria l1 taylor --no-peers

@@ -1,0 +1,360 @@
+"""The CIFAR-10 quality protocol (issue 13): does a searched architecture beat the hand rules at
+equal cost? One script for every method.
+
+    python benchmarks/quality.py --controls                 # baseline + uniform + L1, once per protocol
+    python benchmarks/quality.py --method dais              # the method's row (3 seeds), CPU budget
+    python benchmarks/quality.py --method tas --budget gpu --device cuda    # ResNet-56, GPU budget
+    python benchmarks/quality.py --study --lrs 0.01 0.02 0.05 --epochs-grid 1 2   # the noise study
+    python benchmarks/quality.py --table                    # the README table from the records
+
+The protocol (a budget below, versioned by a hash of its settings):
+1. baseline: the pretrained CIFAR ResNet (../shared/data/pretrained) fine-tuned with CE for
+   ``baseline_epochs`` at ``baseline_lr`` on the full training set of the CIFAR-10 JPEG copy;
+   its weights are cached under ``runs/quality/<version>/`` (seed 0, deterministic), it is the
+   KD teacher and the start of every arm.
+2. method (``--method``): the CLI's own method entry (nasprune.cli.METHODS) builds the searcher
+   on the baseline at ``flops_target`` of the MACs with the protocol's search settings and the
+   method's registry arguments below (``METHOD_ARGS``), searches ``search_epochs`` over the full
+   training set (split as the method splits it), selects and exports; then KD (lambda 0.9, T 4)
+   for ``finetune_epochs`` at ``finetune_lr``.
+3. controls, at the same MACs (within 1 % of the target) and
+   the same weight-training epochs (``finetune_epochs + search_epochs``: every epoch a method's
+   weights train, its search included, so the controls are not short-changed):
+   uniform width (``slim.uniform_at``: leading channels, one ratio) and per-group L1 magnitude
+   (the classic rule of Li et al., ICLR 2017: one ratio for every group, each keeping its
+   channels of largest L1 filter norm (nasprune.scores), the ratio found as the uniform one's;
+   in the nested stream of an option-A ResNet the MACs depend on which channels are kept, so
+   the two ratios differ). Computed once per protocol version
+   and reused by every method's row.
+Every arm runs ``seeds`` times; each row holds the per-seed accuracies, mean and standard
+deviation, MACs, epochs and minutes, appended to benchmarks/results/quality.jsonl. A method's
+row compares it with each control: the difference of the means, its standard error
+sqrt(s_a^2 / n_a + s_b^2 / n_b), and whether the difference exceeds two of them.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+
+import nasprune  # noqa: E402
+from nasprune import flops, graph, models, scores, slim  # noqa: E402
+from nasprune.cli import METHODS, TrainBar  # noqa: E402
+from nasprune.data import load_dataset  # noqa: E402
+from nasprune.train import evaluate, train  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+RESULTS = "quality"
+
+# The budgets. "cpu": one method's row (3 seeds, ResNet-20) within 60 minutes on 2 cores;
+# "gpu": the ResNet-56 row in one 10-minute GPU call. Chosen by the noise study (docs/quality.md).
+BUDGETS = {
+    "cpu": {"model": "resnet20", "flops_target": 0.5, "batch_size": 128,
+            "baseline_epochs": 1, "baseline_lr": 0.01,
+            "search_epochs": 1, "search_lr": 0.01,
+            "finetune_epochs": 1, "finetune_lr": 0.02, "seeds": [0, 1, 2]},
+    "gpu": {"model": "resnet56", "flops_target": 0.5, "batch_size": 256,
+            "baseline_epochs": 2, "baseline_lr": 0.01,
+            "search_epochs": 10, "search_lr": 0.01,
+            "finetune_epochs": 10, "finetune_lr": 0.05, "seeds": [0, 1, 2]},
+}
+
+# A method joins with one entry: its command-line arguments for the protocol's short search
+# (the CLI's defaults are those of the papers' hundreds of epochs).
+METHOD_ARGS = {
+    "tas": ["--arch-lr", "0.01"],
+    "dais": ["--alpha-lr", "0.1", "--alpha-init", "0.5"],
+}
+
+
+def version(protocol: dict) -> str:
+    """Short hash of the settings that decide the numbers (not the seeds: more seeds extend a row)."""
+    key = {k: v for k, v in protocol.items() if k != "seeds"}
+    return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def _pretrained(model: str, folder) -> Path:
+    found = sorted(Path(folder).glob(f"cifar10-{model}-*.th"))
+    if not found:
+        raise SystemExit(f"no pretrained weights for {model} under {folder} (see ../shared/data/README.md)")
+    return found[0]
+
+
+def _stats(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values)}
+
+
+def compare(a: dict, b: dict) -> dict:
+    """a - b with the standard error of the difference of two independent means."""
+    diff = a["mean"] - b["mean"]
+    se = math.sqrt(a["std"] ** 2 / a["n"] + b["std"] ** 2 / b["n"])
+    return {"diff": diff, "se": se, "beats": bool(diff > 2 * se)}
+
+
+class Protocol:
+    """The data, the baseline and the training shared by every arm of one protocol version."""
+
+    def __init__(self, protocol: dict, device, data_path, progress=False, cache=ROOT / "runs" / "quality",
+                 pretrained=DATA / "pretrained"):
+        self.p, self.device, self.progress, self.pretrained = protocol, torch.device(device), progress, pretrained
+        self.version = version(protocol)
+        if str(data_path) == "digits":  # the embedded 8x8 digits at 16x16: the protocol's test
+            self.train_set, self.test_set = load_dataset(None, size=16)
+        else:
+            self.train_set, self.test_set = load_dataset(str(data_path))
+        self.size = self.train_set.images.shape[1]
+        self.x = torch.zeros(1, 3, self.size, self.size)
+        self.cache = Path(cache) / self.version
+        self.baseline = self._baseline()
+        self.base_macs = flops.count(self.baseline.cpu(), self.x)
+        self.baseline.to(self.device)
+
+    def _bar(self, desc):
+        return TrainBar(desc).callbacks() if self.progress else {}
+
+    def _baseline(self):
+        path = self.cache / "baseline.safetensors"
+        if path.exists():
+            return nasprune.load(path)
+        model = models.load_pretrained(self.p["model"], _pretrained(self.p["model"], self.pretrained),
+                                       num_classes=10)
+        t = time.time()
+        if self.p["baseline_epochs"]:
+            train(model, self.train_set, epochs=self.p["baseline_epochs"], lr=self.p["baseline_lr"],
+                  batch_size=self.p["batch_size"], device=self.device, seed=0, **self._bar("baseline"))
+        self.cache.mkdir(parents=True, exist_ok=True)
+        nasprune.save(model.cpu(), path, constructor=f"nasprune.models.cifar_{self.p['model']}",
+                      kwargs={"num_classes": 10})
+        print(f"baseline fine-tuned in {time.time() - t:.0f} s, cached at {path}", flush=True)
+        return model
+
+    def accuracy(self, model) -> float:
+        return evaluate(model.to(self.device), self.test_set, device=self.device)["acc"]
+
+    def kd(self, model, epochs, seed, desc):
+        """The protocol's KD training of a pruned network from the baseline: every arm's."""
+        train(model, self.train_set, epochs=epochs, lr=self.p["finetune_lr"], batch_size=self.p["batch_size"],
+              teacher=self.baseline, device=self.device, seed=seed, **self._bar(desc))
+        return self.accuracy(model)
+
+    @property
+    def control_epochs(self) -> int:
+        return self.p["finetune_epochs"] + self.p["search_epochs"]
+
+    # -- the controls
+    def controls(self, seed: int) -> dict:
+        """Uniform width and per-group L1 at the target, trained alike: {arm: {acc, macs, ...}}."""
+        base = self.baseline.cpu().eval()
+        g = graph.trace(base, self.x)
+        cost = flops.CostModel(g)
+        keep, ratio = slim.uniform_keep_at(g, self.p["flops_target"], cost=cost)
+        gs = scores.group_scores(scores.filter_scores(base, "l1"), g)
+        by_l1 = {gi: torch.sort(-gs[gi].nan_to_num(float("inf")), stable=True).indices for gi in gs}
+        l1, _ = slim.uniform_keep_at(g, self.p["flops_target"], cost=cost, order=by_l1)
+        out = {}
+        for arm, k in (("uniform", keep), ("l1", l1)):
+            t = time.time()
+            net = slim.apply(base, g, k)
+            macs = flops.count(net, self.x)
+            acc = self.kd(net, self.control_epochs, seed, f"{arm} seed {seed}")
+            out[arm] = {"acc": acc, "macs": macs, "macs_fraction": macs / self.base_macs, "keep_ratio": ratio,
+                        "epochs": self.control_epochs, "minutes": (time.time() - t) / 60}
+            print(f"{arm} seed {seed}: {acc:.4f} at {macs / self.base_macs:.4f} of the MACs", flush=True)
+        self.baseline.to(self.device)
+        return out
+
+    # -- a method
+    def method(self, name: str, seed: int, extra: list[str]) -> dict:
+        method = METHODS[name]
+        parser = argparse.ArgumentParser(prog=f"quality.py --method {name}")
+        for o in method.options:
+            parser.add_argument(*o.flags, **o.kwargs)
+        args = parser.parse_args(METHOD_ARGS.get(name, []) + extra)
+        args.flops_target, args.seed, args.lr = self.p["flops_target"], seed, self.p["search_lr"]
+        args.search_lr = self.p["search_lr"]
+        log = []
+        job = SimpleNamespace(args=args, teacher=self.baseline, size=self.size, device=self.device,
+                              test_set=self.test_set, metrics={}, searcher=None, architecture=None,
+                              run=SimpleNamespace(log=log.append))
+        t = time.time()
+        job.searcher = method.build(job)
+        callbacks = []
+        if self.progress:
+            from nasprune.cli import SearchBar
+            callbacks = [SearchBar(f"{name} search seed {seed}")]
+        job.searcher.search(self.train_set, epochs=self.p["search_epochs"], batch_size=self.p["batch_size"],
+                            callbacks=callbacks)
+        job.architecture = method.select(job)
+        pruned = method.export(job)
+        search_min = (time.time() - t) / 60
+        t = time.time()
+        macs = flops.count(pruned.cpu(), self.x)
+        acc = self.kd(pruned, self.p["finetune_epochs"], seed, f"{name} KD seed {seed}")
+        for line in log:
+            print(f"  {line}", flush=True)
+        print(f"{name} seed {seed}: {acc:.4f} at {macs / self.base_macs:.4f} of the MACs", flush=True)
+        return {"acc": acc, "macs": macs, "macs_fraction": macs / self.base_macs,
+                "epochs": self.control_epochs, "search_minutes": search_min,
+                "minutes": search_min + (time.time() - t) / 60, "args": vars(args) | {"tie": None},
+                "export": job.metrics.get("export")}
+
+
+def _arm_row(prot: Protocol, arm: str, runs: dict) -> dict:
+    seeds = sorted(runs)
+    accs = [runs[s]["acc"] for s in seeds]
+    return {"bench": "quality", "protocol_version": prot.version, "protocol": prot.p, "arm": arm,
+            "seeds": seeds, "acc": accs, **{f"acc_{k}": v for k, v in _stats(accs).items()},
+            "macs": [runs[s]["macs"] for s in seeds], "base_macs": prot.base_macs,
+            "macs_fraction": statistics.fmean(runs[s]["macs_fraction"] for s in seeds),
+            "epochs": runs[seeds[0]]["epochs"], "minutes": [runs[s]["minutes"] for s in seeds],
+            "runs": runs}
+
+
+def _records() -> list[dict]:
+    path = ROOT / "benchmarks" / "results" / f"{RESULTS}.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _latest(arm: str, ver: str) -> dict | None:
+    rows = [r for r in _records() if r.get("bench") == "quality" and r.get("arm") == arm
+            and r.get("protocol_version") == ver]
+    return rows[-1] if rows else None
+
+
+def _arm_stats(row: dict) -> dict:
+    return {"mean": row["acc_mean"], "std": row["acc_std"], "n": row["acc_n"]}
+
+
+def table() -> str:
+    """Markdown table of the latest row of every arm per protocol version."""
+    lines = ["| protocol | arm | accuracy, mean +- std (seeds) | MACs of the baseline | epochs | minutes per seed "
+             "| vs uniform | vs L1 |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    latest = {}
+    for r in _records():
+        if r.get("bench") == "quality":
+            latest[(r["protocol_version"], r["arm"])] = r
+    for (ver, arm), r in latest.items():
+        cmp = r.get("compare", {})
+
+        def vs(ctrl):
+            c = cmp.get(ctrl)
+            return "" if c is None else f"{100 * c['diff']:+.2f} +- {100 * c['se']:.2f}" + (" (beats)" if c["beats"] else "")
+        lines.append(f"| {r['protocol']['model']} {ver} | {arm} | {100 * r['acc_mean']:.2f} +- {100 * r['acc_std']:.2f} "
+                     f"({r['acc_n']}) | {r['macs_fraction']:.3f} | {r['epochs']} | "
+                     f"{statistics.fmean(r['minutes']):.1f} | {vs('uniform')} | {vs('l1')} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--method", choices=sorted(METHODS), help="a method's row")
+    what.add_argument("--controls", action="store_true", help="the baseline and the two controls' rows")
+    what.add_argument("--study", action="store_true", help="the noise study: the uniform control over a grid")
+    what.add_argument("--table", action="store_true", help="print the README table of the records")
+    p.add_argument("--budget", choices=sorted(BUDGETS), default="cpu")
+    p.add_argument("--data", default=str(DATA / "cifar10-jpeg.tar.gz"),
+                   help="the CIFAR-10 JPEG copy (default), or 'digits' (the embedded digits: tests)")
+    p.add_argument("--pretrained-dir", default=str(DATA / "pretrained"),
+                   help="folder of the pretrained CIFAR ResNets (cifar10-resnetNN-*.th)")
+    p.add_argument("--cache", default=str(ROOT / "runs" / "quality"),
+                   help="where the baseline of each protocol version is kept")
+    p.add_argument("--device", default=str(_common.default_device()))
+    p.add_argument("--seeds", type=int, nargs="+", help="override the budget's seeds")
+    p.add_argument("--set", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
+                   help="override a protocol setting (a new protocol version), e.g. --set finetune_lr 0.05")
+    p.add_argument("--lrs", type=float, nargs="+", default=[0.01, 0.02, 0.05], help="--study: KD learning rates")
+    p.add_argument("--epochs-grid", type=int, nargs="+", default=[1, 2], help="--study: KD epochs")
+    p.add_argument("--progress", action="store_true")
+    p.add_argument("--no-record", action="store_true")
+    args, extra = p.parse_known_args(argv)
+    if args.table:
+        print(table())
+        return None
+    if extra and not args.method:
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
+    protocol = dict(BUDGETS[args.budget])
+    for key, value in args.set:
+        if key not in protocol:
+            p.error(f"--set {key}: not a protocol setting ({', '.join(protocol)})")
+        protocol[key] = type(protocol[key])(value)
+    if args.seeds:
+        protocol["seeds"] = args.seeds
+    device = torch.device(args.device)
+    t0 = time.time()
+    prot = Protocol(protocol, device, args.data, progress=args.progress, cache=args.cache,
+                    pretrained=args.pretrained_dir)
+    base_acc = prot.accuracy(prot.baseline)
+    print(f"protocol {prot.version} ({args.budget}): baseline {base_acc:.4f}, {prot.base_macs / 1e6:.2f} MMACs",
+          flush=True)
+    rows = []
+
+    def record(rs):
+        rows.extend(rs)
+        if not args.no_record:
+            _common.record(RESULTS, device, rs)
+
+    if args.study:
+        base = prot.baseline.cpu().eval()
+        for lr in args.lrs:
+            for epochs in args.epochs_grid:
+                accs, t = [], time.time()
+                for seed in protocol["seeds"]:
+                    net = slim.uniform_at(base, prot.x, protocol["flops_target"])
+                    train(net, prot.train_set, epochs=epochs, lr=lr, batch_size=protocol["batch_size"],
+                          teacher=prot.baseline.to(device), device=device, seed=seed)
+                    accs.append(prot.accuracy(net))
+                    base = prot.baseline.cpu().eval()
+                row = {"bench": "quality_study", "protocol_version": prot.version, "protocol": protocol, "lr": lr,
+                       "epochs": epochs, "seeds": protocol["seeds"], "acc": accs,
+                       **{f"acc_{k}": v for k, v in _stats(accs).items()},
+                       "minutes_per_seed": (time.time() - t) / 60 / len(accs), "baseline_acc": base_acc}
+                print(f"study lr {lr} epochs {epochs}: {100 * row['acc_mean']:.2f} +- {100 * row['acc_std']:.2f} "
+                      f"({row['minutes_per_seed']:.1f} min a seed)", flush=True)
+                record([row])
+        return rows
+
+    need_controls = args.controls or any(_latest(a, prot.version) is None for a in ("baseline", "uniform", "l1"))
+    if need_controls:
+        runs = {"uniform": {}, "l1": {}}
+        for seed in protocol["seeds"]:
+            for arm, r in prot.controls(seed).items():
+                runs[arm][seed] = r
+        base_row = {"bench": "quality", "protocol_version": prot.version, "protocol": protocol, "arm": "baseline",
+                    "seeds": [0], "acc": [base_acc], "acc_mean": base_acc, "acc_std": 0.0, "acc_n": 1,
+                    "macs": [prot.base_macs], "base_macs": prot.base_macs, "macs_fraction": 1.0,
+                    "epochs": protocol["baseline_epochs"], "minutes": [0.0]}
+        record([base_row] + [_arm_row(prot, arm, r) for arm, r in runs.items()])
+    controls = {a: _latest(a, prot.version) or next(r for r in rows if r["arm"] == a) for a in ("uniform", "l1")}
+    if args.method:
+        runs = {seed: prot.method(args.method, seed, extra) for seed in protocol["seeds"]}
+        row = _arm_row(prot, args.method, runs)
+        row["compare"] = {a: compare(_arm_stats(row), _arm_stats(c)) for a, c in controls.items()}
+        row["baseline_acc"] = base_acc
+        row["minus_baseline"] = row["acc_mean"] - base_acc
+        record([row])
+        for a, c in row["compare"].items():
+            print(f"{args.method} - {a}: {100 * c['diff']:+.2f} +- {100 * c['se']:.2f} points "
+                  f"({'beats' if c['beats'] else 'does not beat'} it by two standard errors)", flush=True)
+        print(f"{args.method} - baseline: {100 * row['minus_baseline']:+.2f} points", flush=True)
+    print(f"done in {(time.time() - t0) / 60:.1f} min", flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
