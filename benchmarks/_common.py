@@ -218,5 +218,22 @@ def _fmt(v) -> str:
     return "" if v is None else str(v)
 
 
+@contextlib.contextmanager
+def strict_fp32():
+    """fp32 without TF32 in cuDNN convolutions and matmuls (PyTorch lets cuDNN use TF32 by
+    default): for checks that two implementations compute the same function on a GPU."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest absolute difference relative to the largest magnitude of ``b``."""
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
 def default_device() -> torch.device:
     return torch.device(os.environ.get("NASPRUNE_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))

@@ -11,16 +11,18 @@
 # skipped. A failing or timed-out step is reported and the next one still runs. STEPS="a b ..."
 # runs only the steps named (gpu, build and env always run), e.g. to redo what failed.
 #   gpu 30, build 240, env 60,
-#   tests_filter_scores 60, tests_ops 150, tests_cuda_backends 180: the CUDA tests (-k "cuda or
+#   tests_filter_scores 60, tests_ops 150, tests_cuda_backends 180, tests_gated 90: the CUDA tests (-k "cuda or
 #     triton"; tests/ops/test_filter_scores_cuda.py; the rest of tests/ops with tests/nn,
-#     tests/test_scores.py and tests/data/test_loader.py; tests/ops/test_cuda_backends.py), one
+#     tests/test_scores.py and tests/data/test_loader.py; tests/ops/test_cuda_backends.py;
+#     tests/search/test_gated.py), one
 #     pytest process each, so a sticky CUDA error in one cannot fail the others; -n 12 with
 #     pytest-xdist and --timeout 120 with pytest-timeout where installed; -v: one line per test,
 #     so a group stopped at its limit still says what passed,
 #   bench_gate_epilogue 150, bench_width_aggregate 100, bench_scores 90 (no torch.compile),
 #   bench_tas 90, bench_gated 90 (the gated network's training step; never run on a GPU yet),
 #   bench_dais 90 (the DAIS step against an eager DAIS; never run on a GPU yet),
-#   quality_study 240 (the quality protocol's noise study on the GPU; carry gpu-data/, below),
+#   quality_study 240 (the quality protocol's noise study on the GPU, STUDY_ARGS the grid; carry
+#     gpu-data/, below), quality_dais 200 (DAIS's CPU-budget row on the GPU, controls included),
 #   bench_slim 60 (--gpu-only), bench_scores_compile 90 (the torch.compile baseline,
 #   ResNet-50 only).
 # Seen on the H200 (2026-12-04, two calls): gpu 8 s, build 54-78 s, env 17-28 s,
@@ -141,6 +143,7 @@ step tests_filter_scores  60 bash -c 'pytest_gpu tests/ops/test_filter_scores_cu
 step tests_ops           150 bash -c 'pytest_gpu tests/ops tests/nn tests/test_scores.py tests/data/test_loader.py \
   --ignore=tests/ops/test_cuda_backends.py --ignore=tests/ops/test_filter_scores_cuda.py'
 step tests_cuda_backends 180 bash -c 'pytest_gpu tests/ops/test_cuda_backends.py'
+step tests_gated          90 bash -c 'pytest_gpu tests/search/test_gated.py'
 
 step bench_gate_epilogue   150 $PY benchmarks/bench_gate_epilogue.py --device cuda
 step bench_width_aggregate 100 $PY benchmarks/bench_width_aggregate.py --device cuda
@@ -151,8 +154,10 @@ step bench_dais             90 $PY benchmarks/bench_dais.py --device cuda
 # The quality protocol's noise study (issue 13) for the CPU budget's ResNet-20, on the GPU: the
 # uniform control over a grid of KD learning rates and epochs, 3 seeds a cell, one record a cell
 # (needs gpu-data/ carried: the CIFAR-10 JPEG copy and the pretrained CIFAR ResNets).
-step quality_study        240 $PY benchmarks/quality.py --study --device cuda --data gpu-data/cifar10-jpeg.tar.gz \
-  --pretrained-dir gpu-data --lrs 0.02 0.05 0.01 --epochs-grid 1 2 3
+QUALITY=(--device cuda --data gpu-data/cifar10-jpeg.tar.gz --pretrained-dir gpu-data)
+step quality_study        240 $PY benchmarks/quality.py --study "${QUALITY[@]}" ${STUDY_ARGS:---lrs 0.02 0.05 0.01 --epochs-grid 1 2 3}
+# A preview of DAIS's row of the CPU budget on the GPU (the controls first, once per protocol).
+step quality_dais         200 $PY benchmarks/quality.py --method dais "${QUALITY[@]}"
 step bench_slim             60 $PY benchmarks/bench_slim.py --skip-pipeline --gpu-only
 step bench_scores_compile   90 $PY benchmarks/bench_scores.py --device cuda --dtype bfloat16 \
   --models resnet50 --criteria l1 taylor --no-peers

@@ -230,9 +230,11 @@ def _records() -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _latest(arm: str, ver: str) -> dict | None:
+def _latest(arm: str, ver: str, device) -> dict | None:
+    """The latest row of ``arm`` under protocol ``ver`` measured on a device of this name."""
+    name = _common.device_name(torch.device(device))
     rows = [r for r in _records() if r.get("bench") == "quality" and r.get("arm") == arm
-            and r.get("protocol_version") == ver]
+            and r.get("protocol_version") == ver and r.get("device") == name]
     return rows[-1] if rows else None
 
 
@@ -242,19 +244,19 @@ def _arm_stats(row: dict) -> dict:
 
 def table() -> str:
     """Markdown table of the latest row of every arm per protocol version."""
-    lines = ["| protocol | arm | accuracy, mean +- std (seeds) | MACs of the baseline | epochs | minutes per seed "
-             "| vs uniform | vs L1 |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| protocol | device | arm | accuracy, mean +- std (seeds) | MACs of the baseline | epochs | minutes per seed "
+             "| vs uniform | vs L1 |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     latest = {}
     for r in _records():
         if r.get("bench") == "quality":
-            latest[(r["protocol_version"], r["arm"])] = r
-    for (ver, arm), r in latest.items():
+            latest[(r["protocol_version"], r.get("device"), r["arm"])] = r
+    for (ver, device, arm), r in latest.items():
         cmp = r.get("compare", {})
 
         def vs(ctrl):
             c = cmp.get(ctrl)
             return "" if c is None else f"{100 * c['diff']:+.2f} +- {100 * c['se']:.2f}" + (" (beats)" if c["beats"] else "")
-        lines.append(f"| {r['protocol']['model']} {ver} | {arm} | {100 * r['acc_mean']:.2f} +- {100 * r['acc_std']:.2f} "
+        lines.append(f"| {r['protocol']['model']} {ver} | {device} | {arm} | {100 * r['acc_mean']:.2f} +- {100 * r['acc_std']:.2f} "
                      f"({r['acc_n']}) | {r['macs_fraction']:.3f} | {r['epochs']} | "
                      f"{statistics.fmean(r['minutes']):.1f} | {vs('uniform')} | {vs('l1')} |")
     return "\n".join(lines)
@@ -329,7 +331,7 @@ def main(argv=None):
                 record([row])
         return rows
 
-    need_controls = args.controls or any(_latest(a, prot.version) is None for a in ("baseline", "uniform", "l1"))
+    need_controls = args.controls or any(_latest(a, prot.version, device) is None for a in ("baseline", "uniform", "l1"))
     if need_controls:
         runs = {"uniform": {}, "l1": {}}
         for seed in protocol["seeds"]:
@@ -340,7 +342,7 @@ def main(argv=None):
                     "macs": [prot.base_macs], "base_macs": prot.base_macs, "macs_fraction": 1.0,
                     "epochs": protocol["baseline_epochs"], "minutes": [0.0]}
         record([base_row] + [_arm_row(prot, arm, r) for arm, r in runs.items()])
-    controls = {a: _latest(a, prot.version) or next(r for r in rows if r["arm"] == a) for a in ("uniform", "l1")}
+    controls = {a: _latest(a, prot.version, device) or next(r for r in rows if r["arm"] == a) for a in ("uniform", "l1")}
     if args.method:
         runs = {seed: prot.method(args.method, seed, extra) for seed in protocol["seeds"]}
         row = _arm_row(prot, args.method, runs)

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from torch import nn
 
 import nasprune
 from nasprune import flops, slim
@@ -204,3 +203,51 @@ def test_user_model_untouched(resnet20a):
     gn.train()(x)
     gn.export(keep={})
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def _contract_on(device, name, fuse):
+    """All gates at one equal the model in eval and train (outputs and input gradients),
+    binary gates equal slim.apply, and the gate gradient equals the CPU network's."""
+    model, x = zoo.build(name)
+    model, x = model.to(device), x.to(device)
+    gn = GatedNetwork(model, x, fuse=fuse)
+    for mode in (True, False):
+        model.train(mode), gn.train(mode)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):  # one dropout mask for both
+            torch.manual_seed(0)
+            ya = model(xa)
+            torch.manual_seed(0)
+            yb = gn(xb)
+        ya.square().sum().backward(), yb.square().sum().backward()
+        assert zoo.max_rel_diff(ya, yb) <= (1e-4 if mode else 1e-5), f"train={mode}"
+        # channels-last and NCHW round differently; in training a batch of 2 spreads a flipped
+        # ReLU through BatchNorm's backward (see tests/slim/test_sweep.py GATED_TOL)
+        assert zoo.max_rel_diff(xa.grad, xb.grad) <= (0.2 if mode else 1e-3), f"train={mode}"
+    model.eval(), gn.eval()
+    keep = {g: i for g, i in zoo.random_keep(gn.graph, 3).items() if g in gn.offsets}
+    _binary(gn, keep)
+    with torch.no_grad():
+        assert zoo.max_rel_diff(gn(x), slim.apply(model, gn.graph, keep)(x)) <= 1e-4
+    cpu = GatedNetwork(model.cpu(), x.cpu(), fuse=fuse).eval()
+    g = torch.Generator().manual_seed(1)
+    values = {gi: 0.5 + torch.rand(gn.sizes[gi], generator=g) for gi in gn.groups}
+    gn.set_gates({k: v.to(device) for k, v in values.items()}), cpu.set_gates(values)
+    for net, inp in ((gn, x), (cpu, x.cpu())):
+        net.gate.grad = None
+        net(inp).square().sum().backward()
+    assert zoo.max_rel_diff(gn.gate.grad.cpu(), cpu.gate.grad) <= 1e-3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["cifar_resnet20A", "mobilenet_v2"])
+@pytest.mark.parametrize("fuse", [True, False])
+def test_on_cuda_equals_the_model_and_slimming(name, fuse):
+    """The gated network on a GPU (the fused epilogue's CUDA kernels, channels-last), in strict
+    fp32 (no TF32; PyTorch lets cuDNN use it by default)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        _contract_on("cuda", name, fuse)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
