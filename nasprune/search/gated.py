@@ -201,6 +201,8 @@ class GatedNetwork(nn.Module):
             modes[mode] = self._rewrite(traced, mode)
         self._modes = modes  # mode -> GraphModule; held outside the module tree (shared modules)
         self._cost = _GateCost(self)
+        self.sites.to(device)  # the gathered slots and the cost's tables live beside the weights
+        self._cost.to(device)
 
     # ------------------------------------------------------------------ construction
     def _trace_modes(self, inputs) -> dict:
@@ -709,7 +711,7 @@ class _GateCost(nn.Module):
         self.n_rows = len(full)
 
     def _evaluate(self, coef, pairs, values):
-        v = torch.cat([values.to(coef.dtype), coef.new_ones(1)])
+        v = torch.cat([values.to(device=coef.device, dtype=coef.dtype), coef.new_ones(1)])  # any caller's device
         w = coef.new_zeros(self.n_rows).index_add(0, self.rows, v.index_select(0, self.slots))
         w = torch.cat([w, coef.new_ones(1)])  # row -1: the constant 1
         return (coef * w[pairs[:, 0]] * w[pairs[:, 1]]).sum()
