@@ -16,7 +16,7 @@ from torch import nn
 
 from nasprune.models.pruned_resnet import tas_resnet
 from nasprune.search.base import Searcher, keep_architecture
-from nasprune.search.tas_net import TASSupernet, inherit_weights, resnet_spec, sample_depths, sample_widths
+from nasprune.search.tas_net import ALIGNS, TASSupernet, inherit_weights, resnet_spec, sample_depths, sample_widths
 from nasprune.train import seeded
 
 TAU_SCHEDULES = ("cosine", "linear")
@@ -61,6 +61,9 @@ class TAS(Searcher):
     cost_weight: lambda_cost. tau: (tau_max, tau_min); tau_schedule: "cosine" or "linear".
     lr, momentum, weight_decay, nesterov: weight SGD (cosine decay to 0 over the search);
     arch_lr, arch_betas, arch_weight_decay: architecture Adam. seed: every random draw.
+    align: how the supernet sums candidates of unequal width: "prefix" (default, zero channels
+    beyond a candidate's width) or "cwi" (TAS's channel-wise interpolation, Eqs. 4-5); docs/tas.md,
+    Search health.
     """
 
     method = "tas"
@@ -69,16 +72,19 @@ class TAS(Searcher):
                  flops_tolerance: float = 0.05, cost_weight: float = 2.0, tau=(5.0, 0.1),
                  tau_schedule: str = "cosine", lr: float = 0.1, momentum: float = 0.9,
                  weight_decay: float = 5e-4, arch_lr: float = 1e-3, arch_betas=(0.5, 0.999),
-                 arch_weight_decay: float = 1e-3, init_from_model: bool = True, device=None, seed: int = 0):
+                 arch_weight_decay: float = 1e-3, init_from_model: bool = True, align: str = "prefix",
+                 device=None, seed: int = 0):
         if not 0 < flops_target <= 1:
             raise ValueError(f"flops_target is the fraction of FLOPs kept, in (0, 1]; got {flops_target}")
         if tau_schedule not in TAU_SCHEDULES:
             raise ValueError(f"tau_schedule must be one of {TAU_SCHEDULES}, got {tau_schedule!r}")
+        if align not in ALIGNS:
+            raise ValueError(f"align must be one of {ALIGNS}, got {align!r}")
         from nasprune import flops
         super().__init__(seed=seed, device=device)
         spec = resnet_spec(model)
         with seeded(self.seed):        # the supernet's initial weights and logits; the global RNG is left alone
-            self.model = TASSupernet(spec, input_size)
+            self.model = TASSupernet(spec, input_size, align)
         self.base_model = model      # for export(init="base"); not copied, not modified
         if init_from_model:
             self.model.load_base(model)
@@ -105,7 +111,7 @@ class TAS(Searcher):
                            flops_tolerance=flops_tolerance, cost_weight=cost_weight, tau=list(tau),
                            tau_schedule=tau_schedule, lr=lr, momentum=momentum, weight_decay=weight_decay,
                            arch_lr=arch_lr, arch_betas=list(arch_betas), arch_weight_decay=arch_weight_decay,
-                           init_from_model=init_from_model, seed=seed)
+                           init_from_model=init_from_model, align=align, seed=seed)
 
     # -- one iteration
     def _sample(self):

@@ -10,7 +10,10 @@ candidates. Sampling is on the device (Gumbel top-2 for widths, Gumbel-softmax f
 the sampled indices reach the host in one copy per forward (shapes need them), never per layer.
 
 The width aggregation of every searched conv is the fused op ``nasprune.ops.width_aggregate``
-(:func:`aggregate_widths`); :func:`cwi` stays for depth aggregation and as the tests' reference.
+(:func:`aggregate_widths`). Fragments of unequal width are aligned by their leading channels
+(``align="prefix"``, the default: zero channels beyond a candidate's width, as TAS's residual add,
+the warm start and the exported network have them) or by TAS's channel-wise interpolation
+(``align="cwi"``, the paper's Eqs. 4-5; :func:`cwi`); docs/tas.md, Search health, has why.
 The pruned network a search derives is ``nasprune.models.TASResNet`` (:func:`inherit_weights`
 fills it from the supernet).
 """
@@ -25,6 +28,7 @@ from nasprune.models.pruned_resnet import ResNetSpec, TASResNet, block_shapes, h
 from nasprune.ops.gumbel import gumbel_noise, gumbel_topk
 
 WIDTH_RATIOS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+ALIGNS = ("prefix", "cwi")   # how fragments of unequal width are summed; the first is the default
 _FILL = -1e9  # logit of a padding slot (layers with fewer distinct candidates)
 
 
@@ -106,9 +110,23 @@ def cwi(x: torch.Tensor, channels: int) -> torch.Tensor:
     return torch.matmul(table, x.reshape(n, c, h * w)).view(n, channels, h, w)
 
 
+def align_channels(x: torch.Tensor, channels: int, align: str = "prefix") -> torch.Tensor:
+    """x widened to ``channels``: its channels first and zeros after ("prefix"), or TAS's
+    channel-wise interpolation ("cwi", :func:`cwi`)."""
+    if x.size(1) == channels:
+        return x
+    if align == "cwi":
+        return cwi(x, channels)
+    if align != "prefix":
+        raise ValueError(f"align must be one of {ALIGNS}, got {align!r}")
+    return F.pad(x, (0, 0, 0, 0, 0, channels - x.size(1)))
+
+
 def aggregate_widths(o, widths, weights, act=None, *, bn=None, index=None, training=True, momentum=0.1,
-                     eps=1e-5, width_values=None):
-    """TAS width aggregation: act(sum_j weights[j] * CWI(BN_j(o[:, :widths[j]]), max(widths))).
+                     eps=1e-5, width_values=None, align="cwi"):
+    """TAS width aggregation: act(sum_j weights[j] * CWI(BN_j(o[:, :widths[j]]), max(widths)))
+    (align "cwi", the paper's Eq. 4), or act(sum_j weights[j] * pad(BN_j(o[:, :widths[j]]),
+    max(widths))) with zero channels beyond each width (align "prefix").
 
     o: conv output with max(widths) channels. widths: host list of the K sampled candidate
     widths; width_values: the same as an int64 device tensor (made from widths when omitted; the
@@ -117,7 +135,8 @@ def aggregate_widths(o, widths, weights, act=None, *, bn=None, index=None, train
     rows of it, an int64 device tensor. act: None or "relu".
 
     One fused op (``nasprune.ops.width_aggregate``) does the slicing, per-candidate affine,
-    CWI, weighted sum and activation. Every candidate's BN normalises a prefix of the same
+    CWI, weighted sum and activation; "prefix" passes every candidate as max(widths) wide (CWI
+    is then the identity) with its scale and shift zero beyond its width. Every candidate's BN normalises a prefix of the same
     channels, so one ``channel_stats(o)`` gives all batch statistics (differentiable: the
     gradient through them is one more pass), folded with the sampled rows of gamma and beta
     (one gather from the packed table) into (K, C) scale and shift rows. Running statistics
@@ -156,6 +175,12 @@ def aggregate_widths(o, widths, weights, act=None, *, bn=None, index=None, train
             run = bn.stats.index_select(0, index)[:, :, :c]
             scale = gamma * (run[:, 1] + eps).rsqrt()
             shift = beta - run[:, 0] * scale
+    if align == "prefix":
+        keep = torch.arange(c, device=o.device) < width_values[:, None]          # (K, c)
+        scale, shift = scale * keep, shift * keep
+        width_values = width_values.clamp_min(c)
+    elif align != "cwi":
+        raise ValueError(f"align must be one of {ALIGNS}, got {align!r}")
     return ops.width_aggregate(o, scale, shift, width_values, weights, act or "identity")
 
 
@@ -288,10 +313,11 @@ class CandidateBN(nn.Module):
 
 class SearchConv(nn.Module):
     """Conv (+ per-candidate BN) (+ ReLU) whose output width is searched. avg: AvgPool(stride)
-    before a stride-1 conv (TAS's CIFAR downsampling shortcut)."""
+    before a stride-1 conv (TAS's CIFAR downsampling shortcut). align: see :func:`aggregate_widths`."""
 
-    def __init__(self, cin, cout, kernel, stride, *, bn=True, relu=True, avg=False):
+    def __init__(self, cin, cout, kernel, stride, *, bn=True, relu=True, avg=False, align="prefix"):
         super().__init__()
+        self.align = align
         self.conv = nn.Conv2d(cin, cout, kernel, 1 if avg else stride, kernel // 2, bias=False)
         self.choices = width_choices(cout)
         self.bn = CandidateBN(self.choices) if bn else None
@@ -309,7 +335,7 @@ class SearchConv(nn.Module):
         o = F.conv2d(x, conv.weight[:max(widths), :x.size(1)], None, conv.stride, conv.padding)
         return aggregate_widths(o, widths, weights, "relu" if self.relu else None, bn=self.bn,
                                 index=device_index, training=self.training, momentum=0.1, eps=1e-5,
-                                width_values=width_values)
+                                width_values=width_values, align=self.align)
 
     def output_size(self, size: int) -> int:
         conv = self.conv
@@ -321,16 +347,16 @@ class SearchConv(nn.Module):
 class SearchBlock(nn.Module):
     """A basic or bottleneck block of searchable convs conv_a, conv_b (, conv_c)."""
 
-    def __init__(self, block, cin, mid, cout, stride, shortcut="avg"):
+    def __init__(self, block, cin, mid, cout, stride, shortcut="avg", align="prefix"):
         super().__init__()
         names = ("conv_a", "conv_b", "conv_c")
         for name, (i, o, k, s, relu) in zip(names, block_shapes(block, cin, mid, cout, stride)):
-            setattr(self, name, SearchConv(i, o, k, s, relu=relu))
+            setattr(self, name, SearchConv(i, o, k, s, relu=relu, align=align))
         self.convs = [getattr(self, n) for n in names if hasattr(self, n)]
         if stride != 1 and shortcut == "avg":
-            self.shortcut = SearchConv(cin, cout, 1, stride, bn=False, relu=False, avg=True)
+            self.shortcut = SearchConv(cin, cout, 1, stride, bn=False, relu=False, avg=True, align=align)
         elif has_projection(cin, cout, stride):
-            self.shortcut = SearchConv(cin, cout, 1, stride, relu=False)
+            self.shortcut = SearchConv(cin, cout, 1, stride, relu=False, align=align)
         else:
             self.shortcut = None
         self.stride = stride
@@ -346,16 +372,19 @@ class SearchBlock(nn.Module):
 
 class TASSupernet(nn.Module):
     """Width- and depth-searchable ResNet of a :class:`ResNetSpec` (an int n: the CIFAR
-    ResNet-(6n+2) of TAS)."""
+    ResNet-(6n+2) of TAS). align: how the width and depth aggregations sum tensors of unequal
+    width, "prefix" (default) or TAS's "cwi" (:func:`aggregate_widths`)."""
 
-    def __init__(self, spec: ResNetSpec | int, input_size: int = 32):
+    def __init__(self, spec: ResNetSpec | int, input_size: int = 32, align: str = "prefix"):
         super().__init__()
+        if align not in ALIGNS:
+            raise ValueError(f"align must be one of {ALIGNS}, got {align!r}")
         if isinstance(spec, int):
             spec = ResNetSpec.cifar(spec)
-        self.spec, self.input_size = spec, input_size
+        self.spec, self.input_size, self.align = spec, input_size, align
         self.num_classes, self.in_channels = spec.num_classes, spec.in_channels
-        self.stem = SearchConv(spec.in_channels, spec.stem_width, spec.stem_kernel, spec.stem_stride)
-        self.blocks = nn.ModuleList(SearchBlock(spec.block, cin, mid, cout, stride, spec.shortcut)
+        self.stem = SearchConv(spec.in_channels, spec.stem_width, spec.stem_kernel, spec.stem_stride, align=align)
+        self.blocks = nn.ModuleList(SearchBlock(spec.block, cin, mid, cout, stride, spec.shortcut, align)
                                     for _, _, cin, mid, cout, stride in spec.blocks())
         self.stage_blocks, start = [], 0       # block indices of each stage
         for n in spec.layers:
@@ -413,7 +442,7 @@ class TASSupernet(nn.Module):
                 if a + 1 in self.depth_choices[s]:
                     ends.append(x)
             c_max = max(t.size(1) for t in ends)
-            x = sum(cwi(t, c_max) * depth_weights[s, k] for k, t in enumerate(ends))
+            x = sum(align_channels(t, c_max, self.align) * depth_weights[s, k] for k, t in enumerate(ends))
         f = F.adaptive_avg_pool2d(x, 1).flatten(1)
         return F.linear(f, self.fc.weight[:, :f.size(1)], self.fc.bias)
 

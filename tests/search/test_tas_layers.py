@@ -83,28 +83,34 @@ def _packed(widths, seed=0):
     return bn, torch.arange(1, len(widths) + 1)
 
 
-def _composed(o, bns, widths, w, act, training):
-    """TAS's layer math as its code writes it: per-candidate BN of the prefix, adaptive_avg_pool3d."""
+def _composed(o, bns, widths, w, act, training, align="cwi"):
+    """TAS's layer math as its code writes it: per-candidate BN of the prefix, adaptive_avg_pool3d
+    (align "cwi"); or the fragments zero-padded to the widest (align "prefix")."""
     c_max = max(widths)
-    out = sum(w[j] * cwi_reference(F.batch_norm(o[:, :c], p[2], p[3], p[0], p[1], training, 0.1, 1e-5), c_max)
+
+    def widen(x):
+        return cwi_reference(x, c_max) if align == "cwi" else F.pad(x, (0, 0, 0, 0, 0, c_max - x.size(1)))
+    out = sum(w[j] * widen(F.batch_norm(o[:, :c], p[2], p[3], p[0], p[1], training, 0.1, 1e-5))
               for j, (c, p) in enumerate(zip(widths, bns)))
     return torch.relu(out) if act == "relu" else out
 
 
+@pytest.mark.parametrize("align", ["cwi", "prefix"])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("widths,act", [([8, 12], "relu"), ([12, 5], None), ([7], "relu")])
-def test_aggregate_widths_equals_per_candidate_bn_composition(widths, act, training):
+def test_aggregate_widths_equals_per_candidate_bn_composition(widths, act, training, align):
     """The fused aggregation (one channel_stats, BN rows gathered from the packed table and
     folded, width_aggregate op) equals TAS's composition of separate BNs in output, every
-    gradient (o, gamma, beta, mixing weights) and running stats; unsampled rows are untouched."""
+    gradient (o, gamma, beta, mixing weights) and running stats; unsampled rows are untouched.
+    Both alignments: TAS's CWI, and the prefix one (zeros beyond a candidate's width)."""
     g = torch.Generator().manual_seed(len(widths))
     o = (3 * torch.randn(4, max(widths), 5, 3, generator=g) + 1).requires_grad_()
     w = torch.rand(len(widths), generator=g).softmax(0).requires_grad_()
     bn, index = _packed(widths)
     before = bn.stats.clone()
     ref_bn = [tuple(t.clone().requires_grad_(i < 2) for i, t in enumerate(p)) for p in _candidate_bns(widths)]
-    out = aggregate_widths(o, widths, w, act, bn=bn, index=index, training=training)
-    ref = _composed(o, ref_bn, widths, w, act, training)
+    out = aggregate_widths(o, widths, w, act, bn=bn, index=index, training=training, align=align)
+    ref = _composed(o, ref_bn, widths, w, act, training, align)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     dy = torch.randn(ref.shape, generator=g)
     grads = torch.autograd.grad(out, [o, w, bn.affine], dy)
