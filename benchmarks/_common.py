@@ -193,10 +193,12 @@ def environment(device: torch.device) -> dict:
     }
 
 
-def record(name: str, device: torch.device, rows: list[dict]) -> Path:
-    """Appends one JSON line per row, stamped with the environment, to results/<name>.jsonl."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.jsonl"
+def record(name: str, device: torch.device, rows: list[dict], folder: Path = RESULTS) -> Path:
+    """Appends one JSON line per row, stamped with the environment, to <folder>/<name>.jsonl
+    (default benchmarks/results)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.jsonl"
     env = environment(device)
     with open(path, "a") as f:
         for row in rows:

@@ -223,17 +223,17 @@ def _arm_row(prot: Protocol, arm: str, runs: dict) -> dict:
             "runs": runs}
 
 
-def _records() -> list[dict]:
-    path = ROOT / "benchmarks" / "results" / f"{RESULTS}.jsonl"
+def _records(folder) -> list[dict]:
+    path = Path(folder) / f"{RESULTS}.jsonl"
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _latest(arm: str, ver: str, device) -> dict | None:
+def _latest(arm: str, ver: str, device, folder) -> dict | None:
     """The latest row of ``arm`` under protocol ``ver`` measured on a device of this name."""
     name = _common.device_name(torch.device(device))
-    rows = [r for r in _records() if r.get("bench") == "quality" and r.get("arm") == arm
+    rows = [r for r in _records(folder) if r.get("bench") == "quality" and r.get("arm") == arm
             and r.get("protocol_version") == ver and r.get("device") == name]
     return rows[-1] if rows else None
 
@@ -242,12 +242,12 @@ def _arm_stats(row: dict) -> dict:
     return {"mean": row["acc_mean"], "std": row["acc_std"], "n": row["acc_n"]}
 
 
-def table() -> str:
-    """Markdown table of the latest row of every arm per protocol version."""
+def table(folder=_common.RESULTS) -> str:
+    """Markdown table of the latest row of every arm per protocol version and device."""
     lines = ["| protocol | device | arm | accuracy, mean +- std (seeds) | MACs of the baseline | epochs | minutes per seed "
              "| vs uniform | vs L1 |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     latest = {}
-    for r in _records():
+    for r in _records(folder):
         if r.get("bench") == "quality":
             latest[(r["protocol_version"], r.get("device"), r["arm"])] = r
     for (ver, device, arm), r in latest.items():
@@ -282,11 +282,13 @@ def main(argv=None):
                    help="override a protocol setting (a new protocol version), e.g. --set finetune_lr 0.05")
     p.add_argument("--lrs", type=float, nargs="+", default=[0.01, 0.02, 0.05], help="--study: KD learning rates")
     p.add_argument("--epochs-grid", type=int, nargs="+", default=[1, 2], help="--study: KD epochs")
+    p.add_argument("--results", default=str(_common.RESULTS),
+                   help="folder of quality.jsonl: the records read (controls reused) and appended")
     p.add_argument("--progress", action="store_true")
     p.add_argument("--no-record", action="store_true")
     args, extra = p.parse_known_args(argv)
     if args.table:
-        print(table())
+        print(table(args.results))
         return None
     if extra and not args.method:
         p.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -309,7 +311,7 @@ def main(argv=None):
     def record(rs):
         rows.extend(rs)
         if not args.no_record:
-            _common.record(RESULTS, device, rs)
+            _common.record(RESULTS, device, rs, args.results)
 
     if args.study:
         base = prot.baseline.cpu().eval()
@@ -331,7 +333,7 @@ def main(argv=None):
                 record([row])
         return rows
 
-    need_controls = args.controls or any(_latest(a, prot.version, device) is None for a in ("baseline", "uniform", "l1"))
+    need_controls = args.controls or any(_latest(a, prot.version, device, args.results) is None for a in ("baseline", "uniform", "l1"))
     if need_controls:
         runs = {"uniform": {}, "l1": {}}
         for seed in protocol["seeds"]:
@@ -342,7 +344,7 @@ def main(argv=None):
                     "macs": [prot.base_macs], "base_macs": prot.base_macs, "macs_fraction": 1.0,
                     "epochs": protocol["baseline_epochs"], "minutes": [0.0]}
         record([base_row] + [_arm_row(prot, arm, r) for arm, r in runs.items()])
-    controls = {a: _latest(a, prot.version, device) or next(r for r in rows if r["arm"] == a) for a in ("uniform", "l1")}
+    controls = {a: _latest(a, prot.version, device, args.results) or next(r for r in rows if r["arm"] == a) for a in ("uniform", "l1")}
     if args.method:
         runs = {seed: prot.method(args.method, seed, extra) for seed in protocol["seeds"]}
         row = _arm_row(prot, args.method, runs)

@@ -1,0 +1,70 @@
+"""benchmarks/quality.py (issue 13's protocol) on the embedded digits, one epoch a phase: the
+controls land at the target MACs and get every weight-training epoch a method has; a method's row
+compares with them by the standard error of the difference; the controls of a protocol version
+are computed once and reused."""
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import quality  # noqa: E402
+
+SMALL = ["--data", "digits", "--device", "cpu", "--set", "baseline_epochs", "1", "--set", "search_epochs", "1",
+         "--set", "finetune_epochs", "1", "--set", "batch_size", "64"]
+
+
+def _rows(folder):
+    return [json.loads(line) for line in (folder / "quality.jsonl").read_text().splitlines()]
+
+
+def test_a_methods_row_against_the_controls(tmp_path):
+    common = SMALL + ["--results", str(tmp_path), "--cache", str(tmp_path / "cache")]
+    quality.main(["--method", "dais", "--seeds", "0", "1"] + common)
+    rows = {r["arm"]: r for r in _rows(tmp_path)}
+    assert set(rows) == {"baseline", "uniform", "l1", "dais"}
+    version = rows["dais"]["protocol_version"]
+    assert all(r["protocol_version"] == version for r in rows.values())
+    for arm in ("uniform", "l1"):  # same MACs within 1 %, every epoch the method trained its weights
+        r = rows[arm]
+        assert abs(r["macs_fraction"] - 0.5) < 0.01, f"{arm}: {r['macs_fraction']:.4f} of the MACs"
+        assert r["epochs"] == 2 and r["seeds"] == [0, 1] and len(r["acc"]) == 2
+        assert r["acc_mean"] == pytest.approx(statistics.fmean(r["acc"]))
+        assert r["acc_std"] == pytest.approx(statistics.stdev(r["acc"]))
+        assert all(0.5 < a <= 1 for a in r["acc"]), f"{arm} did not learn: {r['acc']}"
+    dais = rows["dais"]
+    assert 0.45 <= dais["macs_fraction"] <= 0.5 and dais["epochs"] == 2
+    assert dais["minus_baseline"] == pytest.approx(dais["acc_mean"] - rows["baseline"]["acc_mean"])
+    for arm in ("uniform", "l1"):
+        c, r = dais["compare"][arm], rows[arm]
+        se = math.sqrt(dais["acc_std"] ** 2 / 2 + r["acc_std"] ** 2 / 2)
+        assert c["diff"] == pytest.approx(dais["acc_mean"] - r["acc_mean"]) and c["se"] == pytest.approx(se)
+        assert c["beats"] == (c["diff"] > 2 * se)
+
+    # a second row of the same protocol reuses the recorded controls (and the cached baseline)
+    quality.main(["--method", "dais", "--seeds", "0"] + common)
+    again = _rows(tmp_path)
+    assert [r["arm"] for r in again] == ["baseline", "uniform", "l1", "dais", "dais"]
+    assert again[-1]["protocol_version"] == version
+    assert again[-1]["compare"]["uniform"]["diff"] == pytest.approx(again[-1]["acc_mean"] - rows["uniform"]["acc_mean"])
+    lines = quality.table(tmp_path).splitlines()
+    assert len(lines) == 2 + 4 and sum(" dais " in line for line in lines) == 1   # the latest row per arm
+
+
+def test_compare_is_the_standard_error_of_the_difference():
+    a, b = {"mean": 0.80, "std": 0.003, "n": 3}, {"mean": 0.79, "std": 0.004, "n": 3}
+    c = quality.compare(a, b)
+    assert c["diff"] == pytest.approx(0.01) and c["se"] == pytest.approx(math.sqrt((0.003 ** 2 + 0.004 ** 2) / 3))
+    assert c["beats"]  # 0.01 > 2 * 0.00289
+    assert not quality.compare({**a, "mean": 0.795}, b)["beats"]
+
+
+def test_protocol_versions_and_bad_settings():
+    cpu = quality.BUDGETS["cpu"]
+    assert quality.version(cpu) == quality.version({**cpu, "seeds": [0, 1, 2, 3]})   # more seeds extend a row
+    assert quality.version(cpu) != quality.version({**cpu, "finetune_lr": 0.05})
+    with pytest.raises(SystemExit):
+        quality.main(["--controls", "--set", "no_such_setting", "1"])
