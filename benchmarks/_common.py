@@ -2,6 +2,7 @@
 serves as the roofline, environment stamps, and appending results to benchmarks/results/."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime
 import json
@@ -218,6 +219,27 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.3f}"
     return "" if v is None else str(v)
+
+
+def step_parser(doc: str) -> argparse.ArgumentParser:
+    """The arguments every training-step benchmark takes: --device, --size (input side, default
+    32), --batch (default 64 on a CPU, 256 on a GPU), --threads (default 2 on a CPU), --no-record.
+    The benchmark adds its own and calls :func:`step_setup` on the parsed arguments."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default=str(default_device()))
+    p.add_argument("--size", type=int, default=32, help="input side (default 32)")
+    p.add_argument("--batch", type=int, default=None, help="default 64 on CPU, 256 on GPU")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default 2 on a CPU)")
+    p.add_argument("--no-record", action="store_true")
+    return p
+
+
+def step_setup(args) -> tuple[torch.device, int]:
+    """(device, batch) of a step benchmark's parsed arguments; sets the CPU threads."""
+    device = torch.device(args.device)
+    if args.threads or device.type == "cpu":
+        torch.set_num_threads(args.threads or 2)
+    return device, args.batch or (256 if device.type == "cuda" else 64)
 
 
 @contextlib.contextmanager

@@ -15,7 +15,6 @@ Appends rows to benchmarks/results/dais.jsonl (stamped with the 1-minute load av
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -100,18 +99,10 @@ def case(name, batch, size, device):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default=str(_common.default_device()))
+    p = _common.step_parser(__doc__)
     p.add_argument("--models", default="resnet56,mobilenet_v2")
-    p.add_argument("--size", type=int, default=32)
-    p.add_argument("--batch", type=int, default=None, help="default 64 on CPU, 256 on GPU")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default 2 on CPU)")
-    p.add_argument("--no-record", action="store_true")
     args = p.parse_args()
-    device = torch.device(args.device)
-    if args.threads or device.type == "cpu":
-        torch.set_num_threads(args.threads or 2)
-    batch = args.batch or (256 if device.type == "cuda" else 64)
+    device, batch = _common.step_setup(args)
     rows = []
     for name in args.models.split(","):
         rows += case(name, batch, args.size, device)

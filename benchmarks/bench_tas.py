@@ -12,7 +12,6 @@ Appends rows to benchmarks/results/tas.jsonl.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -127,20 +126,12 @@ def build_model(name):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default=str(_common.default_device()))
+    p = _common.step_parser(__doc__)
     p.add_argument("--model", default="resnet56",
                    help="a CIFAR ResNet (resnet20 ... resnet110) or a torchvision ResNet (resnet18, resnet50, ...)")
-    p.add_argument("--size", type=int, default=32, help="input side (default 32)")
-    p.add_argument("--batch", type=int, default=None, help="default 64 on CPU, 256 on GPU")
     p.add_argument("--reps", type=int, default=3, help="steps per variant per round (4 rounds)")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--no-record", action="store_true")
     args = p.parse_args()
-    device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    batch = args.batch or (256 if device.type == "cuda" else 64)
+    device, batch = _common.step_setup(args)
     torch.manual_seed(0)
     s = TAS(build_model(args.model), 0.5, input_size=args.size, device=device, seed=0)
     s.begin_epoch(0, 10, 100)
