@@ -26,8 +26,10 @@ The protocol (a budget below, versioned by a hash of its settings):
    in the nested stream of an option-A ResNet the MACs depend on which channels are kept, so
    the two ratios differ). Computed once per protocol version
    and reused by every method's row.
-Every arm runs ``seeds`` times; each row holds the per-seed accuracies, mean and standard
-deviation, MACs, epochs and minutes, appended to benchmarks/results/quality.jsonl. A method's
+Every arm runs ``seeds`` times; each run is appended to benchmarks/results/quality.jsonl as it
+finishes (bench ``quality_run``: an interrupted protocol resumes from the runs recorded), then the
+arm's row (bench ``quality``): the per-seed accuracies, mean and standard deviation, MACs, epochs
+and minutes. A method's
 row compares it with each control: the difference of the means, its standard error
 sqrt(s_a^2 / n_a + s_b^2 / n_b), and whether the difference exceeds two of them.
 """
@@ -155,26 +157,24 @@ class Protocol:
         return self.p["finetune_epochs"] + self.p["search_epochs"]
 
     # -- the controls
-    def controls(self, seed: int) -> dict:
-        """Uniform width and per-group L1 at the target, trained alike: {arm: {acc, macs, ...}}."""
+    def control(self, arm: str, seed: int) -> dict:
+        """Uniform width or per-group L1 at the target, trained like every arm: {acc, macs, ...}."""
         base = self.baseline.cpu().eval()
         g = graph.trace(base, self.x)
         cost = flops.CostModel(g)
-        keep, ratio = slim.uniform_keep_at(g, self.p["flops_target"], cost=cost)
-        gs = scores.group_scores(scores.filter_scores(base, "l1"), g)
-        by_l1 = {gi: torch.sort(-gs[gi].nan_to_num(float("inf")), stable=True).indices for gi in gs}
-        l1, _ = slim.uniform_keep_at(g, self.p["flops_target"], cost=cost, order=by_l1)
-        out = {}
-        for arm, k in (("uniform", keep), ("l1", l1)):
-            t = time.time()
-            net = slim.apply(base, g, k)
-            macs = flops.count(net, self.x)
-            acc = self.kd(net, self.control_epochs, seed, f"{arm} seed {seed}")
-            out[arm] = {"acc": acc, "macs": macs, "macs_fraction": macs / self.base_macs, "keep_ratio": ratio,
-                        "epochs": self.control_epochs, "minutes": (time.time() - t) / 60}
-            print(f"{arm} seed {seed}: {acc:.4f} at {macs / self.base_macs:.4f} of the MACs", flush=True)
+        order = None
+        if arm == "l1":
+            gs = scores.group_scores(scores.filter_scores(base, "l1"), g)
+            order = {gi: torch.sort(-gs[gi].nan_to_num(float("inf")), stable=True).indices for gi in gs}
+        keep, ratio = slim.uniform_keep_at(g, self.p["flops_target"], cost=cost, order=order)
+        t = time.time()
+        net = slim.apply(base, g, keep)
+        macs = flops.count(net, self.x)
         self.baseline.to(self.device)
-        return out
+        acc = self.kd(net, self.control_epochs, seed, f"{arm} seed {seed}")
+        print(f"{arm} seed {seed}: {acc:.4f} at {macs / self.base_macs:.4f} of the MACs", flush=True)
+        return {"acc": acc, "macs": macs, "macs_fraction": macs / self.base_macs, "keep_ratio": ratio,
+                "epochs": self.control_epochs, "minutes": (time.time() - t) / 60}
 
     # -- a method
     def method(self, name: str, seed: int, extra: list[str]) -> dict:
@@ -333,29 +333,48 @@ def main(argv=None):
                 record([row])
         return rows
 
-    need_controls = args.controls or any(_latest(a, prot.version, device, args.results) is None for a in ("baseline", "uniform", "l1"))
-    if need_controls:
-        runs = {"uniform": {}, "l1": {}}
-        for seed in protocol["seeds"]:
-            for arm, r in prot.controls(seed).items():
-                runs[arm][seed] = r
-        base_row = {"bench": "quality", "protocol_version": prot.version, "protocol": protocol, "arm": "baseline",
-                    "seeds": [0], "acc": [base_acc], "acc_mean": base_acc, "acc_std": 0.0, "acc_n": 1,
-                    "macs": [prot.base_macs], "base_macs": prot.base_macs, "macs_fraction": 1.0,
-                    "epochs": protocol["baseline_epochs"], "minutes": [0.0]}
-        record([base_row] + [_arm_row(prot, arm, r) for arm, r in runs.items()])
-    controls = {a: _latest(a, prot.version, device, args.results) or next(r for r in rows if r["arm"] == a) for a in ("uniform", "l1")}
+    def arm(name, seeds, run, fresh=False):
+        """The arm's runs, one per seed: each recorded as it finishes (bench quality_run), so an
+        interrupted protocol resumes from the runs it has; then the arm's row."""
+        done = {} if fresh else {r["seed"]: r["run"] for r in _records(args.results)
+                                 if r.get("bench") == "quality_run" and r.get("arm") == name
+                                 and r.get("protocol_version") == prot.version
+                                 and r.get("device") == _common.device_name(device)}
+        runs = {}
+        for seed in seeds:
+            if seed in done:
+                runs[seed] = done[seed]
+                print(f"{name} seed {seed}: {runs[seed]['acc']:.4f} (recorded)", flush=True)
+                continue
+            runs[seed] = run(seed)
+            record([{"bench": "quality_run", "protocol_version": prot.version, "arm": name, "seed": seed,
+                     "run": runs[seed]}])
+        return _arm_row(prot, name, runs)
+
+    seeds = protocol["seeds"]
+    controls = {}
+    for name in ("uniform", "l1"):
+        latest = None if args.controls else _latest(name, prot.version, device, args.results)
+        if latest is None or not set(seeds) <= set(latest["seeds"]):
+            latest = arm(name, seeds, lambda seed, name=name: prot.control(name, seed), fresh=args.controls)
+            record([latest])
+        controls[name] = latest
+    if args.controls or _latest("baseline", prot.version, device, args.results) is None:
+        record([{"bench": "quality", "protocol_version": prot.version, "protocol": protocol, "arm": "baseline",
+                 "seeds": [0], "acc": [base_acc], "acc_mean": base_acc, "acc_std": 0.0, "acc_n": 1,
+                 "macs": [prot.base_macs], "base_macs": prot.base_macs, "macs_fraction": 1.0,
+                 "epochs": protocol["baseline_epochs"], "minutes": [0.0]}])
     if args.method:
-        runs = {seed: prot.method(args.method, seed, extra) for seed in protocol["seeds"]}
-        row = _arm_row(prot, args.method, runs)
+        name = " ".join([args.method] + extra)
+        row = arm(name, seeds, lambda seed: prot.method(args.method, seed, extra))
         row["compare"] = {a: compare(_arm_stats(row), _arm_stats(c)) for a, c in controls.items()}
         row["baseline_acc"] = base_acc
         row["minus_baseline"] = row["acc_mean"] - base_acc
         record([row])
         for a, c in row["compare"].items():
-            print(f"{args.method} - {a}: {100 * c['diff']:+.2f} +- {100 * c['se']:.2f} points "
+            print(f"{name} - {a}: {100 * c['diff']:+.2f} +- {100 * c['se']:.2f} points "
                   f"({'beats' if c['beats'] else 'does not beat'} it by two standard errors)", flush=True)
-        print(f"{args.method} - baseline: {100 * row['minus_baseline']:+.2f} points", flush=True)
+        print(f"{name} - baseline: {100 * row['minus_baseline']:+.2f} points", flush=True)
     print(f"done in {(time.time() - t0) / 60:.1f} min", flush=True)
     return rows
 

@@ -17,8 +17,9 @@ SMALL = ["--data", "digits", "--device", "cpu", "--set", "baseline_epochs", "1",
          "--set", "finetune_epochs", "1", "--set", "batch_size", "64"]
 
 
-def _rows(folder):
-    return [json.loads(line) for line in (folder / "quality.jsonl").read_text().splitlines()]
+def _rows(folder, bench="quality"):
+    rows = [json.loads(line) for line in (folder / "quality.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["bench"] == bench]
 
 
 def test_a_methods_row_against_the_controls(tmp_path):
@@ -44,11 +45,17 @@ def test_a_methods_row_against_the_controls(tmp_path):
         assert c["diff"] == pytest.approx(dais["acc_mean"] - r["acc_mean"]) and c["se"] == pytest.approx(se)
         assert c["beats"] == (c["diff"] > 2 * se)
 
-    # a second row of the same protocol reuses the recorded controls (and the cached baseline)
+    runs = _rows(tmp_path, "quality_run")    # every run recorded as it finished
+    assert sorted((r["arm"], r["seed"]) for r in runs) == [(a, s) for a in ("dais", "l1", "uniform") for s in (0, 1)]
+    assert {r["run"]["acc"] for r in runs if r["arm"] == "dais"} == set(dais["acc"])
+
+    # a second row of the same protocol reuses the recorded controls and runs (an interrupted
+    # protocol resumes from what it recorded) and the cached baseline
     quality.main(["--method", "dais", "--seeds", "0"] + common)
     again = _rows(tmp_path)
-    assert [r["arm"] for r in again] == ["baseline", "uniform", "l1", "dais", "dais"]
-    assert again[-1]["protocol_version"] == version
+    assert [r["arm"] for r in again] == ["uniform", "l1", "baseline", "dais", "dais"]
+    assert len(_rows(tmp_path, "quality_run")) == len(runs)
+    assert again[-1]["protocol_version"] == version and again[-1]["acc"] == [rows["dais"]["runs"]["0"]["acc"]]
     assert again[-1]["compare"]["uniform"]["diff"] == pytest.approx(again[-1]["acc_mean"] - rows["uniform"]["acc_mean"])
     lines = quality.table(tmp_path).splitlines()
     assert len(lines) == 2 + 4 and sum(" dais " in line for line in lines) == 1   # the latest row per arm
