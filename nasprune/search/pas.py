@@ -1,0 +1,247 @@
+"""PaS: Pruning-as-Search (Li, Zhao et al., IJCAI 2022; arXiv 2206.01198; code liyy201912/PaS).
+
+    searcher = nasprune.search.PaS(model, flops_target=0.5, input_size=32)   # keep 50 % of the MACs
+    arch = searcher.search(train_set, epochs=20, batch_size=128)             # one stream, no split
+    pruned = searcher.export()                                               # plain, slimmed nn.Module
+
+A small file on the shared engine (:class:`nasprune.search.GatedNetwork`, ``gate="threshold"``):
+PaS's depth-wise binary convolutions (DBC) are the gated network's group gates, ``m = 1[w > 0.5]``
+forward with a straight-through gradient, ``w`` its packed gate parameter initialised to 1. What
+is PaS's own: the MAC regulariser ``lambda * (MACs(m) / MACs_0 - rho)^2`` on the binary mask
+(its gradient reaches ``w`` through the straight-through gate), the joint step (weights and gates
+on the same batch, one SGD optimiser) and the discretisation (keep ``w > 0.5``; a budget
+correction when that keep misses the band). See docs/pas.md for every choice and its source
+(methods.md section 5, methods-2.md section 2).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nasprune.search.base import Searcher, keep_architecture
+from nasprune.search.dais import DAIS, gates_as
+from nasprune.search.gated import GatedNetwork
+from nasprune.train import seeded
+
+THRESHOLD = 0.5          # m = 1[w > 0.5] (methods.md 5.1)
+PLACEMENTS = ("tied",)
+
+
+class PaS(Searcher):
+    """Channel search of any CNN the gated network handles, under a MACs budget, by PaS's binary
+    gates trained jointly with the weights.
+
+    model: the unpruned model (it is copied; its weights start the search). example_inputs: a
+        tensor (batch 1 or 2) for tracing, or ``input_size`` (side of a square image) and
+        ``in_channels``; the MACs depend on it.
+    flops_target: rho, the fraction of the model's MACs to keep, in (0, 1] (PaS's ``--prune p``
+        is 1 - rho). flops_tolerance: the exported network's MACs must lie within
+        rho +- tolerance of the model's, else the budget correction chooses the keep.
+    cost_weight: lambda of the scale-free regulariser lambda * (MACs(m) / MACs_0 - rho)^2.
+    lr, momentum, weight_decay: the one SGD optimiser (constant learning rate);
+    gate_lr, gate_weight_decay: its parameter group of gates (gate_lr None: ``lr``, the official
+        single learning rate). gate_init: every w at the start (1.0: every channel open).
+    gate_range: (low, high) w is clamped to after every step (None: no clamp); min_width: hold the
+        largest w of every channel group at >= ``gate_floor`` (> 0.5) so no group closes.
+    placement: "tied", one DBC vector per channel group of the model (a residual stream shares
+        one; the official untied post-add DBC is not built, docs/pas.md).
+    seed: data order, dropout.
+    """
+
+    method = "pas"
+
+    def __init__(self, model: nn.Module, flops_target: float = 0.5, *, example_inputs=None, input_size: int = 32,
+                 in_channels: int = 3, flops_tolerance: float = 0.03, cost_weight: float = 50.0, lr: float = 0.01,
+                 momentum: float = 0.9, weight_decay: float = 5e-4, gate_lr: float | None = None,
+                 gate_weight_decay: float = 0.0, gate_init: float = 1.0, gate_range=(0.0, 1.0),
+                 min_width: bool = True, gate_floor: float = 0.6, placement: str = "tied", device=None,
+                 seed: int = 0):
+        if not 0 < flops_target <= 1:
+            raise ValueError(f"flops_target is the fraction of MACs kept, in (0, 1]; got {flops_target}")
+        if not flops_tolerance > 0:
+            raise ValueError(f"flops_tolerance must be positive, got {flops_tolerance}")
+        if placement not in PLACEMENTS:
+            raise NotImplementedError(
+                f"placement {placement!r}: only 'tied' (one gate vector per channel group, exact export) is "
+                f"built; the official untied post-add DBC of a residual stream cannot be exported as a "
+                f"dense slimmed network (docs/pas.md)")
+        if gate_range is not None:
+            low, high = map(float, gate_range)
+            if not low <= THRESHOLD < high:
+                raise ValueError(f"gate_range must hold the threshold {THRESHOLD} inside [low, high), got {gate_range}")
+            gate_range = (low, high)
+        if min_width and not (gate_floor > THRESHOLD and (gate_range is None or gate_floor <= gate_range[1])):
+            raise ValueError(f"gate_floor must lie above the threshold {THRESHOLD} (and in gate_range), "
+                             f"got {gate_floor}")
+        super().__init__(seed=seed, device=device)
+        if example_inputs is None:
+            example_inputs = torch.zeros(1, in_channels, input_size, input_size)
+        example = example_inputs if isinstance(example_inputs, torch.Tensor) else example_inputs[0]
+        gn = GatedNetwork(model, example_inputs, gate="threshold")
+        if gn.num_gates == 0:
+            raise ValueError(f"{type(model).__name__}: no channel group can be gated "
+                             f"({'; '.join(gn.ungated.values()) or 'no prunable groups'})")
+        self.gn = self.model = gn.to(self.device)
+        self.base_model = model
+        self.example_inputs = example_inputs
+        with torch.no_grad():
+            gn.gate.fill_(float(gate_init))
+        self.flops_target, self.flops_tolerance = float(flops_target), float(flops_tolerance)
+        self.cost_weight = float(cost_weight)
+        self.gate_range, self.min_width, self.gate_floor = gate_range, bool(min_width), float(gate_floor)
+        self.weights = [p for n, p in gn.named_parameters() if n != "gate"]
+        self.optimizer = torch.optim.SGD(
+            [{"params": self.weights, "weight_decay": weight_decay},
+             {"params": [gn.gate], "lr": lr if gate_lr is None else gate_lr, "weight_decay": gate_weight_decay}],
+            lr=lr, momentum=momentum)
+        self._parts = self._member_parts().to(self.device)
+        self._project()                                  # gate_init inside the range, every layer open
+        with seeded(self.seed, self.device):
+            self._rng = self._rng_state()
+        self._sums = torch.zeros(5, dtype=torch.float64, device=self.device)  # loss, ce, reg, acc, n
+        self.config = dict(model=type(model).__name__, input_shape=list(example.shape[1:]), num_gates=gn.num_gates,
+                           base_macs=gn.base_macs, flops_target=flops_target, flops_tolerance=flops_tolerance,
+                           cost_weight=cost_weight, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                           gate_lr=gate_lr, gate_weight_decay=gate_weight_decay, gate_init=gate_init,
+                           gate_range=list(gate_range) if gate_range is not None else None, min_width=self.min_width,
+                           gate_floor=gate_floor, placement=placement, seed=seed)
+
+    # the searcher's own generator state (a resumed search replays dropout) and the per-layer
+    # widths of a keep set: the same as DAIS's (they read gn, base_model, device and _rng only)
+    _rng_state = DAIS._rng_state
+    _own_rng = DAIS._own_rng
+    _layer_widths = DAIS._layer_widths
+
+    # -- the loop: weights and gates on the same batches
+    def loaders(self, data, val_data, batch_size: int) -> dict:
+        """One stream: ``data`` shuffled and augmented. PaS has no architecture split."""
+        if val_data is not None:
+            raise ValueError("PaS trains the weights and the gates on the same batches: search(data) takes no "
+                             "val_data (join the two sets if both should be searched on)")
+        return {"train": self.loader(data, batch_size)}
+
+    # -- the loss
+    def mask(self) -> torch.Tensor:
+        """m = 1[w > 0.5] forward, straight-through backward (one value per gated channel)."""
+        return self.gn.gate_fn(self.gn.gate)
+
+    def regulariser(self) -> dict:
+        """lambda * (MACs(m) / MACs_0 - rho)^2 (``reg``) and MACs(m) / MACs_0 (``ratio``): the MACs
+        of the binary mask, their gradient to w the cost's through the straight-through gate."""
+        ratio = self.gn.expected_macs(self.mask()) / float(self.gn.base_macs)
+        return {"reg": self.cost_weight * (ratio - self.flops_target).square(), "ratio": ratio}
+
+    def _member_parts(self) -> torch.Tensor:
+        """Gate slots of every distinct set of a group's channels one layer holds (the whole
+        group, or the part an option-A shortcut or a concatenation gives a layer), one row each,
+        padded with num_gates: the sets the minimum width keeps open, as the keep rule does."""
+        gn, rows = self.gn, []
+        for g in gn.groups:
+            seen = set()
+            for member in gn.graph.groups[g].members:
+                channels = tuple(member.index_map.channels.tolist())
+                if channels and channels not in seen:
+                    seen.add(channels)
+                    rows.append([gn.offsets[g] + c for c in channels])
+        parts = torch.full((len(rows), max(map(len, rows))), gn.num_gates, dtype=torch.long)
+        for i, row in enumerate(rows):
+            parts[i, :len(row)] = torch.tensor(row)
+        return parts
+
+    @torch.no_grad()
+    def _project(self) -> None:
+        """w clamped to gate_range, then (min_width) the largest w of every layer's part of
+        every group held at >= gate_floor; on the device, no host sync."""
+        w = self.gn.gate
+        if self.gate_range is not None:
+            w.clamp_(*self.gate_range)
+        if self.min_width:
+            padded = torch.cat([w, w.new_full((1,), float("-inf"))])[self._parts]
+            top = self._parts.gather(1, padded.argmax(1, keepdim=True)).squeeze(1)
+            w[top] = w[top].clamp_min(self.gate_floor)
+
+    def step(self, batch) -> dict:
+        """One joint iteration: CE + the regulariser on ``batch``, one SGD step on the weights and
+        the gates together, then the gates projected (range, minimum width)."""
+        gn = self.gn
+        gn.train()
+        x, y = batch
+        with self._own_rng():
+            logits = gn(x)
+            ce = F.cross_entropy(logits, y)
+            terms = self.regulariser()
+            loss = ce + terms["reg"].to(ce.dtype)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self._project()
+        with torch.no_grad():
+            acc = (logits.detach().argmax(1) == y).double().mean()
+            self._sums += torch.stack([loss.detach().double(), ce.detach().double(), terms["reg"].detach().double(),
+                                       acc, acc.new_ones(())])
+        return {"loss": loss.detach(), "ce": ce.detach(), "reg": terms["reg"].detach(), "acc": acc,
+                "flops": terms["ratio"].detach() * float(gn.base_macs)}
+
+    # -- discretisation
+    def keep(self) -> tuple[dict, str]:
+        """The keep set to export and how it was found: ``"threshold"`` (w > 0.5) when its MACs
+        lie within rho +- tolerance of the model's, else ``"budget"``: the largest set of channels
+        by w (ties by position) whose MACs fit under rho (the gated network's keep("budget") on
+        the ranking of w; the mask itself is all ties)."""
+        gn = self.gn
+        keep = gn.keep("threshold", threshold=THRESHOLD)
+        if abs(self._keep_macs(keep) / gn.base_macs - self.flops_target) <= self.flops_tolerance:
+            return keep, "threshold"
+        w = gn.gate.detach().double().cpu()
+        order = torch.argsort(-w, stable=True)
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(len(order))
+        with gates_as(gn, (len(order) - rank).float()):       # unique, exact in fp32
+            return gn.keep("budget", macs=self.flops_target), "budget"
+
+    def _keep_macs(self, keep) -> float:
+        return float(self.gn.expected_macs(self.gn.keep_vector(keep).to(self.device)))
+
+    def export(self, keep=None) -> nn.Module:
+        """The pruned network: the channels of ``keep`` (default :meth:`keep`'s) at gate 1, the
+        others cut out (the gated network's export at the keep's 0/1 gates; with the threshold
+        keep these are the mask itself). A plain nn.Module of the model's own class, CPU, eval."""
+        keep = self.keep()[0] if keep is None else keep
+        with gates_as(self.gn, self.gn.keep_vector(keep).float()):
+            return self.gn.export(keep)
+
+    def architecture(self) -> dict:
+        """Keep-based (method, per-layer original and kept widths, MACs and params of export()),
+        with PaS's keys: ``keep`` ({group index: kept channels} of the model's channel graph),
+        ``selected_by`` (threshold or budget), ``mask_macs`` (MACs of w > 0.5), ``base_macs``,
+        ``base_params``, ``target_macs``, ``open`` (share of gates with w > 0.5)."""
+        gn = self.gn
+        keep, how = self.keep()
+        vector = gn.keep_vector(keep).to(self.device)
+        mask = self.mask().detach()
+        return keep_architecture(
+            self.method, self._layer_widths(keep), float(gn.expected_macs(vector)), float(gn.expected_params(vector)),
+            keep={str(g): idx.tolist() for g, idx in keep.items()}, selected_by=how,
+            mask_macs=float(gn.expected_macs(mask)), base_macs=gn.base_macs, base_params=gn.base_params,
+            target_macs=self.flops_target * gn.base_macs, open=float(mask.double().mean()))
+
+    # -- per-epoch record
+    def epoch_metrics(self) -> dict:
+        loss, ce, reg, acc, _ = (self._sums / self._sums[4].clamp_min(1)).tolist()
+        self._sums.zero_()
+        mask = self.mask().detach()
+        macs = float(self.gn.expected_macs(mask))
+        return {"loss": loss, "ce": ce, "reg": reg, "train_acc": acc, "macs": macs,
+                "macs_ratio": macs / self.gn.base_macs, "open": float(mask.double().mean())}
+
+    # -- checkpoint state
+    def method_state(self) -> dict:
+        return {"gated": self.gn.state_dict(), "optimizer": self.optimizer.state_dict(), "rng": self._rng,
+                "sums": self._sums}
+
+    def load_method_state(self, state):
+        self.gn.load_state_dict(state["gated"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self._rng = {k: v.cpu() for k, v in state["rng"].items()}
+        self._sums.copy_(state["sums"])
