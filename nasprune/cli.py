@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 CIFAR_MODELS = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
+CIFAR_REPVGG = ("repvgg_a0", "repvgg_a1", "repvgg_b0")   # nasprune's RepVGG, CIFAR variant
 TORCHVISION_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2",
                        "wide_resnet101_2")
 
@@ -82,11 +83,12 @@ def torchvision_models() -> list[str]:
 
 def model_constructor(name: str) -> str:
     """Dotted constructor of a --model name: nasprune's CIFAR ResNets, torchvision's classifiers."""
-    if name in CIFAR_MODELS:
+    if name in CIFAR_MODELS or name in CIFAR_REPVGG:
         return f"nasprune.models.cifar_{name}"
     if name in torchvision_models():
         return f"torchvision.models.{name}"
-    raise CLIError(f"--model {name!r} is neither a CIFAR ResNet ({', '.join(CIFAR_MODELS)}) nor a torchvision "
+    raise CLIError(f"--model {name!r} is neither a CIFAR ResNet ({', '.join(CIFAR_MODELS)}), a CIFAR RepVGG "
+                   f"({', '.join(CIFAR_REPVGG)}) nor a torchvision "
                    f"classification model (torchvision.models.list_models(module=torchvision.models), e.g. "
                    f"resnet50, mobilenet_v2, efficientnet_b0, vgg16_bn)")
 
@@ -283,7 +285,40 @@ DAIS_METHOD = Method(
     ),
     check_model=lambda name: None, build=_dais_build, select=_dais_select, export=_dais_export)
 
-METHODS = {m.name: m for m in (TAS_METHOD, DAIS_METHOD)}
+def _pas_build(job):
+    from nasprune.search import PaS
+    a = job.args
+    return PaS(job.teacher, a.flops_target, input_size=job.size, flops_tolerance=a.flops_tolerance,
+               cost_weight=a.cost_weight, lr=a.search_lr, gate_lr=a.gate_lr, device=job.device, seed=a.seed)
+
+
+def _pas_select(job):
+    arch = job.searcher.architecture()
+    if arch["selected_by"] == "budget":     # the w > 0.5 mask missed rho +- tolerance (see PaS.keep)
+        job.run.log(f"w > 0.5 keeps {arch['mask_macs'] / arch['base_macs']:.3f} of the MACs, outside "
+                    f"{job.args.flops_target:.3f} +- {job.args.flops_tolerance:.3f}; exporting the largest "
+                    f"channels by gate weight that fit the target instead")
+    return arch
+
+
+PAS_METHOD = Method(
+    name="pas", summary="PaS (Li et al., ICCV 2021): binary channel gates with a MACs regulariser, any CNN",
+    options=(
+        Option(("--cost-weight",), dict(type=_positive_float, default=50.0,
+                                        help="lambda of lambda * (MACs(mask) / MACs_0 - rho)^2 (default 50)")),
+        Option(("--flops-tolerance",), dict(type=_fraction, default=0.03,
+                                            help="the mask's MACs must lie within target +- this, else the budget "
+                                                 "correction chooses the channels (default 0.03)")),
+        Option(("--search-lr",), dict(type=_positive_float, default=0.01,
+                                      help="SGD step of the weights and gates during the search (default 0.01)")),
+        Option(("--gate-lr",), dict(type=_positive_float, default=None,
+                                    help="SGD step of the gates (default: --search-lr; short searches of a few "
+                                         "hundred steps need about 0.1)")),
+    ),
+    check_model=lambda name: None, build=_pas_build, select=_pas_select,
+    export=lambda job: job.searcher.export())
+
+METHODS = {m.name: m for m in (TAS_METHOD, DAIS_METHOD, PAS_METHOD)}
 
 
 # ------------------------------------------------------------------ run folder and progress
@@ -756,7 +791,8 @@ def build_parser():
     s.add_argument("--method", choices=tuple(METHODS), default="tas",
                    help="; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()))
     s.add_argument("--model", default="resnet20",
-                   help=f"a CIFAR ResNet ({', '.join(CIFAR_MODELS)}) or any torchvision classification model "
+                   help=f"a CIFAR ResNet ({', '.join(CIFAR_MODELS)}), a CIFAR RepVGG ({', '.join(CIFAR_REPVGG)}) "
+                        f"or any torchvision classification model "
                         f"(resnet50, mobilenet_v2, ...); a method names the ones it searches (tas: ResNets); "
                         f"default resnet20")
     s.add_argument("--data", default="digits", help="'digits' (embedded) or a CIFAR-10 path (pickles, tree, tar.gz)")

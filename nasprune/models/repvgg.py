@@ -231,3 +231,14 @@ def _builder(config: str):
 
 
 repvgg_a0, repvgg_a1, repvgg_b0 = (_builder(c) for c in CONFIGS)
+
+
+def _cifar_builder(config: str):
+    def build(num_classes: int = 10, widths=None, deploy: bool = False) -> RepVGG:
+        return RepVGG(config, num_classes, True, widths, deploy)
+    build.__name__ = f"cifar_repvgg_{config.lower()}"
+    build.__doc__ = f"RepVGG-{config} for 32x32 inputs (the CIFAR variant; ``nasprune search --model repvgg_{config.lower()}``)."
+    return build
+
+
+cifar_repvgg_a0, cifar_repvgg_a1, cifar_repvgg_b0 = (_cifar_builder(c) for c in CONFIGS)

@@ -229,3 +229,22 @@ def test_arguments_are_checked():
     s = PaS(cifar_resnet20(), 0.5, example_inputs=x, device="cpu")
     with pytest.raises(ValueError, match="no val_data"):
         s.loaders([], [], 4)
+
+
+def test_command_line_searches_a_cifar_repvgg(tmp_path, capsys):
+    """`nasprune search --method pas --model repvgg_a0`: the CIFAR RepVGG-A0 searched, exported
+    within the tolerance of the target, fine-tuned and saved so that nasprune.load rebuilds it."""
+    import json
+    from nasprune import cli
+    assert {"cost_weight", "flops_tolerance", "search_lr", "gate_lr"} <= {o.dest for o in cli.METHODS["pas"].options}
+    out = tmp_path / "run"
+    rc = cli.main(["search", "--method", "pas", "--model", "repvgg_a0", "--data", "digits", "--image-size", "16",
+                   "--epochs", "1", "--baseline-epochs", "1", "--finetune-epochs", "1", "--batch-size", "128",
+                   "--gate-lr", "0.1", "--out", str(out), "--no-progress", "--device", "cpu"])
+    assert rc == 0
+    arch = json.loads((out / "architecture.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert arch["method"] == "pas" and metrics["pruned"]["flops"] == arch["macs"]
+    assert abs(arch["macs"] / metrics["baseline"]["flops"] - 0.5) <= 0.03
+    loaded = nasprune.load(out / "model.safetensors")
+    assert isinstance(loaded, RepVGG) and flops.count(loaded, torch.zeros(1, 3, SIZE, SIZE)) == arch["macs"]
