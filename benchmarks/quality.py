@@ -78,6 +78,7 @@ BUDGETS = {
 METHOD_ARGS = {
     "tas": ["--arch-lr", "0.01"],
     "dais": ["--alpha-lr", "0.1", "--alpha-init", "0.5"],
+    "pas": ["--gate-lr", "0.1"],
 }
 
 
