@@ -191,9 +191,10 @@ def _tas_export(job):
 TAS_METHOD = Method(
     name="tas", summary="TAS (Dong & Yang, NeurIPS 2019): widths and depths of a ResNet",
     options=(
-        Option(("--arch-lr",), dict(type=_positive_float, default=1e-3,
-                                    help="Adam step of the architecture logits (default 1e-3, TAS's; short "
-                                         "searches of a few hundred steps need about 1e-2 to reach the budget)")),
+        Option(("--arch-lr",), dict(type=_positive_float, default=0.1,
+                                    help="Adam step of the architecture logits (default 0.1, for searches of a few "
+                                         "hundred steps: at 1e-2 their logits barely move and the arg-max is noise; "
+                                         "TAS's 1e-3 is for its 600 epochs)")),
         Option(("--cost-weight",), dict(type=_positive_float, default=2.0, help="lambda_cost (default 2)")),
         Option(("--flops-tolerance",), dict(type=_fraction, default=0.05,
                                             help="t of the cost loss, a fraction of the supernet's MACs "

@@ -36,8 +36,10 @@ def test_protocol_runs_every_arm_and_records_the_budget():
     # recorded MACs, fewer than the baseline's
     arch = {**resnet_spec(CifarResNet(20)).to_dict(), "widths": row["tas"]["widths"], "blocks": row["tas"]["blocks"]}
     assert flops.count(tas_resnet(**arch), torch.zeros(1, 3, 16, 16)) == row["tas"]["macs"] < row["baseline"]["macs"]
-    # the controls are at TAS's MACs: the uniform one within 1 %, the architecture control exactly
-    assert abs(row["uniform"]["macs"] - row["tas"]["macs"]) / row["tas"]["macs"] < 0.01
+    # the controls are at TAS's MACs: the uniform one within half a step of one keep ratio (its
+    # MACs move in steps of up to 5 % of ResNet-20's, every group gaining a channel at once: TAS's
+    # 5.72 M here lies between uniform steps at 5.65 M and 6.09 M), the architecture control exactly
+    assert abs(row["uniform"]["macs"] - row["tas"]["macs"]) / row["tas"]["macs"] < 0.025
     assert row["tas_arch_as_control"]["epochs"] == row["uniform"]["epochs"]
     assert row["tas_arch_as_control"]["macs"] == row["tas"]["macs"]
     assert row["tas_minus_uniform"] == pytest.approx(row["tas"]["acc"] - row["uniform"]["acc"])
