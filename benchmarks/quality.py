@@ -76,7 +76,6 @@ BUDGETS = {
 # A method joins with one entry: its command-line arguments for the protocol's short search
 # (the CLI's defaults are those of the papers' hundreds of epochs).
 METHOD_ARGS = {
-    "tas": ["--arch-lr", "0.01"],
     "dais": ["--alpha-lr", "0.1", "--alpha-init", "0.5"],
     "pas": ["--gate-lr", "0.1"],
 }
