@@ -16,7 +16,7 @@ DATA ?= digits
 demo: $(VENV)/.built
 	$(PY) -m nasprune.env
 	$(PY) -m nasprune search --method tas --model resnet20 --data $(DATA) --flops-target 0.5 \
-		--baseline-epochs 8 --epochs 10 --finetune-epochs 8 --batch-size 64 --arch-lr 0.01 \
+		--baseline-epochs 8 --epochs 10 --finetune-epochs 8 --batch-size 64 \
 		--out runs/demo
 
 test: $(VENV)/.built

@@ -133,7 +133,8 @@ def main():
     args = p.parse_args()
     device, batch = _common.step_setup(args)
     torch.manual_seed(0)
-    s = TAS(build_model(args.model), 0.5, input_size=args.size, device=device, seed=0)
+    # the eager reference implements TAS's channel-wise interpolation: time nasprune's the same way
+    s = TAS(build_model(args.model), 0.5, input_size=args.size, align="cwi", device=device, seed=0)
     s.begin_epoch(0, 10, 100)
     g = torch.Generator().manual_seed(0)
     bw = (torch.randn(batch, 3, args.size, args.size, generator=g).to(device), torch.randint(0, 10, (batch,), generator=g).to(device))

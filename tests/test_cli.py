@@ -96,20 +96,20 @@ def test_method_registry_declares_each_methods_options(monkeypatch):
     assert {o.dest for o in cli.METHODS["tas"].options} == {
         "arch_lr", "cost_weight", "flops_tolerance", "select", "tau_schedule", "tau_max", "tau_min", "init"}
     other = cli.Method(name="other", summary="a test method",
-                       options=(cli.Option(("--gate-lr",), dict(type=float, default=0.5)),
+                       options=(cli.Option(("--other-rate",), dict(type=float, default=0.5)),
                                 cli.Option(("--init",), dict(choices=("gates", "random"), default="gates"))),
                        check_model=lambda name: None, build=None, select=None, export=None)
     monkeypatch.setitem(cli.METHODS, "other", other)
     parser = cli.build_parser()
     tas = parser.parse_args(["search"])
-    assert tas.method == "tas" and tas.tau_max == 5.0 and tas.init == "base" and not hasattr(tas, "gate_lr")
-    mine = parser.parse_args(["search", "--method", "other", "--gate-lr", "2"])
-    assert mine.gate_lr == 2.0 and mine.init == "gates" and not hasattr(mine, "tau_max")
+    assert tas.method == "tas" and tas.tau_max == 5.0 and tas.init == "base" and not hasattr(tas, "other_rate")
+    mine = parser.parse_args(["search", "--method", "other", "--other-rate", "2"])
+    assert mine.other_rate == 2.0 and mine.init == "gates" and not hasattr(mine, "tau_max")
     assert parser.parse_args(["search", "--method", "other", "--init", "random"]).init == "random"
     with pytest.raises(SystemExit):
         parser.parse_args(["search", "--method", "other", "--tau-max", "3"])
     with pytest.raises(SystemExit):
-        parser.parse_args(["search", "--gate-lr", "2"])                 # --method tas takes no --gate-lr
+        parser.parse_args(["search", "--other-rate", "2"])              # --method tas takes no --other-rate
     help_text = parser._subparsers._group_actions[0].choices["search"].format_help()
     assert "[--method tas, other]" in help_text and "[--method other]" in help_text
 
