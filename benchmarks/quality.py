@@ -230,11 +230,20 @@ def _records(folder) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _device_key(name: str | None) -> str:
+    """A device as the records compare it: the GPU's name, or the CPU without its thread count
+    (the protocol's numbers do not depend on it; its minutes do, and rows record them)."""
+    return (name or "").split(",")[0]
+
+
+def _same_device(row: dict, device) -> bool:
+    return _device_key(row.get("device")) == _device_key(_common.device_name(torch.device(device)))
+
+
 def _latest(arm: str, ver: str, device, folder) -> dict | None:
-    """The latest row of ``arm`` under protocol ``ver`` measured on a device of this name."""
-    name = _common.device_name(torch.device(device))
+    """The latest row of ``arm`` under protocol ``ver`` measured on a device of this kind."""
     rows = [r for r in _records(folder) if r.get("bench") == "quality" and r.get("arm") == arm
-            and r.get("protocol_version") == ver and r.get("device") == name]
+            and r.get("protocol_version") == ver and _same_device(r, device)]
     return rows[-1] if rows else None
 
 
@@ -249,7 +258,7 @@ def table(folder=_common.RESULTS) -> str:
     latest = {}
     for r in _records(folder):
         if r.get("bench") == "quality":
-            latest[(r["protocol_version"], r.get("device"), r["arm"])] = r
+            latest[(r["protocol_version"], _device_key(r.get("device")), r["arm"])] = r
     for (ver, device, arm), r in latest.items():
         cmp = r.get("compare", {})
 
@@ -338,8 +347,7 @@ def main(argv=None):
         interrupted protocol resumes from the runs it has; then the arm's row."""
         done = {} if fresh else {r["seed"]: r["run"] for r in _records(args.results)
                                  if r.get("bench") == "quality_run" and r.get("arm") == name
-                                 and r.get("protocol_version") == prot.version
-                                 and r.get("device") == _common.device_name(device)}
+                                 and r.get("protocol_version") == prot.version and _same_device(r, device)}
         runs = {}
         for seed in seeds:
             if seed in done:
