@@ -18,9 +18,10 @@ from nasprune import flops
 from nasprune.data import load_dataset
 from nasprune.flops import CostModel
 from nasprune.models import RepVGG, RepVGGBlock, cifar_resnet20, repvgg_a0
-from nasprune.search import PaS, Callback
+from nasprune.search import PaS
 from nasprune.search.base import pruned_architecture
 from nasprune.search.dais import gates_as
+from tests.search._kill import Kill
 
 SIZE = 16
 
@@ -186,15 +187,6 @@ def test_repvgg_search_export_reparameterises_to_a_plain_network():
     assert [c.out_channels for c in convs] == slimmed.widths()
 
 
-class _Kill(Callback):
-    def __init__(self, at):
-        self.at = at
-
-    def on_step_end(self, searcher, step, metrics):
-        if step == self.at:
-            raise KeyboardInterrupt("killed")
-
-
 def test_search_killed_mid_epoch_resumes_to_the_same_gates_and_weights(digits, tmp_path):
     """MobileNetV2 (dropout in its classifier: the searcher's own RNG state is checkpointed)."""
     train, _ = digits
@@ -208,7 +200,7 @@ def test_search_killed_mid_epoch_resumes_to_the_same_gates_and_weights(digits, t
     arch_full = full.search(data, epochs=2, batch_size=64)
     ckpt = tmp_path / "pas.safetensors"
     with pytest.raises(KeyboardInterrupt):
-        searcher().search(data, epochs=2, batch_size=64, checkpoint=ckpt, checkpoint_every=2, callbacks=[_Kill(7)])
+        searcher().search(data, epochs=2, batch_size=64, checkpoint=ckpt, checkpoint_every=2, callbacks=[Kill(7)])
     torch.manual_seed(123)                                   # the caller's RNG plays no part
     again = searcher()
     arch = again.search(data, epochs=2, batch_size=64, checkpoint=ckpt, resume=True)

@@ -9,7 +9,8 @@ import torch
 from nasprune import flops
 from nasprune.data import load_dataset, tas_split
 from nasprune.models import CifarResNet
-from nasprune.search import TAS, Callback, load_checkpoint
+from nasprune.search import TAS, load_checkpoint
+from tests.search._kill import Kill
 
 SIZE = 16
 
@@ -62,15 +63,6 @@ def test_exported_network_inherits_supernet_weights(splits):
     assert not torch.equal(fresh.stem.conv.weight, net.stem.conv.weight)
 
 
-class _Kill(Callback):
-    def __init__(self, at):
-        self.at = at
-
-    def on_step_end(self, searcher, step, metrics):
-        if step == self.at:
-            raise KeyboardInterrupt("killed")
-
-
 def test_resume_after_kill_mid_epoch_reaches_the_same_architecture(splits, tmp_path):
     w, a = splits
     full = _searcher(seed=3)
@@ -79,7 +71,7 @@ def test_resume_after_kill_mid_epoch_reaches_the_same_architecture(splits, tmp_p
     ckpt = tmp_path / "run.safetensors"
     first = _searcher(seed=3)
     with pytest.raises(KeyboardInterrupt):
-        first.search(w, a, epochs=2, batch_size=128, checkpoint=ckpt, checkpoint_every=2, callbacks=[_Kill(9)])
+        first.search(w, a, epochs=2, batch_size=128, checkpoint=ckpt, checkpoint_every=2, callbacks=[Kill(9)])
     state = load_checkpoint(ckpt)
     steps_per_epoch = len(w) // 128
     assert state["searcher"]["global_step"] == 8 and state["epoch"] == 8 // steps_per_epoch  # mid-epoch
