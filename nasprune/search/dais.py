@@ -16,17 +16,12 @@ when that keep misses the band). See docs/dais.md for every choice and its sourc
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nasprune.nn.gates import GateParam
-from nasprune.search.base import Searcher, keep_architecture
-from nasprune.search.gated import GatedNetwork
+from nasprune.search.gated_searcher import GatedSearcher
 from nasprune.search.tas import cost_loss
-from nasprune.train import seeded
 
 SCHEDULES = ("exponential", "linear", "reciprocal", "constant")
 
@@ -50,31 +45,7 @@ def anneal_temperature(fraction: float, t_start: float, t_end: float, schedule: 
     raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
 
 
-class _FixedValues(GateParam):
-    """Gate values given outright (the raw parameter ignored): to read a keep rule off other
-    values than the indicators, or to run the gated network at chosen gates."""
-
-    def __init__(self, values: torch.Tensor):
-        super().__init__()
-        self.values = values
-
-    def forward(self, raw):
-        return self.values.to(device=raw.device, dtype=raw.dtype)
-
-
-@contextmanager
-def gates_as(gn: GatedNetwork, values: torch.Tensor):
-    """Run ``gn`` (its forward, keep rules, export) with the gate values ``values`` (num_gates,)
-    instead of its parameterisation's, restoring it afterwards."""
-    saved = gn.gate_fn
-    gn.gate_fn = _FixedValues(values)
-    try:
-        yield gn
-    finally:
-        gn.gate_fn = saved
-
-
-class DAIS(Searcher):
+class DAIS(GatedSearcher):
     """Channel search of any CNN the gated network handles, under a FLOPs (MACs) budget.
 
     model: the unpruned model (it is copied; its weights start the search). example_inputs: a
@@ -101,6 +72,7 @@ class DAIS(Searcher):
     """
 
     method = "dais"
+    gate_kind = "sigmoid"
 
     def __init__(self, model: nn.Module, flops_target: float = 0.5, *, example_inputs=None, input_size: int = 32,
                  in_channels: int = 3, flops_tolerance: float = 0.05, flops_margin: float = 0.01,
@@ -108,8 +80,6 @@ class DAIS(Searcher):
                  alpha_init: float = 2.0, temperature=(1.0, 1e-2), schedule: str = "exponential",
                  lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4, alpha_lr: float = 3e-4,
                  alpha_betas=(0.5, 0.999), alpha_step_cap: float | None = 1.0, device=None, seed: int = 0):
-        if not 0 < flops_target <= 1:
-            raise ValueError(f"flops_target is the fraction of MACs kept, in (0, 1]; got {flops_target}")
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         t_start, t_end = map(float, temperature)
@@ -123,20 +93,10 @@ class DAIS(Searcher):
         if not 0 <= 2 * flops_margin < flops_tolerance:
             raise ValueError(f"flops_margin must lie in [0, flops_tolerance / 2); got {flops_margin} "
                              f"with flops_tolerance {flops_tolerance}")
-        super().__init__(seed=seed, device=device)
-        if example_inputs is None:
-            example_inputs = torch.zeros(1, in_channels, input_size, input_size)
-        example = example_inputs if isinstance(example_inputs, torch.Tensor) else example_inputs[0]
-        gn = GatedNetwork(model, example_inputs, gate="sigmoid")
-        if gn.num_gates == 0:
-            raise ValueError(f"{type(model).__name__}: no channel group can be gated "
-                             f"({'; '.join(gn.ungated.values()) or 'no prunable groups'})")
-        self.gn = self.model = gn.to(self.device)
-        self.base_model = model
-        self.example_inputs = example_inputs
-        with torch.no_grad():
-            gn.gate.fill_(float(alpha_init))
-        self.flops_target, self.flops_tolerance = float(flops_target), float(flops_tolerance)
+        super().__init__(model, flops_target, example_inputs=example_inputs, input_size=input_size,
+                         in_channels=in_channels, flops_tolerance=flops_tolerance, gate_init=alpha_init,
+                         device=device, seed=seed)
+        gn = self.gn
         self.flops_margin = float(flops_margin)
         self.cost_weight, self.l1_weight, self.tie_weight = float(cost_weight), float(l1_weight), float(tie_weight)
         self.t_start, self.t_end, self.schedule = t_start, t_end, schedule
@@ -147,21 +107,17 @@ class DAIS(Searcher):
         self.ties = [tuple(map(str, pair)) for pair in ties]
         self._tie_slots = [self._layer_slots(a, b) for a, b in self.ties]
         self._min_width_index(min_width)
-        self.weights = [p for n, p in gn.named_parameters() if n != "gate"]
         self.w_opt = torch.optim.SGD(self.weights, lr=lr, momentum=momentum, weight_decay=weight_decay,
                                      nesterov=momentum > 0)
         self.a_opt = torch.optim.Adam([gn.gate], lr=alpha_lr, betas=tuple(alpha_betas), weight_decay=0.0)
+        self.optimizers.update(w_opt=self.w_opt, a_opt=self.a_opt)
         self.total_steps = 0
-        with seeded(self.seed, self.device):
-            self._rng = self._rng_state()
         self._sums = torch.zeros(6, dtype=torch.float64, device=self.device)  # loss, acc, arch acc, n, flops loss, ce_a
-        self.config = dict(model=type(model).__name__, input_shape=list(example.shape[1:]), num_gates=gn.num_gates,
-                           base_macs=gn.base_macs, flops_target=flops_target, flops_tolerance=flops_tolerance,
-                           flops_margin=flops_margin, cost_weight=cost_weight, l1_weight=l1_weight,
-                           tie_weight=tie_weight,                           ties=[list(t) for t in self.ties], min_width=min_width, alpha_floor=alpha_floor,
-                           alpha_init=alpha_init, temperature=[t_start, t_end], schedule=schedule, lr=lr,
+        self.config.update(flops_margin=flops_margin, cost_weight=cost_weight, l1_weight=l1_weight,
+                           tie_weight=tie_weight, ties=[list(t) for t in self.ties], min_width=min_width,
+                           alpha_floor=alpha_floor, temperature=[t_start, t_end], schedule=schedule, lr=lr,
                            momentum=momentum, weight_decay=weight_decay, alpha_lr=alpha_lr,
-                           alpha_betas=list(alpha_betas), alpha_step_cap=alpha_step_cap, seed=seed)
+                           alpha_betas=list(alpha_betas), alpha_step_cap=alpha_step_cap)
 
     # -- set-up helpers
     def _layer_slots(self, a: str, b: str) -> tuple:
@@ -196,37 +152,6 @@ class DAIS(Searcher):
             group_of[o:o + size], start[o:o + size], need[o:o + size] = i, o, min(max(m, 1), size)
         self._group_of, self._group_start, self._group_need = (t.to(self.device) for t in (group_of, start, need))
         self._positions = torch.arange(gn.num_gates, device=self.device)
-
-    def _rng_state(self) -> dict:
-        state = {"cpu": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            state["cuda"] = torch.cuda.get_rng_state(self.device)
-        return state
-
-    @contextmanager
-    def _own_rng(self):
-        """The step's global randomness (dropout, stochastic depth) from the searcher's own
-        generator state, so that a resumed search replays it; the caller's is left alone."""
-        cuda = [self.device.index if self.device.index is not None else torch.cuda.current_device()] \
-            if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda):
-            torch.set_rng_state(self._rng["cpu"])
-            if cuda:
-                torch.cuda.set_rng_state(self._rng["cuda"], self.device)
-            yield
-            self._rng = self._rng_state()
-
-    @staticmethod
-    @contextmanager
-    def _frozen(params):
-        """No gradients for ``params`` inside the block (autograd then skips computing them)."""
-        for p in params:
-            p.requires_grad_(False)
-        try:
-            yield
-        finally:
-            for p in params:
-                p.requires_grad_(True)
 
     # -- the schedule
     def begin_epoch(self, epoch, epochs, steps_per_epoch):
@@ -322,80 +247,22 @@ class DAIS(Searcher):
                 "flops_loss": terms["flops"].detach(), "expected_macs": terms["expected"].detach() * base,
                 "flops": terms["discrete"] * base, "tau": self.temperature}
 
-    # -- discretisation
-    def keep(self) -> tuple[dict, str]:
-        """The keep set to export and how it was found: ``"threshold"`` (I > 0.5, i.e. alpha > 0)
-        when its MACs lie in [target - tolerance, target] of the model's, else ``"budget"``: the
-        largest set of channels by alpha (ties by position) whose MACs fit under the target,
-        through the gated network's keep("budget") on the alpha ranking (the indicators
-        themselves saturate to equal values at a low temperature, which would make ties)."""
-        gn = self.gn
-        keep = gn.keep("threshold", threshold=0.5)
-        macs = self._keep_macs(keep) / gn.base_macs
-        if self.flops_target - self.flops_tolerance <= macs <= self.flops_target:
-            return keep, "threshold"
-        alpha = gn.gate.detach().double().cpu()
-        order = torch.argsort(-alpha, stable=True)
-        rank = torch.empty_like(order)
-        rank[order] = torch.arange(len(order))
-        with gates_as(gn, (len(order) - rank).float()):       # unique, exact in fp32
-            return gn.keep("budget", macs=self.flops_target), "budget"
-
+    # -- discretisation (GatedSearcher.keep: I > 0.5, i.e. alpha > 0, when its MACs lie in
+    # [target - tolerance, target], else the largest set by alpha that fits; the export folds the
+    # indicator values at the current temperature into the layers)
     @torch.no_grad()
     def _indicator_stats(self) -> tuple[float, float]:
         """E[MACs] at the current temperature, and the share of indicators in (0.05, 0.95)."""
         values = self.indicators()
         return float(self.gn.expected_macs(values)), float(((values > 0.05) & (values < 0.95)).double().mean())
 
-    def _keep_macs(self, keep) -> float:
-        return float(self.gn.expected_macs(self.gn.keep_vector(keep).to(self.device)))
-
-    def export(self, keep=None) -> nn.Module:
-        """The pruned network: the indicator values at the current temperature folded into the
-        layers (the gated network's export), the channels outside ``keep`` (default
-        :meth:`keep`'s) cut out. A plain nn.Module of the model's own class, CPU, eval mode."""
-        return self.gn.export(self.keep()[0] if keep is None else keep)
-
-    def architecture(self) -> dict:
-        """Keep-based (method, per-layer original and kept widths, MACs and params of export()),
-        with DAIS's keys: ``keep`` ({group index: kept channels} of the model's channel graph;
-        ``slim.apply(model, trace(model, x), keep)`` rebuilds the export's shape), ``selected_by``
-        (threshold or budget), ``threshold_macs`` (MACs of I > 0.5), ``expected_macs`` (at the
-        current temperature), ``base_macs``, ``base_params``, ``target_macs``, ``temperature``,
-        ``undecided`` (share of indicators in (0.05, 0.95))."""
-        gn = self.gn
-        keep, how = self.keep()
-        vector = gn.keep_vector(keep).to(self.device)
-        threshold = gn.keep("threshold", threshold=0.5) if how == "budget" else keep
+    def architecture_extra(self, keep, how) -> dict:
+        """DAIS's keys: ``threshold_macs`` (MACs of I > 0.5), ``expected_macs`` (at the current
+        temperature), ``temperature``, ``undecided`` (share of indicators in (0.05, 0.95))."""
+        threshold = self.gn.keep("threshold", threshold=0.5) if how == "budget" else keep
         expected, undecided = self._indicator_stats()
-        return keep_architecture(
-            self.method, self._layer_widths(keep), float(gn.expected_macs(vector)), float(gn.expected_params(vector)),
-            keep={str(g): idx.tolist() for g, idx in keep.items()}, selected_by=how,
-            threshold_macs=self._keep_macs(threshold), expected_macs=expected, base_macs=gn.base_macs,
-            base_params=gn.base_params, target_macs=self.flops_target * gn.base_macs,
-            temperature=self.temperature, undecided=undecided)
-
-    def _layer_widths(self, keep) -> list[dict]:
-        """Per conv and linear layer of the model (named as there): its output width and the
-        number of its output channels ``keep`` keeps (slim.apply's widths)."""
-        graph = self.gn.graph
-        kept_sets = {int(g): set(idx.tolist()) for g, idx in keep.items()}
-        rows = []
-        for name, m in self.base_model.named_modules():
-            if isinstance(m, nn.modules.conv._ConvNd):
-                width = m.out_channels
-            elif isinstance(m, nn.Linear):
-                width = m.out_features
-            else:
-                continue
-            classes = graph.records.get(name, (None, {}))[1].get("out")
-            kept = width
-            if classes is not None:
-                groups, chans = graph.class_group[classes], graph.class_channel[classes]
-                kept = int(sum(1 for g, c in zip(groups.tolist(), chans.tolist())
-                               if g not in kept_sets or c in kept_sets[g]))
-            rows.append({"name": name, "original": width, "kept": kept})
-        return rows
+        return {"threshold_macs": self._keep_macs(threshold), "expected_macs": expected,
+                "temperature": self.temperature, "undecided": undecided}
 
     # -- per-epoch record
     def epoch_metrics(self) -> dict:
@@ -408,17 +275,11 @@ class DAIS(Searcher):
                 "tau": self.temperature, "macs": macs, "expected_macs": expected, "macs_ratio": macs / gn.base_macs,
                 "undecided": undecided}
 
-    # -- checkpoint state
+    # -- checkpoint state (GatedSearcher's, with the temperature)
     def method_state(self) -> dict:
-        return {"gated": self.gn.state_dict(), "w_opt": self.w_opt.state_dict(), "a_opt": self.a_opt.state_dict(),
-                "rng": self._rng, "sums": self._sums, "temperature": self.temperature,
-                "total_steps": self.total_steps}
+        return {**super().method_state(), "temperature": self.temperature, "total_steps": self.total_steps}
 
     def load_method_state(self, state):
-        self.gn.load_state_dict(state["gated"])
-        self.w_opt.load_state_dict(state["w_opt"])
-        self.a_opt.load_state_dict(state["a_opt"])
-        self._rng = {k: v.cpu() for k, v in state["rng"].items()}
-        self._sums.copy_(state["sums"])
+        super().load_method_state(state)
         self.temperature, self.total_steps = float(state["temperature"]), int(state["total_steps"])
         self.gn.gate_fn.anneal(self.temperature)

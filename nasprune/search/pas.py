@@ -19,16 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nasprune.search.base import Searcher, keep_architecture
-from nasprune.search.dais import DAIS, gates_as
-from nasprune.search.gated import GatedNetwork
-from nasprune.train import seeded
+from nasprune.search.gated_searcher import GatedSearcher, gates_as
 
 THRESHOLD = 0.5          # m = 1[w > 0.5] (methods.md 5.1)
 PLACEMENTS = ("tied",)
 
 
-class PaS(Searcher):
+class PaS(GatedSearcher):
     """Channel search of any CNN the gated network handles, under a MACs budget, by PaS's binary
     gates trained jointly with the weights.
 
@@ -50,6 +47,8 @@ class PaS(Searcher):
     """
 
     method = "pas"
+    gate_kind = "threshold"
+    threshold = THRESHOLD
 
     def __init__(self, model: nn.Module, flops_target: float = 0.5, *, example_inputs=None, input_size: int = 32,
                  in_channels: int = 3, flops_tolerance: float = 0.03, cost_weight: float = 50.0, lr: float = 0.01,
@@ -57,10 +56,6 @@ class PaS(Searcher):
                  gate_weight_decay: float = 0.0, gate_init: float = 1.0, gate_range=(0.0, 1.0),
                  min_width: bool = True, gate_floor: float = 0.6, placement: str = "tied", device=None,
                  seed: int = 0):
-        if not 0 < flops_target <= 1:
-            raise ValueError(f"flops_target is the fraction of MACs kept, in (0, 1]; got {flops_target}")
-        if not flops_tolerance > 0:
-            raise ValueError(f"flops_tolerance must be positive, got {flops_tolerance}")
         if placement not in PLACEMENTS:
             raise NotImplementedError(
                 f"placement {placement!r}: only 'tied' (one gate vector per channel group, exact export) is "
@@ -74,44 +69,24 @@ class PaS(Searcher):
         if min_width and not (gate_floor > THRESHOLD and (gate_range is None or gate_floor <= gate_range[1])):
             raise ValueError(f"gate_floor must lie above the threshold {THRESHOLD} (and in gate_range), "
                              f"got {gate_floor}")
-        super().__init__(seed=seed, device=device)
-        if example_inputs is None:
-            example_inputs = torch.zeros(1, in_channels, input_size, input_size)
-        example = example_inputs if isinstance(example_inputs, torch.Tensor) else example_inputs[0]
-        gn = GatedNetwork(model, example_inputs, gate="threshold")
-        if gn.num_gates == 0:
-            raise ValueError(f"{type(model).__name__}: no channel group can be gated "
-                             f"({'; '.join(gn.ungated.values()) or 'no prunable groups'})")
-        self.gn = self.model = gn.to(self.device)
-        self.base_model = model
-        self.example_inputs = example_inputs
-        with torch.no_grad():
-            gn.gate.fill_(float(gate_init))
-        self.flops_target, self.flops_tolerance = float(flops_target), float(flops_tolerance)
+        super().__init__(model, flops_target, example_inputs=example_inputs, input_size=input_size,
+                         in_channels=in_channels, flops_tolerance=flops_tolerance, gate_init=gate_init,
+                         device=device, seed=seed)
+        gn = self.gn
         self.cost_weight = float(cost_weight)
         self.gate_range, self.min_width, self.gate_floor = gate_range, bool(min_width), float(gate_floor)
-        self.weights = [p for n, p in gn.named_parameters() if n != "gate"]
         self.optimizer = torch.optim.SGD(
             [{"params": self.weights, "weight_decay": weight_decay},
              {"params": [gn.gate], "lr": lr if gate_lr is None else gate_lr, "weight_decay": gate_weight_decay}],
             lr=lr, momentum=momentum)
+        self.optimizers["optimizer"] = self.optimizer
         self._parts = self._member_parts().to(self.device)
         self._project()                                  # gate_init inside the range, every layer open
-        with seeded(self.seed, self.device):
-            self._rng = self._rng_state()
         self._sums = torch.zeros(5, dtype=torch.float64, device=self.device)  # loss, ce, reg, acc, n
-        self.config = dict(model=type(model).__name__, input_shape=list(example.shape[1:]), num_gates=gn.num_gates,
-                           base_macs=gn.base_macs, flops_target=flops_target, flops_tolerance=flops_tolerance,
-                           cost_weight=cost_weight, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                           gate_lr=gate_lr, gate_weight_decay=gate_weight_decay, gate_init=gate_init,
-                           gate_range=list(gate_range) if gate_range is not None else None, min_width=self.min_width,
-                           gate_floor=gate_floor, placement=placement, seed=seed)
-
-    # the searcher's own generator state (a resumed search replays dropout) and the per-layer
-    # widths of a keep set: the same as DAIS's (they read gn, base_model, device and _rng only)
-    _rng_state = DAIS._rng_state
-    _own_rng = DAIS._own_rng
-    _layer_widths = DAIS._layer_widths
+        self.config.update(cost_weight=cost_weight, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                           gate_lr=gate_lr, gate_weight_decay=gate_weight_decay,
+                           gate_range=list(gate_range) if gate_range is not None else None,
+                           min_width=self.min_width, gate_floor=gate_floor, placement=placement)
 
     # -- the loop: weights and gates on the same batches
     def loaders(self, data, val_data, batch_size: int) -> dict:
@@ -183,25 +158,11 @@ class PaS(Searcher):
         return {"loss": loss.detach(), "ce": ce.detach(), "reg": terms["reg"].detach(), "acc": acc,
                 "flops": terms["ratio"].detach() * float(gn.base_macs)}
 
-    # -- discretisation
-    def keep(self) -> tuple[dict, str]:
-        """The keep set to export and how it was found: ``"threshold"`` (w > 0.5) when its MACs
-        lie within rho +- tolerance of the model's, else ``"budget"``: the largest set of channels
-        by w (ties by position) whose MACs fit under rho (the gated network's keep("budget") on
-        the ranking of w; the mask itself is all ties)."""
-        gn = self.gn
-        keep = gn.keep("threshold", threshold=THRESHOLD)
-        if abs(self._keep_macs(keep) / gn.base_macs - self.flops_target) <= self.flops_tolerance:
-            return keep, "threshold"
-        w = gn.gate.detach().double().cpu()
-        order = torch.argsort(-w, stable=True)
-        rank = torch.empty_like(order)
-        rank[order] = torch.arange(len(order))
-        with gates_as(gn, (len(order) - rank).float()):       # unique, exact in fp32
-            return gn.keep("budget", macs=self.flops_target), "budget"
-
-    def _keep_macs(self, keep) -> float:
-        return float(self.gn.expected_macs(self.gn.keep_vector(keep).to(self.device)))
+    # -- discretisation (GatedSearcher.keep: w > 0.5 when its MACs are in_band, else the largest
+    # set by w that fits the budget)
+    def in_band(self, fraction: float) -> bool:
+        """PaS's band: within rho +- tolerance of the model's MACs."""
+        return abs(fraction - self.flops_target) <= self.flops_tolerance
 
     def export(self, keep=None) -> nn.Module:
         """The pruned network: the channels of ``keep`` (default :meth:`keep`'s) at gate 1, the
@@ -211,20 +172,10 @@ class PaS(Searcher):
         with gates_as(self.gn, self.gn.keep_vector(keep).float()):
             return self.gn.export(keep)
 
-    def architecture(self) -> dict:
-        """Keep-based (method, per-layer original and kept widths, MACs and params of export()),
-        with PaS's keys: ``keep`` ({group index: kept channels} of the model's channel graph),
-        ``selected_by`` (threshold or budget), ``mask_macs`` (MACs of w > 0.5), ``base_macs``,
-        ``base_params``, ``target_macs``, ``open`` (share of gates with w > 0.5)."""
-        gn = self.gn
-        keep, how = self.keep()
-        vector = gn.keep_vector(keep).to(self.device)
+    def architecture_extra(self, keep, how) -> dict:
+        """PaS's keys: ``mask_macs`` (MACs of w > 0.5), ``open`` (share of gates with w > 0.5)."""
         mask = self.mask().detach()
-        return keep_architecture(
-            self.method, self._layer_widths(keep), float(gn.expected_macs(vector)), float(gn.expected_params(vector)),
-            keep={str(g): idx.tolist() for g, idx in keep.items()}, selected_by=how,
-            mask_macs=float(gn.expected_macs(mask)), base_macs=gn.base_macs, base_params=gn.base_params,
-            target_macs=self.flops_target * gn.base_macs, open=float(mask.double().mean()))
+        return {"mask_macs": float(self.gn.expected_macs(mask)), "open": float(mask.double().mean())}
 
     # -- per-epoch record
     def epoch_metrics(self) -> dict:
@@ -234,14 +185,3 @@ class PaS(Searcher):
         macs = float(self.gn.expected_macs(mask))
         return {"loss": loss, "ce": ce, "reg": reg, "train_acc": acc, "macs": macs,
                 "macs_ratio": macs / self.gn.base_macs, "open": float(mask.double().mean())}
-
-    # -- checkpoint state
-    def method_state(self) -> dict:
-        return {"gated": self.gn.state_dict(), "optimizer": self.optimizer.state_dict(), "rng": self._rng,
-                "sums": self._sums}
-
-    def load_method_state(self, state):
-        self.gn.load_state_dict(state["gated"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self._rng = {k: v.cpu() for k, v in state["rng"].items()}
-        self._sums.copy_(state["sums"])

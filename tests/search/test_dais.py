@@ -19,7 +19,8 @@ from nasprune.data import load_dataset
 from nasprune.models import cifar_resnet20
 from nasprune.search import DAIS, Callback
 from nasprune.search.base import pruned_architecture
-from nasprune.search.dais import anneal_temperature, gates_as
+from nasprune.search.dais import anneal_temperature
+from nasprune.search.gated_searcher import gates_as
 from nasprune.train import evaluate
 
 SIZE = 16

@@ -20,7 +20,7 @@ from nasprune.flops import CostModel
 from nasprune.models import RepVGG, RepVGGBlock, cifar_resnet20, repvgg_a0
 from nasprune.search import PaS
 from nasprune.search.base import pruned_architecture
-from nasprune.search.dais import gates_as
+from nasprune.search.gated_searcher import gates_as
 from tests.search._kill import Kill
 
 SIZE = 16
