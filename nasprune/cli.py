@@ -149,7 +149,9 @@ class Method:
 
     check_model(name): raise CLIError for a --model the method cannot search.
     build(job) -> Searcher; select(job) -> the architecture dict to export (keep-based);
-    export(job) -> the pruned nn.Module of job.architecture.
+    export(job) -> the pruned nn.Module of job.architecture; finetune(job, progress) -> the
+    fine-tuning's history (None: KD from the baseline, ``nasprune.train.train``; progress: the
+    keyword arguments ``on_step`` / ``on_epoch`` of the command line's bar).
     """
     name: str
     summary: str
@@ -158,6 +160,7 @@ class Method:
     build: Callable
     select: Callable
     export: Callable
+    finetune: Callable | None = None
 
 
 def _tas_check_model(name):
@@ -571,11 +574,14 @@ def phase_finetune(job):
     from nasprune.train import evaluate, train
     a = job.args
     history = []
-    if a.finetune_epochs:
+    if a.finetune_epochs and job.method is not None and job.method.finetune is not None:
+        history = job.method.finetune(job, _train_progress(a, f"{job.method.name.upper()} fine-tune"))
+    elif a.finetune_epochs:
         history = train(job.pruned, job.train_set, epochs=a.finetune_epochs, batch_size=a.batch_size, lr=a.lr,
                         teacher=job.teacher, kd_lambda=a.kd_lambda, kd_temperature=a.kd_temperature,
                         warmup_epochs=a.warmup_epochs, test_data=job.test_set, device=job.device, seed=a.seed,
                         **_train_progress(a, "KD fine-tune"))
+    if a.finetune_epochs:
         _save_model(job.pruned, job.run.path("model.safetensors"), job.constructor, job.classes)
     stats = {**_model_stats(job.pruned, job.size),
              **evaluate(job.pruned.to(job.device), job.test_set, device=job.device), "history": history}
