@@ -72,9 +72,13 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 256, device=None) -> d
 def train(model: nn.Module, train_data, *, epochs: int, batch_size: int = 128, lr: float = 0.1,
           momentum: float = 0.9, weight_decay: float = 5e-4, warmup_epochs: int = 0, teacher: nn.Module | None = None,
           kd_lambda: float = 0.9, kd_temperature: float = 4.0, test_data=None, device=None, seed: int = 0,
-          on_step=None, on_epoch=None) -> list[dict]:
-    """Train ``model`` in place (CE, or KD from ``teacher`` when given). Returns per-epoch
-    history dicts (epoch, loss, train_acc, and test_acc when test_data is given).
+          on_step=None, on_epoch=None, loss_fn=None) -> list[dict]:
+    """Train ``model`` in place (CE, or KD from ``teacher`` when given, or ``loss_fn``). Returns
+    per-epoch history dicts (epoch, loss, train_acc, and test_acc when test_data is given).
+
+    loss_fn(model, batch) -> (loss, logits, targets): the loss of one batch of ``train_data``
+    (whatever its loader yields, e.g. two views and sample indices), and logits with their
+    targets for the running accuracy; it replaces CE and KD (``teacher`` must then be None).
 
     seed: the data order and augmentation, and any global randomness the model draws (dropout),
     on seeded copies of the global generators (the caller's are left as they were).
@@ -82,6 +86,8 @@ def train(model: nn.Module, train_data, *, epochs: int, batch_size: int = 128, l
     on_epoch(row): called with each epoch's history row."""
     if epochs < 0:
         raise ValueError(f"epochs must be >= 0, got {epochs}")
+    if loss_fn is not None and teacher is not None:
+        raise ValueError("give either teacher (KD) or loss_fn, not both")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
     if teacher is not None:
@@ -95,17 +101,22 @@ def train(model: nn.Module, train_data, *, epochs: int, batch_size: int = 128, l
         for epoch in range(epochs):
             model.train()
             sums = torch.zeros(3, dtype=torch.float64, device=device)
-            for x, y in loader:
+            for batch in loader:
                 if step < warm:
                     cur = lr * (step + 1) / warm
                 else:
                     cur = 0.5 * lr * (1 + math.cos(math.pi * (step - warm) / max(total - warm, 1)))
                 for g in opt.param_groups:
                     g["lr"] = cur
-                z = model(x)
-                if teacher is None:
+                if loss_fn is not None:
+                    loss, z, y = loss_fn(model, batch)
+                elif teacher is None:
+                    x, y = batch
+                    z = model(x)
                     loss = F.cross_entropy(z, y)
                 else:
+                    x, y = batch
+                    z = model(x)
                     with torch.no_grad():
                         t = teacher(x)
                     loss = kd_loss(z, t, y, kd_lambda, kd_temperature)

@@ -102,8 +102,11 @@ class DeviceLoader:
     channels_last: output in torch.channels_last memory format. dtype: output float dtype.
     seed / generator: the randomness; a given generator must live where the data lives
         (`loader.storage_device`).
+    views: augmented views per image (each drawn on its own, in turn, from the one generator);
+    with_index: also yield the batch's sample indices into the data (FFP's memory bank).
 
-    Yields (x, y): x float (B, C, H, W) normalised, y int64 (B,), both on `device`.
+    Yields (x, y): x float (B, C, H, W) normalised, y int64 (B,), both on `device`; with
+    views > 1, x is a tuple of `views` such tensors; with_index appends the indices (B,) int64.
     `len(loader)` is the number of batches per epoch; `cycle()` yields batches forever (a new
     epoch, reshuffled, after each); `state_dict()` / `load_state_dict()` resume mid-epoch.
     """
@@ -111,7 +114,7 @@ class DeviceLoader:
     def __init__(self, data, batch_size, *, labels=None, shuffle=False, augment=False,
                  drop_last=False, mean=None, std=None, device=None, pin_memory=False,
                  channels_last=False, pad=4, padding_mode="zeros", flip=None, seed=0,
-                 generator=None, dtype=torch.float32):
+                 generator=None, dtype=torch.float32, views=1, with_index=False):
         if isinstance(data, ImageDataset):
             if labels is not None:
                 raise ValueError("labels come from the ImageDataset; do not pass them too")
@@ -141,6 +144,9 @@ class DeviceLoader:
             raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
         if pad < 0:
             raise ValueError(f"pad must be >= 0, got {pad}")
+        if isinstance(views, bool) or not isinstance(views, int) or views < 1:
+            raise ValueError(f"views must be a positive int, got {views!r}")
+        self.views, self.with_index = views, bool(with_index)
 
         self.device = torch.device(device if device is not None
                                    else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -197,6 +203,15 @@ class DeviceLoader:
         return torch.arange(n, device=self.storage_device)
 
     def _batch(self, index):
+        if self.views == 1 and not self.with_index:
+            return self._view(index)
+        xs = [self._view(index) for _ in range(self.views)]
+        x, y = (xs[0][0] if self.views == 1 else tuple(v[0] for v in xs)), xs[0][1]
+        if not self.with_index:
+            return x, y
+        return x, y, index.to(self.device, non_blocking=True)
+
+    def _view(self, index):
         if self.augment:
             b, g, dev = index.shape[0], self.generator, self.storage_device
             offsets = torch.randint(0, 2 * self.pad + 1, (2, b), generator=g, device=dev)
