@@ -21,8 +21,10 @@
 #   bench_gate_epilogue 150, bench_width_aggregate 100, bench_scores 90 (no torch.compile),
 #   bench_tas 90, bench_gated 90 (the gated network's training step; never run on a GPU yet),
 #   bench_dais 90 (the DAIS step against an eager DAIS; never run on a GPU yet),
+#   bench_pas 90 (PaS's slimmed deploy network and its step; never run on a GPU yet),
 #   quality_study 240 (the quality protocol's noise study on the GPU, STUDY_ARGS the grid; carry
 #     gpu-data/, below), quality_dais 200 (DAIS's CPU-budget row on the GPU, controls included),
+#   quality_gpu 540 (QUALITY_METHOD's row at the GPU budget, ResNet-56: a call of its own),
 #   bench_slim 60 (--gpu-only), bench_scores_compile 90 (the torch.compile baseline,
 #   ResNet-50 only).
 # Seen on the H200 (2026-12-04, two calls): gpu 8 s, build 54-78 s, env 17-28 s,
@@ -151,6 +153,7 @@ step bench_scores           90 $PY benchmarks/bench_scores.py --device cuda --dt
 step bench_tas              90 $PY benchmarks/bench_tas.py --device cuda
 step bench_gated            90 $PY benchmarks/bench_gated.py --device cuda
 step bench_dais             90 $PY benchmarks/bench_dais.py --device cuda
+step bench_pas              90 $PY benchmarks/bench_pas.py --device cuda
 # The quality protocol's noise study (issue 13) for the CPU budget's ResNet-20, on the GPU: the
 # uniform control over a grid of KD learning rates and epochs, 3 seeds a cell, one record a cell
 # (needs gpu-data/ carried: the CIFAR-10 JPEG copy and the pretrained CIFAR ResNets).
@@ -158,6 +161,9 @@ QUALITY=(--device cuda --data gpu-data/cifar10-jpeg.tar.gz --pretrained-dir gpu-
 step quality_study        240 $PY benchmarks/quality.py --study "${QUALITY[@]}" ${STUDY_ARGS:---lrs 0.02 0.05 0.01 --epochs-grid 1 2 3}
 # A preview of DAIS's row of the CPU budget on the GPU (the controls first, once per protocol).
 step quality_dais         200 $PY benchmarks/quality.py --method dais "${QUALITY[@]}"
+# A method's row at the GPU budget (ResNet-56; the controls first, once per protocol): one call
+# each, e.g. STEPS=quality_gpu QUALITY_METHOD=tas BUDGET_S=560.
+step quality_gpu          540 $PY benchmarks/quality.py --method "${QUALITY_METHOD:-dais}" --budget gpu "${QUALITY[@]}"
 step bench_slim             60 $PY benchmarks/bench_slim.py --skip-pipeline --gpu-only
 step bench_scores_compile   90 $PY benchmarks/bench_scores.py --device cuda --dtype bfloat16 \
   --models resnet50 --criteria l1 taylor --no-peers
