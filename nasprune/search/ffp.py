@@ -465,9 +465,10 @@ class FFP(GatedSearcher):
         return {"loss": loss, "flops": macs, "candidates": len(cands), "group": gn.groups[i]}
 
     # -- discretisation: the mask is the architecture
-    def in_band(self, fraction: float) -> bool:
-        """The search's subnetwork is exported as it is once at or under the target."""
-        return fraction <= self.flops_target
+    def keep(self) -> tuple[dict, str]:
+        """The search's current subnetwork as a keep set, and ``"search"`` (at or under the
+        target) or ``"unfinished"`` (a search stopped before it reached the target)."""
+        return self.gn.keep("threshold", threshold=0.5), "search" if self.finished() else "unfinished"
 
     def export(self, keep=None, rescale: bool = True) -> nn.Module:
         """The pruned network: the kept channels of ``keep`` (default the search's subnetwork)
