@@ -4,6 +4,7 @@ searchers (``GatedSearcher``: DAIS, PaS) in gated_searcher."""
 from nasprune.models.pruned_resnet import ResNetSpec, TASResNet, tas_resnet
 from nasprune.search.base import Callback, Searcher, load_checkpoint, save_checkpoint
 from nasprune.search.dais import DAIS
+from nasprune.search.ffp import FFP, MemoryBank, ckt_loss  # noqa: F401  (FFP, issue 16)
 from nasprune.search.gated import GatedNetwork
 from nasprune.search.gated_searcher import GatedSearcher, gates_as
 from nasprune.search.pas import PaS
