@@ -322,7 +322,80 @@ PAS_METHOD = Method(
     check_model=lambda name: None, build=_pas_build, select=_pas_select,
     export=lambda job: job.searcher.export())
 
-METHODS = {m.name: m for m in (TAS_METHOD, DAIS_METHOD, PAS_METHOD)}
+
+def _ffp_build(job):
+    from nasprune.search import FFP
+    a = job.args
+    return FFP(job.teacher, a.flops_target, input_size=job.size, search_per_class=a.search_per_class,
+               tune_per_class=a.tune_per_class, tune_lr=a.tune_lr, search_step=a.search_step,
+               ensemble=a.ensemble == "on", bank_size=a.bank_size, device=job.device, seed=a.seed)
+
+
+def _ffp_select(job):
+    arch = job.searcher.architecture()
+    job.run.log(f"FFP: {arch['steps']} greedy steps, search loss {arch['trail_losses'][0]:.4f} -> "
+                f"{arch['trail_losses'][-1]:.4f}")
+    return arch
+
+
+def _ffp_export(job):
+    """The pruned network (kept kernels rescaled to the unpruned norms) and, for CKT, the memory
+    bank over the training set, saved in the run folder (memory_bank.safetensors)."""
+    s, a = job.searcher, job.args
+    if a.finetune_loss == "ckt":
+        t0 = time.time()
+        bank = s.memory_bank(job.train_set, batch_size=max(a.batch_size, 256))
+        bank.save(job.run.path("memory_bank.safetensors"))
+        job.run.log(f"memory bank: {bank.logits.shape[1]} subnetworks' logits over {bank.num_samples} images "
+                    f"({time.time() - t0:.0f} s), search losses {[round(v, 4) for v in bank.losses.tolist()]}")
+    return s.export()
+
+
+def _ffp_finetune(job, progress):
+    """CKT (two views per image, the bank's adaptive teacher) or the shared KD from the baseline."""
+    from nasprune.search.ffp import MemoryBank
+    from nasprune.train import train
+    a = job.args
+    recorded = job.run.read_json("config.json", required=False) or {}   # `nasprune finetune` has no FFP flags
+    loss = getattr(a, "finetune_loss", None) or recorded.get("finetune_loss", "ckt")
+    common = dict(epochs=a.finetune_epochs, batch_size=a.batch_size, lr=a.lr, warmup_epochs=a.warmup_epochs,
+                  test_data=job.test_set, device=job.device, seed=a.seed, **progress)
+    if loss == "kd":
+        return train(job.pruned, job.train_set, teacher=job.teacher, kd_lambda=a.kd_lambda,
+                     kd_temperature=a.kd_temperature, **common)
+    path = job.run.path("memory_bank.safetensors")
+    if not os.path.isfile(path):
+        raise CLIError(f"{path} not found: CKT fine-tuning needs the memory bank the FFP search wrote")
+    bank = MemoryBank.load(path)
+    temperature = getattr(a, "ckt_temperature", None) or recorded.get("ckt_temperature", 4.0)
+    loader = bank.loader(job.train_set, a.batch_size, device=job.device, seed=a.seed)
+    return train(job.pruned, loader, loss_fn=bank.ckt_loss(temperature), **common)
+
+
+FFP_METHOD = Method(
+    name="ffp", summary="FFP (Lee & Song, TNNLS 2023): greedy coarse-to-fine filter pruning, memory-bank CKT, any CNN",
+    options=(
+        Option(("--search-per-class",), dict(type=_count(1), default=32,
+                                             help="search set: the last N training images per class (default 32)")),
+        Option(("--tune-per-class",), dict(type=_count(0), default=256,
+                                           help="pre-search tuning subset per class, --epochs epochs of it "
+                                                "(default 256)")),
+        Option(("--tune-lr",), dict(type=float, default=1e-3, help="SGD step of the pre-search tuning (default 1e-3)")),
+        Option(("--search-step",), dict(type=_fraction, default=0.2,
+                                        help="a group's k-th shrink: max(1/C, step / k) of its width (default 0.2)")),
+        Option(("--ensemble",), dict(choices=("on", "off"), default="on",
+                                     help="J includes CE to the accepted subnetworks' ensemble (default on)")),
+        Option(("--bank-size",), dict(type=_count(1), default=5, help="memory-bank subnetworks K (default 5)")),
+        Option(("--finetune-loss",), dict(choices=("ckt", "kd"), default="ckt",
+                                          help="ckt: two views, the memory bank's teacher (default); kd: the shared "
+                                               "KD from the baseline")),
+        Option(("--ckt-temperature",), dict(type=_positive_float, default=4.0,
+                                            help="T of the CKT loss (default 4; 10 for ImageNet)")),
+    ),
+    check_model=lambda name: None, build=_ffp_build, select=_ffp_select, export=_ffp_export,
+    finetune=_ffp_finetune)
+
+METHODS = {m.name: m for m in (TAS_METHOD, DAIS_METHOD, PAS_METHOD, FFP_METHOD)}
 
 
 # ------------------------------------------------------------------ run folder and progress

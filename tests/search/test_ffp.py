@@ -351,3 +351,28 @@ def test_arguments_are_checked():
         s.loaders(torch.zeros(3), None, 4)
     with pytest.raises(RuntimeError, match="finished search"):
         s.bank_entries()
+
+
+def test_command_line_search_bank_and_ckt_finetune(tmp_path):
+    """`nasprune search --method ffp`: the search at or under the target, the memory bank in the
+    run folder, CKT fine-tuning from it (also again through `nasprune finetune`), the model saved
+    so that nasprune.load rebuilds it."""
+    import json
+    from nasprune import cli
+    out = tmp_path / "run"
+    rc = cli.main(["search", "--method", "ffp", "--model", "resnet20", "--data", "digits", "--image-size", str(SIZE),
+                   "--flops-target", "0.6", "--epochs", "1", "--baseline-epochs", "1", "--finetune-epochs", "1",
+                   "--batch-size", "128", "--search-per-class", "4", "--tune-per-class", "16", "--bank-size", "3",
+                   "--out", str(out), "--no-progress", "--device", "cpu"])
+    assert rc == 0
+    arch = json.loads((out / "architecture.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert arch["method"] == "ffp" and arch["selected_by"] == "search" and metrics["pruned"]["flops"] == arch["macs"]
+    assert arch["macs"] <= 0.6 * metrics["baseline"]["flops"]
+    bank = MemoryBank.load(out / "memory_bank.safetensors")
+    assert bank.logits.shape == (1438, 3, 10) and len(metrics["pruned"]["history"]) == 1
+    loaded = nasprune.load(out / "model.safetensors")
+    assert flops.count(loaded, torch.zeros(1, 3, SIZE, SIZE)) == arch["macs"]
+    assert cli.main(["finetune", "--run", str(out), "--epochs", "1", "--lr", "0.01", "--no-progress",
+                     "--device", "cpu"]) == 0
+    assert len(json.loads((out / "metrics.json").read_text())["pruned"]["history"]) == 1
