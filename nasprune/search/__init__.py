@@ -2,6 +2,7 @@
 network every gate-based method searches (``GatedNetwork``) in gated; the base of the gate-based
 searchers (``GatedSearcher``: DAIS, PaS) in gated_searcher."""
 from nasprune.models.pruned_resnet import ResNetSpec, TASResNet, tas_resnet
+from nasprune.search.ast_search import AST, ThreshNet
 from nasprune.search.base import Callback, Searcher, load_checkpoint, save_checkpoint
 from nasprune.search.dais import DAIS
 from nasprune.search.ffp import FFP, MemoryBank, ckt_loss  # noqa: F401  (FFP, issue 16)
@@ -11,6 +12,6 @@ from nasprune.search.pas import PaS
 from nasprune.search.tas import TAS, cost_loss, temperature
 from nasprune.search.tas_net import TASSupernet, aggregate_widths, cwi, resnet_spec, sample_widths
 
-__all__ = ["Callback", "DAIS", "GatedNetwork", "GatedSearcher", "PaS", "ResNetSpec", "Searcher", "TAS", "TASResNet", "TASSupernet", "aggregate_widths", "cost_loss",
+__all__ = ["AST", "ThreshNet", "Callback", "DAIS", "GatedNetwork", "GatedSearcher", "PaS", "ResNetSpec", "Searcher", "TAS", "TASResNet", "TASSupernet", "aggregate_widths", "cost_loss",
            "cwi", "gates_as", "load_checkpoint", "resnet_spec", "sample_widths", "save_checkpoint", "tas_resnet",
            "temperature"]
