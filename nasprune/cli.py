@@ -323,6 +323,66 @@ PAS_METHOD = Method(
     export=lambda job: job.searcher.export())
 
 
+def _ast_build(job):
+    from nasprune.search import AST
+    a = job.args
+    budget = {"flops_target": None, "params_target": a.params_target} if a.params_target else \
+        {"flops_target": a.flops_target}
+    return AST(job.teacher, **budget, input_size=job.size, start="warm" if a.warm_start else "cold",
+               coarse_fraction=a.coarse_fraction, coarse_lr=a.lr, subnets=a.subnets, cost_weight=a.cost_weight,
+               policy_lr=a.policy_lr, lr=a.search_lr, alpha_lr=a.alpha_lr, teacher=job.teacher if a.robust else None,
+               kd_lambda=getattr(a, "kd_lambda", 0.9), kd_temperature=getattr(a, "kd_temperature", 4.0),
+               device=job.device, seed=a.seed)
+
+
+def _ast_select(job):
+    s = job.searcher
+    arch = s.architecture()
+    if arch["selected_by"] == "budget":     # no sampled sub-network was within the budget (see AST.keep)
+        job.run.log(f"no sampled sub-network met the {s.budget} budget {s.target}; exporting the largest channels "
+                    f"by alpha that fit it instead")
+    else:
+        job.run.log(f"sub-network {arch['subnet']} of {arch['subnets_done']}: {s.budget} {s.cost(s.keep()[0]):.3f} "
+                    f"of the model's, held-out loss {arch['val_loss']:.3f}, acc {arch['val_acc']:.3f}")
+    return arch
+
+
+def _ast_finetune(job, progress):
+    """Plain CE fine-tuning of the best sub-network; KD from the baseline with --robust."""
+    from nasprune.train import train
+    a = job.args
+    return train(job.pruned, job.train_set, epochs=a.finetune_epochs, batch_size=a.batch_size, lr=a.lr,
+                 teacher=job.teacher if a.robust else None, kd_lambda=a.kd_lambda, kd_temperature=a.kd_temperature,
+                 warmup_epochs=a.warmup_epochs, test_data=job.test_set, device=job.device, seed=a.seed, **progress)
+
+
+AST_METHOD = Method(
+    name="ast", summary="AST (Lu et al., TPAMI 2023): sampled sub-networks trained slimmed, ThreshNet thresholds",
+    options=(
+        Option(("--warm-start",), dict(action="store_true", default=False,
+                                       help="start from the baseline's weights (default: a cold start, the weights "
+                                            "re-initialised and trained by a coarse phase)")),
+        Option(("--robust",), dict(action="store_true", default=False,
+                                   help="robust mode: KD from the baseline (or --teacher) trains the sub-networks "
+                                        "and the fine-tuning (default: CE)")),
+        Option(("--params-target",), dict(type=_fraction, default=None,
+                                          help="a parameters budget (fraction kept) instead of --flops-target")),
+        Option(("--subnets",), dict(type=_count(1), default=30, help="sub-networks sampled and trained (default 30)")),
+        Option(("--coarse-fraction",), dict(type=float, default=None,
+                                            help="share of the search's steps training the full target first "
+                                                 "(default 0.2 cold, 0 warm; its SGD step is --lr, cosine)")),
+        Option(("--policy-lr",), dict(type=_positive_float, default=3e-3, help="ThreshNet's Adam step (default 3e-3)")),
+        Option(("--search-lr",), dict(type=_positive_float, default=0.01,
+                                      help="SGD step of each sub-network's weights (default 0.01, constant)")),
+        Option(("--alpha-lr",), dict(type=_positive_float, default=1e-3,
+                                     help="SGD step of the filter weights alpha on the held-out split (default 1e-3)")),
+        Option(("--cost-weight",), dict(type=_positive_float, default=2.0,
+                                        help="beta of the reward's budget penalty (default 2)")),
+    ),
+    check_model=lambda name: None, build=_ast_build, select=_ast_select,
+    export=lambda job: job.searcher.export(), finetune=_ast_finetune)
+
+
 def _ffp_build(job):
     from nasprune.search import FFP
     a = job.args
@@ -395,7 +455,7 @@ FFP_METHOD = Method(
     check_model=lambda name: None, build=_ffp_build, select=_ffp_select, export=_ffp_export,
     finetune=_ffp_finetune)
 
-METHODS = {m.name: m for m in (TAS_METHOD, DAIS_METHOD, PAS_METHOD, FFP_METHOD)}
+METHODS = {m.name: m for m in (TAS_METHOD, DAIS_METHOD, PAS_METHOD, FFP_METHOD, AST_METHOD)}
 
 
 # ------------------------------------------------------------------ run folder and progress

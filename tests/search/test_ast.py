@@ -233,3 +233,22 @@ def test_arguments_are_checked(digits):
     s = AST(cifar_resnet20(), 0.5, input_size=SIZE, device="cpu", subnets=50)
     with pytest.raises(ValueError, match="fewer than subnets=50"):
         s.search(digits[0], epochs=1, batch_size=256)
+
+
+def test_command_line_searches_with_a_cold_start(tmp_path):
+    """`nasprune search --method ast`: a cold-start search on digits, the best sub-network within
+    the budget exported, fine-tuned (robust: KD) and saved so that nasprune.load rebuilds it."""
+    import json
+    from nasprune import cli
+    assert {"warm_start", "robust", "params_target", "subnets", "policy_lr"} <= {o.dest for o in cli.METHODS["ast"].options}
+    out = tmp_path / "run"
+    rc = cli.main(["search", "--method", "ast", "--model", "resnet20", "--data", "digits", "--image-size", "16",
+                   "--epochs", "2", "--baseline-epochs", "1", "--finetune-epochs", "1", "--batch-size", "128",
+                   "--subnets", "3", "--robust", "--out", str(out), "--no-progress", "--device", "cpu"])
+    assert rc == 0
+    arch = json.loads((out / "architecture.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert arch["method"] == "ast" and arch["selected_by"] == "subnet" and metrics["pruned"]["flops"] == arch["macs"]
+    assert arch["macs"] <= 0.5 * metrics["baseline"]["flops"]
+    loaded = nasprune.load(out / "model.safetensors")
+    assert flops.count(loaded, torch.zeros(1, 3, SIZE, SIZE)) == arch["macs"]
