@@ -228,7 +228,11 @@ class FFP(GatedSearcher):
             n_search = 0 if val_data is not None else min(self.search_per_class, len(idx))
             search_idx.append(idx[len(idx) - n_search:])
             tune_idx.append(idx[:len(idx) - n_search][:self.tune_per_class])
-        search_set = val_data if val_data is not None else data.subset(np.sort(np.concatenate(search_idx)))
+        # the search set interleaved by class (its i-th image of every class, then the (i+1)-th):
+        # batch statistics of a class-sorted dataset's batches would see a few classes each
+        rank = np.concatenate([np.arange(len(i)) for i in search_idx]) if search_idx else np.zeros(0, np.int64)
+        flat = np.concatenate(search_idx) if search_idx else np.zeros(0, np.int64)
+        search_set = val_data if val_data is not None else data.subset(flat[np.lexsort((flat, rank))])
         tune_idx = np.sort(np.concatenate(tune_idx))
         if len(search_set) == 0:
             raise ValueError("the search set is empty")
@@ -514,17 +518,20 @@ class FFP(GatedSearcher):
 
     @torch.no_grad()
     def memory_bank(self, data, batch_size: int = 256) -> MemoryBank:
-        """The memory bank over ``data`` (the training set, un-augmented, in order): the logits of
-        the K teachers (:meth:`bank_entries`), batch-statistics normalisation as in the search,
-        sorted by their search loss (entry 0 the best)."""
+        """The memory bank over ``data`` (the training set, an ImageDataset, un-augmented): the
+        logits of the K teachers (:meth:`bank_entries`) in data order, batch-statistics
+        normalisation as in the search (batches of a seeded random order), sorted by their search
+        loss (entry 0 the best)."""
         from nasprune.data import DeviceLoader
         chosen = self.bank_entries()
         chosen.sort(key=lambda j: (float(self.trail[j]["loss"]), j))
-        loader = data if isinstance(data, DeviceLoader) else DeviceLoader(
-            data, batch_size, shuffle=False, augment=False, device=self.device)
-        if loader.shuffle or loader.augment:
-            raise ValueError("the memory bank is built on the un-augmented training set in order: pass a "
-                             "DeviceLoader with shuffle=False and augment=False (or an ImageDataset)")
+        if isinstance(data, DeviceLoader):
+            raise TypeError("memory_bank takes the training set as an ImageDataset (it batches it in its own order)")
+        # batches in one seeded random order (a class-sorted dataset's batches in dataset order
+        # would give the batch statistics a few classes each), the logits put back in data order
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(self.seed))
+        loader = DeviceLoader(data.subset(order.numpy()), batch_size, shuffle=False, augment=False,
+                              device=self.device)
         per_entry = []
         for j in chosen:
             values = self.trail[j]["keep"].to(self.device, torch.float32)
@@ -532,7 +539,9 @@ class FFP(GatedSearcher):
             with self._batch_statistics(), gates_as(self.gn, values):
                 for x, _ in loader:
                     out.append(self.gn(x).float().cpu())
-            per_entry.append(torch.cat(out))
+            logits = torch.empty(len(data), out[0].shape[1])
+            logits[order] = torch.cat(out)
+            per_entry.append(logits)
         return MemoryBank(torch.stack(per_entry, 1).contiguous(),
                           torch.tensor([float(self.trail[j]["loss"]) for j in chosen], dtype=torch.float64),
                           torch.stack([self.trail[j]["keep"].float().cpu() for j in chosen]))

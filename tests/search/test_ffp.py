@@ -144,7 +144,9 @@ def test_importance_equals_autograd_sum_dy_y_per_batch():
         return fn
     handles = [getattr(ref_model, n).register_forward_hook(hook(n)) for n in slots]
     expected = torch.zeros(gn.num_gates, dtype=torch.float64)
-    loader = DeviceLoader(data.subset(np.arange(12)), 5, device="cpu")
+    interleaved = np.arange(12).reshape(4, 3).T.flatten()   # the search set: classes interleaved
+    assert np.array_equal(s._loaders["search"].labels.numpy(), data.labels[interleaved])
+    loader = DeviceLoader(data.subset(interleaved), 5, device="cpu")
     start = 0
     for x, y in loader:
         logits = ref_model(x)
@@ -331,11 +333,15 @@ def test_memory_bank_entries_and_logits(digits, searched):
     subset = train_set.subset(np.arange(50))
     bank = s.memory_bank(subset, batch_size=25)
     assert bank.logits.shape == (50, 5, 10) and bool((bank.losses[1:] >= bank.losses[:-1]).all())
-    # entry 0's logits: the gated network at that entry's gates, BN on batch statistics
+    # entry 0's logits, in data order: the gated network at that entry's gates, BN on the batch
+    # statistics of the bank's batches (a seeded random order of the data)
     first = bank.keeps[0]
+    order = torch.randperm(50, generator=torch.Generator().manual_seed(s.seed))[:25]
     with s._batch_statistics(), gates_as(s.gn, first), torch.no_grad():
-        x, _ = next(iter(DeviceLoader(subset, 25, device="cpu")))
-        assert torch.allclose(bank.logits[:25, 0], s.gn(x), atol=1e-5)
+        x, _ = next(iter(DeviceLoader(subset.subset(order.numpy()), 25, device="cpu")))
+        assert torch.allclose(bank.logits[order, 0], s.gn(x), atol=1e-5)
+    with pytest.raises(TypeError, match="ImageDataset"):
+        s.memory_bank(DeviceLoader(subset, 25, device="cpu"))
 
 
 def test_arguments_are_checked():
