@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 import nasprune
@@ -24,6 +23,7 @@ from nasprune.search.ffp import MemoryBank, ckt_loss, kl_t, select_teachers
 from nasprune.search.gated_searcher import gates_as
 from nasprune.train import train
 from tests.search._kill import Kill
+from tests.search.test_pas import _build, _rel   # the models of the end-to-end tests, the relative error
 
 SIZE = 8
 SMALL = dict(search_per_class=4, tune_per_class=16)
@@ -231,17 +231,6 @@ def test_bank_loader_views_and_indices_feed_train(tmp_path):
 
 
 E2E = ["resnet18", "mobilenet_v2", "efficientnet_b0", "vgg11_bn", "densenet121", "cifar_resnet20"]
-
-
-def _build(name):
-    torch.manual_seed(0)
-    if name == "cifar_resnet20":
-        return cifar_resnet20(num_classes=10), ("nasprune.models.cifar_resnet20", {"num_classes": 10})
-    return getattr(torchvision.models, name)(num_classes=10), (f"torchvision.models.{name}", {"num_classes": 10})
-
-
-def _rel(reference, out):
-    return float((out - reference).abs().max() / max(1.0, float(reference.abs().max())))
 
 
 @pytest.mark.parametrize("name", E2E)
