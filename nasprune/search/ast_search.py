@@ -463,13 +463,9 @@ class AST(GatedSearcher):
         return (float(cost >= self.target - self.select_band), reward)
 
     # -- discretisation
-    def budget_keep(self, scores: torch.Tensor) -> dict:
-        """The largest set of channels by ``scores`` (ties by position) within the budget."""
-        order = torch.argsort(-scores.double().cpu(), stable=True)
-        rank = torch.empty_like(order)
-        rank[order] = torch.arange(len(order))
-        with gates_as(self.gn, (len(order) - rank).float()):
-            return self.gn.keep("budget", **{self.budget: self.target})
+    def budget_limit(self) -> dict:
+        """The budget as the gated network's keep("budget") takes it: MACs or parameters."""
+        return {self.budget: self.target}
 
     def keep(self) -> tuple[dict, str]:
         """The best sub-network within the budget (``"subnet"``), or, when none was, the largest

@@ -143,13 +143,17 @@ class GatedSearcher(Searcher):
         return self.budget_keep(gn.gate.detach()), "budget"
 
     def budget_keep(self, scores: torch.Tensor) -> dict:
-        """The largest set of channels by ``scores`` (num_gates,; ties by position) whose MACs fit
-        under the target."""
+        """The largest set of channels by ``scores`` (num_gates,; ties by position) whose cost fits
+        the budget (:meth:`budget_limit`)."""
         order = torch.argsort(-scores.double().cpu(), stable=True)
         rank = torch.empty_like(order)
         rank[order] = torch.arange(len(order))
         with gates_as(self.gn, (len(order) - rank).float()):       # unique, exact in fp32
-            return self.gn.keep("budget", macs=self.flops_target)
+            return self.gn.keep("budget", **self.budget_limit())
+
+    def budget_limit(self) -> dict:
+        """The budget as the gated network's keep("budget") takes it (default: the MACs target)."""
+        return {"macs": self.flops_target}
 
     def _keep_macs(self, keep) -> float:
         return float(self.gn.expected_macs(self.gn.keep_vector(keep).to(self.device)))
