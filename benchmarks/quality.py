@@ -52,7 +52,7 @@ import _common  # noqa: E402
 
 import nasprune  # noqa: E402
 from nasprune import flops, graph, models, scores, slim  # noqa: E402
-from nasprune.cli import METHODS, TrainBar  # noqa: E402
+from nasprune.cli import METHODS, Run, TrainBar  # noqa: E402
 from nasprune.data import load_dataset  # noqa: E402
 from nasprune.train import evaluate, train  # noqa: E402
 
@@ -78,6 +78,12 @@ BUDGETS = {
 METHOD_ARGS = {
     "dais": ["--alpha-lr", "0.1", "--alpha-init", "0.5"],
     "pas": ["--gate-lr", "0.1"],
+    # FFP: its defaults (one epoch of tuning on 256 images a class, then the greedy search; CKT
+    # fine-tuning from its memory bank); the row without the bank: --method ffp --finetune-loss kd
+    "ffp": [],
+    # AST: warm start from the baseline (no coarse phase), 30 sub-networks share the search epoch;
+    # --robust: KD from the baseline trains the sub-networks and the fine-tuning, as every arm's
+    "ast": ["--warm-start", "--robust"],
 }
 
 
@@ -184,11 +190,12 @@ class Protocol:
             parser.add_argument(*o.flags, **o.kwargs)
         args = parser.parse_args(METHOD_ARGS.get(name, []) + extra)
         args.flops_target, args.seed, args.lr = self.p["flops_target"], seed, self.p["search_lr"]
-        args.search_lr = self.p["search_lr"]
-        log = []
+        args.search_lr, args.batch_size = self.p["search_lr"], self.p["batch_size"]
+        key = hashlib.sha1(json.dumps(METHOD_ARGS.get(name, []) + extra).encode()).hexdigest()[:8]
+        run = Run(self.cache / f"{name}-{key}-seed{seed}")     # what a method writes (FFP's memory bank)
         job = SimpleNamespace(args=args, teacher=self.baseline, size=self.size, device=self.device,
-                              test_set=self.test_set, metrics={}, searcher=None, architecture=None,
-                              run=SimpleNamespace(log=log.append))
+                              train_set=self.train_set, test_set=self.test_set, metrics={}, searcher=None,
+                              architecture=None, pruned=None, run=run)
         t = time.time()
         job.searcher = method.build(job)
         callbacks = []
@@ -198,13 +205,17 @@ class Protocol:
         job.searcher.search(self.train_set, epochs=self.p["search_epochs"], batch_size=self.p["batch_size"],
                             callbacks=callbacks)
         job.architecture = method.select(job)
-        pruned = method.export(job)
+        pruned = job.pruned = method.export(job)
         search_min = (time.time() - t) / 60
         t = time.time()
         macs = flops.count(pruned.cpu(), self.x)
-        acc = self.kd(pruned, self.p["finetune_epochs"], seed, f"{name} KD seed {seed}")
-        for line in log:
-            print(f"  {line}", flush=True)
+        if method.finetune is None:
+            acc = self.kd(pruned, self.p["finetune_epochs"], seed, f"{name} KD seed {seed}")
+        else:   # the method's own fine-tuning (FFP's CKT; AST's KD with --robust) at the protocol's budget
+            args.finetune_epochs, args.lr = self.p["finetune_epochs"], self.p["finetune_lr"]
+            args.warmup_epochs, args.kd_lambda, args.kd_temperature = 0, 0.9, 4.0
+            method.finetune(job, self._bar(f"{name} fine-tune seed {seed}"))
+            acc = self.accuracy(pruned)
         print(f"{name} seed {seed}: {acc:.4f} at {macs / self.base_macs:.4f} of the MACs", flush=True)
         return {"acc": acc, "macs": macs, "macs_fraction": macs / self.base_macs,
                 "epochs": self.control_epochs, "search_minutes": search_min,

@@ -60,6 +60,14 @@ def test_a_methods_row_against_the_controls(tmp_path):
     lines = quality.table(tmp_path).splitlines()
     assert len(lines) == 2 + 4 and sum(" dais " in line for line in lines) == 1   # the latest row per arm
 
+    # a method with its own fine-tuning (FFP's CKT from the memory bank its export writes into
+    # the run's folder) goes through the method's hook at the protocol's budget
+    quality.main(["--method", "ffp", "--seeds", "0"] + common)
+    ffp = _rows(tmp_path)[-1]
+    assert ffp["arm"] == "ffp" and ffp["macs_fraction"] <= 0.5 and 0.5 < ffp["acc_mean"] <= 1
+    banks = list((tmp_path / "cache" / version).glob("ffp-*-seed0/memory_bank.safetensors"))
+    assert len(banks) == 1
+
 
 def test_compare_is_the_standard_error_of_the_difference():
     a, b = {"mean": 0.80, "std": 0.003, "n": 3}, {"mean": 0.79, "std": 0.004, "n": 3}
