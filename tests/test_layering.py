@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1] / "nasprune"
 
 # each part may import only the parts listed before it (and itself)
-ORDER = ["ops", "kernels", "handlers", "nn", "graph", "flops", "slim", "io", "scores", "models",
+ORDER = ["ops", "kernels", "handlers", "nn", "graph", "flops", "slim", "io", "scores", "models", "dist",
          "data", "train", "search", "env", "cli"]
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from nasprune.data.dataset import CIFAR10_MEAN, CIFAR10_STD, ImageDataset
+from nasprune import dist
 
 PADDING_MODES = ("zeros", "reflect", "replicate")
 
@@ -104,6 +105,10 @@ class DeviceLoader:
         (`loader.storage_device`).
     views: augmented views per image (each drawn on its own, in turn, from the one generator);
     with_index: also yield the batch's sample indices into the data (FFP's memory bank).
+    rank, world_size: under torchrun (default: torch.distributed's, 1 process otherwise) every
+        rank draws the same seeded order and augmentation of each global batch of `batch_size`
+        and yields its own slice of it (batch_size / world_size images; batch_size must be
+        divisible by world_size), so the ranks together see exactly the one-process batches.
 
     Yields (x, y): x float (B, C, H, W) normalised, y int64 (B,), both on `device`; with
     views > 1, x is a tuple of `views` such tensors; with_index appends the indices (B,) int64.
@@ -114,7 +119,7 @@ class DeviceLoader:
     def __init__(self, data, batch_size, *, labels=None, shuffle=False, augment=False,
                  drop_last=False, mean=None, std=None, device=None, pin_memory=False,
                  channels_last=False, pad=4, padding_mode="zeros", flip=None, seed=0,
-                 generator=None, dtype=torch.float32, views=1, with_index=False):
+                 generator=None, dtype=torch.float32, views=1, with_index=False, rank=None, world_size=None):
         if isinstance(data, ImageDataset):
             if labels is not None:
                 raise ValueError("labels come from the ImageDataset; do not pass them too")
@@ -147,6 +152,13 @@ class DeviceLoader:
         if isinstance(views, bool) or not isinstance(views, int) or views < 1:
             raise ValueError(f"views must be a positive int, got {views!r}")
         self.views, self.with_index = views, bool(with_index)
+        self.rank = dist.rank() if rank is None else int(rank)
+        self.world_size = dist.world_size() if world_size is None else int(world_size)
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} outside 0..{self.world_size - 1} (world_size {self.world_size})")
+        if int(batch_size) % self.world_size:
+            raise ValueError(f"batch_size {batch_size} is the global batch, split evenly over the "
+                             f"{self.world_size} ranks: make it a multiple of {self.world_size}")
 
         self.device = torch.device(device if device is not None
                                    else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -202,16 +214,24 @@ class DeviceLoader:
             return torch.randperm(n, generator=self.generator, device=self.storage_device)
         return torch.arange(n, device=self.storage_device)
 
+    @property
+    def local_batch_size(self):
+        """Images of a full batch this rank yields (batch_size / world_size)."""
+        return self.batch_size // self.world_size
+
     def _batch(self, index):
+        # index: the global batch; randomness is drawn for all of it (every rank alike), then
+        # each rank keeps its slice
+        part = slice(*dist.shard_bounds(index.shape[0], self.rank, self.world_size))
         if self.views == 1 and not self.with_index:
-            return self._view(index)
-        xs = [self._view(index) for _ in range(self.views)]
+            return self._view(index, part)
+        xs = [self._view(index, part) for _ in range(self.views)]
         x, y = (xs[0][0] if self.views == 1 else tuple(v[0] for v in xs)), xs[0][1]
         if not self.with_index:
             return x, y
-        return x, y, index.to(self.device, non_blocking=True)
+        return x, y, index[part].to(self.device, non_blocking=True)
 
-    def _view(self, index):
+    def _view(self, index, part=slice(None)):
         if self.augment:
             b, g, dev = index.shape[0], self.generator, self.storage_device
             offsets = torch.randint(0, 2 * self.pad + 1, (2, b), generator=g, device=dev)
@@ -219,9 +239,11 @@ class DeviceLoader:
                 flip = torch.randint(0, 2, (b,), generator=g, device=dev).bool()
             else:
                 flip = torch.zeros(b, dtype=torch.bool, device=dev)
-            x = crop_flip(self.images, index, offsets[0], offsets[1], flip, self.pad,
+            index = index[part]
+            x = crop_flip(self.images, index, offsets[0, part], offsets[1, part], flip[part], self.pad,
                           self.padding_mode)
         else:
+            index = index[part]
             x = self.images.index_select(0, index)
         x = x[..., :self.channels]
         y = self.labels.index_select(0, index)
@@ -272,5 +294,6 @@ class DeviceLoader:
         self._resume = self._perm is not None and self._position < len(self)
 
     def __repr__(self):
+        shard = f", rank {self.rank} of {self.world_size}" if self.world_size > 1 else ""
         return (f"DeviceLoader({self.num_samples} samples, batch_size={self.batch_size}, "
-                f"shuffle={self.shuffle}, augment={self.augment}, device={self.device})")
+                f"shuffle={self.shuffle}, augment={self.augment}, device={self.device}{shard})")

@@ -30,6 +30,13 @@ Checkpoints are one safetensors file (``nasprune.io.save_atomic``): every tensor
 optimiser state, loader positions, random generators) plus a JSON header for the rest; a killed
 run leaves either the old or the new checkpoint. Nothing is pickled. Resuming with the same
 configuration replays the remaining steps exactly.
+
+Under torchrun (an initialised torch.distributed process group, :mod:`nasprune.dist`) every rank
+runs the same search on the same seeded randomness: the loaders give each rank its slice of every
+global batch, the optimisers the searcher lists in ``optimizers`` average their gradients across
+ranks before they step, the step metrics and a method's running epoch sums (``_sums``, a tensor)
+are averaged, rank 0's weights start every rank, and rank 0 alone writes the checkpoint (which
+every rank resumes from, read by rank 0 and sent to the others).
 """
 from __future__ import annotations
 
@@ -38,6 +45,8 @@ import os
 
 import torch
 from torch import nn
+
+from nasprune import dist
 
 _META = "nasprune.checkpoint"
 CHECKPOINT_FORMAT = "nasprune.search/2"
@@ -198,6 +207,7 @@ class Searcher:
         self.global_step, self.history = 0, []
         self.epochs = self.steps_per_epoch = 0
         self._streams: dict = {}
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}   # averaged across ranks under torchrun
 
     # -- what a method implements
     def step(self, *batches) -> dict:
@@ -284,6 +294,11 @@ class Searcher:
                                       f"resume with the same configuration, or start afresh (another "
                                       f"checkpoint path, or without resume)")
 
+    def _average_sums(self) -> None:
+        """A method's running epoch sums (``_sums``), averaged across ranks under torchrun."""
+        if isinstance(getattr(self, "_sums", None), torch.Tensor):
+            dist.all_reduce_mean_([self._sums])
+
     # -- the schedule
     def search(self, data, val_data=None, epochs: int | None = None, *, batch_size: int = 256, checkpoint=None,
                resume: bool = False, checkpoint_every: int = 0, callbacks=()):
@@ -311,8 +326,11 @@ class Searcher:
                                    "batch_size": {n: lo.batch_size for n, lo in loaders.items()},
                                    "samples": {n: lo.num_samples for n, lo in loaders.items()}}})
         start_epoch = epoch_step = 0
-        if resume and checkpoint is not None and os.path.exists(checkpoint):
+        state = None
+        if resume and checkpoint is not None and dist.is_main() and os.path.exists(checkpoint):
             state = load_checkpoint(checkpoint)
+        state = dist.broadcast_object(state)
+        if state is not None:
             if state.get("format") != CHECKPOINT_FORMAT:
                 raise ConfigMismatchError(f"{checkpoint}: a checkpoint of an earlier nasprune (format "
                                           f"{state.get('format', 'nasprune.search/1')!r}, this one writes "
@@ -323,8 +341,15 @@ class Searcher:
                 loader.load_state_dict(state["loaders"][name])
             start_epoch, epoch_step = int(state["epoch"]), int(state["epoch_step"])
 
+        for opt in getattr(self, "optimizers", {}).values():
+            dist.average_gradients_before_step(opt)
+        if isinstance(getattr(self, "model", None), nn.Module):
+            dist.broadcast_module_(self.model)     # every rank starts from rank 0's weights
+
         def save(next_epoch, step_in_epoch):
             if checkpoint is not None:
+                self._average_sums()     # every rank resumes from rank 0's sums: make them the global ones
+            if checkpoint is not None and dist.is_main():
                 save_checkpoint(checkpoint, {"format": CHECKPOINT_FORMAT, "config": config, "epoch": next_epoch,
                                              "epoch_step": step_in_epoch, "searcher": self.state_dict(),
                                              "loaders": {n: lo.state_dict() for n, lo in loaders.items()}})
@@ -339,12 +364,13 @@ class Searcher:
                 metrics = self.step(*batches)
                 self.global_step += 1
                 epoch_step += 1
-                metrics = _floats(metrics)
+                metrics = _floats(dist.mean_metrics(metrics))
                 for cb in callbacks:
                     cb.on_step_end(self, self.global_step, metrics)
                 if checkpoint_every and self.global_step % checkpoint_every == 0 and epoch_step < steps:
                     save(epoch, epoch_step)  # mid-epoch: resume continues this epoch where the loaders stand
             epoch_step = 0
+            self._average_sums()
             row = {"epoch": epoch + 1, **self.epoch_metrics()}
             self.history.append(row)
             for cb in callbacks:

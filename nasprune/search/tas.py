@@ -103,6 +103,7 @@ class TAS(Searcher):
                                      weight_decay=weight_decay, nesterov=True)
         self.a_opt = torch.optim.Adam(self.model.arch_parameters(), lr=arch_lr, betas=tuple(arch_betas),
                                       weight_decay=arch_weight_decay)
+        self.optimizers.update(w_opt=self.w_opt, a_opt=self.a_opt)     # averaged across ranks under torchrun
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(self.seed)
         self.total_steps = 0
