@@ -82,6 +82,11 @@ def tas(rank):
             "generator": s.generator.get_state()}
 
 
+def initial_plain():
+    torch.manual_seed(0)
+    return _weights(Plain())
+
+
 def finetune(rank):
     """train() (DistributedDataParallel under torchrun) of the plain net, 2 epochs, global batch 32."""
     torch.manual_seed(0)
