@@ -16,8 +16,9 @@ the packed gate parameter holds the current subnetwork as a 0/1 mask. FFP's own 
   reduction, with J = CE + CE to the ensemble of the accepted subnetworks' logits;
 - coarse: a trimmed (20 %) Otsu threshold over each group's removal-score sum picks the groups to
   try; fine: each tries removing its lowest-scored channels (step max(1/C, 0.2/calls)), every
-  candidate is scored by J on the search set, the lowest is accepted; until the exact MACs reach
-  the target, the last step backed off channel by channel;
+  candidate is scored by J on the search set (each search batch run once up to the first layer a
+  candidate changes, the candidates resuming from there), the lowest is accepted; until the exact
+  MACs reach the target, the last step backed off channel by channel;
 - the memory bank and the CKT loss (:class:`MemoryBank`, :func:`ckt_loss`).
 
 See docs/ffp.md for every choice, its source and the departures.
@@ -158,6 +159,9 @@ class FFP(GatedSearcher):
         width. otsu_trim: trim of the coarse Otsu threshold. ensemble: J includes CE to the
         ensemble of the accepted subnetworks (EKG's pseudo-supernet); False: CE alone.
     bank_size: K, the memory bank's entries. seed: data order, dropout.
+    cache_bytes: at most this many bytes of the current subnetwork's activations kept from a
+        step's importance pass for its candidates to resume from (search batches beyond it run
+        the current subnetwork once more instead); speed only, the results do not depend on it.
     """
 
     method = "ffp"
@@ -167,7 +171,7 @@ class FFP(GatedSearcher):
                  in_channels: int = 3, search_per_class: int = 32, tune_per_class: int = 256, tune_lr: float = 1e-3,
                  momentum: float = 0.9, weight_decay: float = 5e-4, search_step: float = SEARCH_STEP,
                  otsu_trim: float = OTSU_TRIM, ensemble: bool = True, bank_size: int = BANK_SIZE, device=None,
-                 seed: int = 0):
+                 seed: int = 0, cache_bytes: int = 1 << 30):
         for name, v in (("search_per_class", search_per_class), ("bank_size", bank_size)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -195,6 +199,8 @@ class FFP(GatedSearcher):
         self.ensemble_count = 0
         self.trail: list[dict] = []          # accepted subnetworks: {"keep": (num_gates,) 0/1, "loss": J}
         self.tune_steps = 0
+        self.cache_bytes = int(cache_bytes)
+        self._caches: list = []            # per search batch, the importance pass's ForwardCache or None
         self._sums = torch.zeros(3, dtype=torch.float64, device=self.device)   # tune loss, acc, n
         self.config.update(search_per_class=search_per_class, tune_per_class=tune_per_class, tune_lr=tune_lr,
                            momentum=momentum, weight_decay=weight_decay, search_step=search_step,
@@ -345,14 +351,23 @@ class FFP(GatedSearcher):
     def importance(self) -> torch.Tensor:
         """Filter importance of the current subnetwork: the sum over the search set's batches of
         |g * dJ/dg| per gate (= |sum_{n,h,w} dJ/dy * y| over the group's sites; 0 for removed
-        channels), from the gated network's fused gate-gradient reduction. fp64 (num_gates,)."""
+        channels), from the gated network's fused gate-gradient reduction. fp64 (num_gates,).
+        Keeps each batch's activations at every group's first layer (up to ``cache_bytes``) for
+        :meth:`evaluate_candidates`."""
         gn = self.gn
         scores = torch.zeros(gn.num_gates, dtype=torch.float64, device=self.device)
         mask = self.mask()
+        self._caches, held = [], 0
         with self._frozen(self.weights), self._batch_statistics():
             for x, y, ens in self._search_batches():
                 gn.gate.grad = None
-                self.objective(gn(x), y, ens).backward()
+                if held < self.cache_bytes:   # the activations the step's candidates resume from
+                    z, cache = gn.forward_and_cache(x)
+                    held += cache.nbytes
+                else:
+                    z, cache = gn(x), None
+                self._caches.append(cache if held <= self.cache_bytes else None)
+                self.objective(z, y, ens).backward()
                 scores += (gn.gate.grad * mask).abs().double()
         gn.gate.grad = None
         return scores
@@ -369,6 +384,27 @@ class FFP(GatedSearcher):
                 n += len(y)
                 logits.append(z.float())
         return total / max(n, 1), torch.cat(logits)
+
+    @torch.no_grad()
+    def evaluate_candidates(self, values: list, caches: list | None = None) -> list[tuple[float, torch.Tensor]]:
+        """:meth:`evaluate` of each gate vector of ``values``, equal to it, without running the
+        layers a candidate shares with the current subnetwork: a fine step's candidates differ
+        from it in one group each, and each resumes the current subnetwork's forward of a
+        search batch at the first layer the group reaches (:meth:`GatedNetwork.forward_candidates`),
+        from ``caches`` (per search batch, a ForwardCache of the current subnetwork or None, as
+        :meth:`importance` leaves them) or else from one forward of the current subnetwork."""
+        values = [v.to(self.device, torch.float32) for v in values]
+        totals, logits, n = [0.0] * len(values), [[] for _ in values], 0
+        caches = caches or []
+        with self._batch_statistics():
+            for b, (x, y, ens) in enumerate(self._search_batches()):
+                cache = caches[b] if b < len(caches) else None
+                for k, z in enumerate(self.gn.forward_candidates(x, candidates=values, reference=self.mask(),
+                                                                 cache=cache)):
+                    totals[k] += float(self.objective(z, y, ens)) * len(y)
+                    logits[k].append(z.float())
+                n += len(y)
+        return [(t / max(n, 1), torch.cat(z)) for t, z in zip(totals, logits)]
 
     def candidates(self, scores: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
         """The fine step's candidates: (group, its 0/1 gate vector) for every group the coarse
@@ -396,7 +432,9 @@ class FFP(GatedSearcher):
             options.append((i, order, count, float(s[order[:count] - o].sum())))
         if not options:
             return []
-        threshold = otsu_threshold(torch.tensor([opt[3] for opt in options]), trim=self.otsu_trim)
+        # fp32 sums as the search has always taken them; as an array (otsu_threshold's fallback
+        # for fewer than 3 values left after the trim takes np.max of what it is given)
+        threshold = otsu_threshold(torch.tensor([opt[3] for opt in options]).numpy(), trim=self.otsu_trim)
         out = []
         for i, order, count, total in options:
             if total > threshold:
@@ -454,8 +492,9 @@ class FFP(GatedSearcher):
             raise RuntimeError(f"FFP: no group can shrink further, at {self.current_macs() / gn.base_macs:.4f} of "
                                f"the MACs (target {self.flops_target})")
         best = None
-        for i, v in cands:
-            loss, logits = self.evaluate(v)
+        scored = self.evaluate_candidates([v for _, v in cands], self._caches)
+        self._caches = []
+        for (i, v), (loss, logits) in zip(cands, scored):
             if best is None or loss < best[0]:
                 best = (loss, i, v, logits)
         loss, i, v, logits = best

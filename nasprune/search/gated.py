@@ -420,6 +420,67 @@ class GatedNetwork(nn.Module):
                       if isinstance(x, torch.Tensor) and x.dim() == 4 else x for x in inputs]
         return gm(*inputs, **{_GATES: self.gate_vector()})
 
+    def _resumable(self) -> "_Resumable":
+        gm = self._modes.get("train" if self.training else "eval", self._modes["train"])
+        cache = self.__dict__.setdefault("_resumables", {})
+        if id(gm) not in cache:
+            cache[id(gm)] = _Resumable(gm, self.num_gates)
+        return cache[id(gm)]
+
+    def _inputs(self, inputs) -> list:
+        if self.channels_last:
+            return [x.contiguous(memory_format=torch.channels_last)
+                    if isinstance(x, torch.Tensor) and x.dim() == 4 else x for x in inputs]
+        return list(inputs)
+
+    def forward_and_cache(self, *inputs, groups=None) -> tuple:
+        """``(self(*inputs), cache)``: the forward, and the activations a run at other gate values
+        would resume from at the first gate site of each of ``groups`` (default: every gated
+        group), for :meth:`forward_candidates` on the same inputs at the same gate values. The
+        cached tensors are detached (shared with the forward's, copied where a later op of the
+        graph writes in place); ``cache.nbytes`` is what they hold."""
+        run = self._resumable()
+        groups = self.groups if groups is None else groups
+        slots = torch.cat([torch.arange(self.sizes[g]) + self.offsets[g] for g in groups]) if groups else \
+            torch.zeros(0, dtype=torch.long)
+        positions = sorted(set(run.first_read[slots].tolist()) - {len(run.nodes)})
+        values = self.gate_vector()
+        out, stored = run.cached_run(self._inputs(inputs), values, positions)
+        return out, ForwardCache(id(run.gm), values.detach().clone(), stored)
+
+    def forward_candidates(self, *inputs, candidates, reference: torch.Tensor | None = None,
+                           cache: "ForwardCache | None" = None) -> list:
+        """The network's output on ``inputs`` at each gate vector of ``candidates`` (each
+        (num_gates,), the values :func:`nasprune.search.gated_searcher.gates_as` takes), equal to
+        one forward per candidate, with the shared part of the work done once.
+
+        A candidate resumes the forward at the ``reference`` gate values (default: the current
+        ones) at its first gate site whose values differ from the reference: every node before
+        that site sees the same inputs and gate values, so its output is the reference's.
+        ``cache`` (:meth:`forward_and_cache` on the same inputs, at the reference) holds those
+        activations; without it, or where it holds none for a candidate's site, the reference
+        runs once as far as the candidates need. Candidates that differ in late layers (a
+        greedy search's one-group changes) then cost a fraction of a forward.
+
+        Exactly the forwards: the same ops on the same inputs, batch-statistics normalisation
+        included (a layer's batch statistics depend only on its input). In training mode the
+        running statistics are updated once by the shared part and once per candidate by the
+        rest (not once per candidate throughout): callers that score candidates restore them.
+        With autograd on, the candidates' graphs share the reference's prefix."""
+        run = self._resumable()
+        if cache is not None:
+            if cache.graph != id(run.gm):
+                raise ValueError("forward_candidates: the cache was taken in the other train/eval mode")
+            ref = cache.reference
+            if reference is not None and not torch.equal(torch.cat([reference.to(self.gate),
+                                                                    self.gate.new_ones(1)]), ref):
+                raise ValueError("forward_candidates: the cache was taken at other gate values than the reference")
+        else:
+            ref = self.gate_vector().detach() if reference is None else torch.cat(
+                [reference.to(self.gate), self.gate.new_ones(1)])
+        values = [torch.cat([v.to(self.gate), self.gate.new_ones(1)]) for v in candidates]
+        return run.run(self._inputs(inputs), ref, values, None if cache is None else cache.stored)
+
     # ------------------------------------------------------------------ gates per group
     def gate_values(self) -> dict[int, torch.Tensor]:
         """{group index: gate values of its channels} (differentiable)."""
@@ -605,6 +666,150 @@ class GatedNetwork(nn.Module):
             w.mul_(s.to(w.dtype).view(s.shape + (1,) * (w.dim() - 2)))
         else:
             raise ValueError(f"export: cannot fold gate values into the inputs of {type(layer).__name__} {name}")
+
+
+_IN_PLACE_FUNCS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.iand, operator.ior}
+
+
+def _in_place(node: fx.Node, modules: dict) -> bool:
+    """The node may write one of its inputs in place (x += y, relu_, inplace=True)."""
+    if node.kwargs.get("inplace") is True:
+        return True
+    if node.op == "call_function":
+        return node.target in _IN_PLACE_FUNCS or getattr(node.target, "__name__", "").endswith("_")
+    if node.op == "call_method":
+        return str(node.target).endswith("_")
+    if node.op == "call_module":
+        return bool(getattr(modules.get(node.target), "inplace", False))
+    return False
+
+
+@dataclass
+class ForwardCache:
+    """Activations of one forward of a gated network (:meth:`GatedNetwork.forward_and_cache`):
+    per graph position, the values live there (shared between positions)."""
+    graph: int                 # id of the rewritten graph (train or eval mode) it ran
+    reference: torch.Tensor    # the gate vector it ran at (num_gates + 1,)
+    stored: dict               # position -> {fx node: tensor}
+
+    @property
+    def nbytes(self) -> int:
+        unique = {id(t): t for values in self.stored.values() for t in values.values()
+                  if isinstance(t, torch.Tensor)}
+        return sum(t.numel() * t.element_size() for t in unique.values())
+
+
+class _Resumable:
+    """A rewritten graph run node by node, so that a run at other gate values can resume it at
+    any node from the activations live there (GatedNetwork.forward_candidates)."""
+
+    def __init__(self, gm: fx.GraphModule, num_gates: int):
+        self.gm = gm
+        self.nodes = list(gm.graph.nodes)
+        pos = {n: i for i, n in enumerate(self.nodes)}
+        self.gates = next(n for n in self.nodes if n.op == "placeholder" and n.target == _GATES)
+        self.inputs = [n for n in self.nodes if n.op == "placeholder" and n is not self.gates]
+        # the last node reading each node's value (its own position when unread)
+        self.last_use = {n: max([pos[u] for u in n.users], default=pos[n]) for n in self.nodes}
+        # per packed gate slot, the first node that reads it: a site reads its gathered slots,
+        # anything else (none in a rewritten graph) is taken to read them all
+        first = torch.full((num_gates + 1,), len(self.nodes), dtype=torch.long)
+        for user in self.gates.users:
+            index = getattr(gm.get_submodule(user.target), "index", None) if user.op == "call_module" else None
+            if isinstance(index, torch.Tensor):
+                index = index.cpu()
+                first[index] = torch.minimum(first[index], torch.tensor(pos[user]))
+            else:
+                first.clamp_(max=pos[user])
+        self.first_read = first
+        # the last node that writes a value in place: activations a run resumes from are copies
+        # where one at or after the resume point could write them
+        modules = dict(gm.named_modules())
+        self.last_inplace = max([pos[n] for n in self.nodes if _in_place(n, modules)], default=-1)
+
+    def _run(self, env: dict, start: int, stop: int):
+        """Nodes [start, stop) on ``env`` (updated in place, values freed after their last
+        use); the output node's value when it ran."""
+        interp = self.__dict__.get("_interp")
+        if interp is None:
+            interp = self._interp = fx.Interpreter(self.gm, garbage_collect_values=False)
+        interp.env = env
+        out = None
+        try:
+            for i in range(start, stop):
+                node = self.nodes[i]
+                if node.op == "placeholder":
+                    continue
+                value = interp.run_node(node)
+                if node.op == "output":
+                    out = value
+                elif node.users:
+                    env[node] = value
+                for arg in node.all_input_nodes:
+                    if self.last_use[arg] <= i:
+                        env.pop(arg, None)
+        finally:
+            interp.env = {}
+        return out
+
+    def _live(self, env: dict, cut: int, detach: bool = False) -> dict:
+        """The values of ``env`` read at or after position ``cut`` (copies where an op there may
+        write in place)."""
+        copy = self.last_inplace >= cut
+
+        def own(v):
+            if not isinstance(v, torch.Tensor):
+                return v
+            v = v.detach() if detach else v
+            return v.clone() if copy else v
+        return {n: own(v) for n, v in env.items() if n is not self.gates and self.last_use[n] >= cut}
+
+    def cached_run(self, inputs, values: torch.Tensor, positions: list) -> tuple:
+        """(output, {position: live values}) of a run at ``values``."""
+        if len(inputs) != len(self.inputs):
+            raise TypeError(f"the network takes {len(self.inputs)} inputs, got {len(inputs)}")
+        env = dict(zip(self.inputs, inputs))
+        env[self.gates] = values
+        stored, done, seen = {}, 0, {}
+        for cut in positions:
+            self._run(env, done, cut)
+            done = cut
+            live = self._live(env, cut, detach=True)
+            # one tensor per node across positions (a value live at several positions is kept once)
+            stored[cut] = {n: seen.setdefault(n, v) if self.last_inplace < cut else v for n, v in live.items()}
+        return self._run(env, done, len(self.nodes)), stored
+
+    def run(self, inputs, reference: torch.Tensor, candidates: list, stored: dict | None = None) -> list:
+        if len(inputs) != len(self.inputs):
+            raise TypeError(f"the network takes {len(self.inputs)} inputs, got {len(inputs)}")
+        end, stored = len(self.nodes), stored or {}
+        first = self.first_read.to(reference.device)
+        cuts = []
+        for v in candidates:
+            changed = v != reference
+            cuts.append(int(first[changed].min()) if bool(changed.any()) else end)
+        env = None                       # the reference's run, started when a candidate needs it
+        outputs, done, ref_out = [None] * len(candidates), 0, None
+        for k in sorted(range(len(candidates)), key=lambda k: cuts[k]):
+            cut = cuts[k]
+            if cut in stored:
+                own = dict(stored[cut])
+                if self.last_inplace >= cut:
+                    own = {n: v.clone() if isinstance(v, torch.Tensor) else v for n, v in own.items()}
+            else:
+                if env is None:
+                    env = dict(zip(self.inputs, inputs))
+                    env[self.gates] = reference
+                if cut > done:
+                    ref_out = self._run(env, done, cut)
+                    done = cut
+                if cut == end:
+                    outputs[k] = ref_out
+                    continue
+                own = self._live(env, cut)   # the reference's values read at or after the cut
+            own[self.gates] = candidates[k]
+            outputs[k] = self._run(own, cut, end)
+        return outputs
 
 
 class _Root(nn.Module):

@@ -164,6 +164,43 @@ def test_importance_equals_autograd_sum_dy_y_per_batch():
     assert bool((got[mask == 0] == 0).all()) and bool((got[mask == 1] > 0).all())
 
 
+@pytest.mark.parametrize("name", ["tiny", "resnet20"])
+def test_candidate_scores_equal_full_masked_forwards(name):
+    """A fine step's candidates scored by resuming the current subnetwork's forward (from the
+    importance pass's activations, from a fresh forward, or a mix) equal a full masked forward
+    each (batch statistics), and the running statistics stay as they were; on a residual
+    stream gated at several producers."""
+    torch.manual_seed(0)
+    model = _Tiny() if name == "tiny" else cifar_resnet20(num_classes=4)
+    data = _dataset(5, 4, 8)
+    s = FFP(model, 0.5, input_size=8, device="cpu", search_per_class=5, tune_per_class=0)
+    s.loaders(data, None, 8)                          # 20 search images: batches of 8, 8, 4
+    gn = s.gn
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        gn.gate.copy_((torch.rand(gn.num_gates, generator=gen) > 0.25).float())
+        for m in gn.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1, generator=gen)
+    s.ensemble = torch.randn(20, 4, generator=gen)
+    stats = {k: v.clone() for k, v in gn.named_buffers() if "running" in k or "num_batches" in k}
+    cands = s.candidates(s.importance())
+    values = [v for _, v in cands] + [s.mask().clone()]          # the current subnetwork too
+    assert len(cands) >= 2 and len(s._caches) == 3 and all(c is not None for c in s._caches)
+    full = [s.evaluate(v) for v in values]
+    partial = list(s._caches[:1]) + [None, None]      # a cache for the first batch only
+    for caches in (s._caches, None, partial):
+        got = s.evaluate_candidates(values, caches)
+        for (loss, logits), (want_loss, want_logits) in zip(got, full):
+            assert loss == pytest.approx(want_loss, rel=1e-6, abs=1e-7)
+            assert torch.allclose(logits, want_logits, rtol=1e-5, atol=1e-6)
+    buffers = dict(gn.named_buffers())
+    assert all(torch.equal(buffers[k], v) for k, v in stats.items())
+    s.cache_bytes = 0                                 # nothing kept: every batch resumes a fresh forward
+    s.importance()
+    assert s._caches == [None] * 3
+
+
 def test_ckt_teacher_choice_and_two_view_loss_equal_the_equations():
     """methods-2.md 3.4: per view CE + T KL_T(M || view), M the mean of the bank entries whose
     batch-summed KL_T(best || entry) is below KL_T(best || mean of the views), averaged over views."""

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from torch import nn
 
 import nasprune
 from nasprune import flops, slim
@@ -251,3 +252,76 @@ def test_on_cuda_equals_the_model_and_slimming(name, fuse):
         _contract_on("cuda", name, fuse)
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+class _InPlaceBlock(nn.Module):
+    """A residual block adding into its input in place (``s.add_(...)``, ReLU(inplace=True)): the
+    suffix a candidate resumes writes a value computed before its first changed layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0, self.bn0 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.conv1, self.bn1 = nn.Conv2d(8, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6)
+        self.conv2, self.bn2 = nn.Conv2d(6, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.relu = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        s = self.relu(self.bn0(self.conv0(x)))
+        s = s.add_(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(s))))))
+        return self.fc(self.relu(s).mean((2, 3)))
+
+
+@pytest.mark.parametrize("name", ["cifar_resnet20A", "inplace"])
+def test_forward_candidates_equal_one_forward_each(resnet20a, name):
+    """Candidates resumed from the reference's activations (cached or recomputed) equal one
+    forward each, batch statistics included, on a residual stream whose gate is shared by
+    several producers and on a graph with in-place ops; an unchanged candidate and one that
+    changes two groups too."""
+    from nasprune.search.gated_searcher import gates_as
+    if name == "inplace":
+        torch.manual_seed(0)
+        model, x = _InPlaceBlock(), torch.randn(6, 3, 8, 8)
+        gn = GatedNetwork(model, x[:1])
+    else:
+        model, x, gn = resnet20a
+        gn.set_gates({g: torch.ones(gn.sizes[g]) for g in gn.groups})
+    g = torch.Generator().manual_seed(3)
+    reference = (torch.rand(gn.num_gates, generator=g) > 0.2).float()
+    with torch.no_grad():
+        gn.gate.copy_(reference)
+    candidates = [reference.clone()]
+    for gi in gn.groups:                       # each group's first channel and a random one closed
+        v = reference.clone()
+        v[gn.offsets[gi] + torch.tensor([0, int(torch.randint(gn.sizes[gi], (1,), generator=g))])] = 0
+        candidates.append(v)
+    both = candidates[-1].clone()
+    both[gn.offsets[gn.groups[0]]:gn.offsets[gn.groups[0]] + gn.sizes[gn.groups[0]]] = 0.5
+    candidates.append(both)
+    shared = {gi for gi in gn.groups if len({s.name for s in gn.site_info["train"]
+                                             if bool((s.index >= gn.offsets[gi]).any() &
+                                                     (s.index < gn.offsets[gi] + gn.sizes[gi]).any())}) > 1}
+    assert shared                               # a group gated at several sites (the residual stream)
+    for mode in ("train", "eval"):
+        gn.train(mode == "train")
+        stats = {k: v.clone() for k, v in gn.named_buffers() if "running" in k}
+        with torch.no_grad():
+            expected = []
+            for v in candidates:
+                with gates_as(gn, v):
+                    expected.append(gn(x))
+            for k, v in stats.items():
+                gn.get_buffer(k).copy_(v)
+            out, cache = gn.forward_and_cache(x)
+            assert torch.equal(out, gn(x)) and cache.nbytes > 0
+            cached = gn.forward_candidates(x, candidates=candidates, cache=cache)
+            fresh = gn.forward_candidates(x, candidates=candidates)
+        for want, a, b in zip(expected, cached, fresh):
+            assert torch.allclose(a, want, rtol=1e-5, atol=1e-6) and torch.allclose(b, want, rtol=1e-5, atol=1e-6)
+        with torch.no_grad():                   # the cache was not written by the candidates' runs
+            again = gn.forward_candidates(x, candidates=candidates[1:2], cache=cache)[0]
+        assert torch.allclose(again, expected[1], rtol=1e-5, atol=1e-6)
+    gn.train()
+    with pytest.raises(ValueError, match="other gate values"):
+        gn.forward_candidates(x, candidates=candidates[:1], reference=candidates[1], cache=cache)
+    gn.set_gates({gi: torch.ones(gn.sizes[gi]) for gi in gn.groups})
