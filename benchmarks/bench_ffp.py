@@ -1,0 +1,204 @@
+"""FFP (issue 16): what a fine-search step's candidate scoring costs, and the whole search's
+wall time beside TAS's and DAIS's.
+
+1. ``step`` (default): one fine-search step of nasprune.search.FFP on a CIFAR ResNet-56 (the
+   pretrained weights of ../shared/data/pretrained when present, else a seeded random init) with
+   a 320-image search set (32 a class) of RANDOM images (uniform uint8 pixels; the timing does
+   not depend on the pixels, but which groups the coarse step picks, and so where the candidates
+   resume, does), search batches of 128 (the protocol's: 128, 128, 64). The step's candidates
+   (the unpruned network's first step, or the step after ``--prune-steps`` accepted ones) are
+   scored three ways, checked equal first, then timed interleaved:
+   - ``full``: a full masked forward of the gated network per candidate (FFP.evaluate each);
+   - ``resumed``: each candidate resumes the current subnetwork's forward at its first changed
+     layer, the current subnetwork run once more per batch for it (no cache);
+   - ``cached``: the same from the activations the step's importance pass kept (the search's
+     own path; the importance pass is the step's anyway and is not in this figure).
+   ``step_*`` rows time the step's importance pass plus its scoring, the old way
+   (importance without caching, ``full``) against the search's (importance caching, ``cached``).
+2. ``--search-times``: the whole search (build, search, select, export, as
+   benchmarks/quality.py times a method's search) of FFP, TAS and DAIS on CIFAR ResNet-20 and
+   ResNet-56 from the pretrained weights, on the CIFAR-10 JPEG copy (../shared/data), at the
+   protocol's target 0.5, one search epoch, batch 128, search lr 0.01, each method with its
+   quality-protocol arguments (quality.METHOD_ARGS; FFP: one epoch tuning on 256 images a class,
+   then the greedy search).
+
+    python benchmarks/bench_ffp.py                          # 1, CPU, 2 threads
+    python benchmarks/bench_ffp.py --device cuda            # 1, GPU
+    python benchmarks/bench_ffp.py --search-times           # 2, CPU (tens of minutes)
+
+Appends rows to benchmarks/results/ffp.jsonl (stamped with the 1-minute load average).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+
+from nasprune import models  # noqa: E402
+from nasprune.data import ImageDataset  # noqa: E402
+from nasprune.search import FFP  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _pretrained(name: str, folder: Path, num_classes: int = 10):
+    found = sorted(Path(folder).glob(f"cifar10-{name}-*.th"))
+    if found:
+        return models.load_pretrained(name, found[0], num_classes=num_classes), found[0].name
+    torch.manual_seed(0)
+    return getattr(models, f"cifar_{name}")(num_classes=num_classes), "random init"
+
+
+def random_search_set(per_class: int, classes: int = 10, size: int = 32, seed: int = 0) -> ImageDataset:
+    g = np.random.default_rng(seed)
+    images = g.integers(0, 256, (per_class * classes, size, size, 3), dtype=np.uint8)
+    labels = np.repeat(np.arange(classes, dtype=np.int64), per_class)
+    return ImageDataset(images, labels, tuple(str(c) for c in range(classes)))
+
+
+def _scores_equal(a, b) -> bool:
+    return all(abs(x[0] - y[0]) <= 1e-6 * max(1.0, abs(y[0])) and
+               _common.rel_err(x[1].float().cpu(), y[1].float().cpu()) < 1e-5 for x, y in zip(a, b))
+
+
+# ------------------------------------------------------------------ 1. one fine-search step
+def step_rows(model_name, per_class, batch, device, pretrained, prune_steps, rounds) -> list[dict]:
+    model, weights = _pretrained(model_name, pretrained)
+    s = FFP(model, 0.5, input_size=32, device=device, search_per_class=per_class, tune_per_class=0)
+    data = random_search_set(per_class)
+    s.loaders(data, None, batch)
+    with torch.no_grad():                      # the unpruned start, as the search's first step sets it
+        loss, logits = s.evaluate(s.mask())
+    s.ensemble, s.ensemble_count = logits, 1
+    for _ in range(prune_steps):
+        s.step()
+    cands = s.candidates(s.importance())
+    caches, values = s._caches, [v for _, v in cands]
+    cache_mb = sum(c.nbytes for c in caches if c is not None) / 2 ** 20
+
+    def full():
+        return [s.evaluate(v) for v in values]
+
+    def resumed():
+        return s.evaluate_candidates(values)
+
+    def cached():
+        return s.evaluate_candidates(values, caches)
+
+    def step_full():
+        keep, s.cache_bytes = s.cache_bytes, 0
+        try:
+            s.importance()
+        finally:
+            s.cache_bytes = keep
+        return full()
+
+    def step_ffp():
+        s.importance()
+        return s.evaluate_candidates(values, s._caches)
+
+    reference = full()
+    for name, fn in (("resumed", resumed), ("cached", cached), ("step_ffp", step_ffp)):
+        assert _scores_equal(fn(), reference), f"{name}: candidate scores differ from a full masked forward each"
+    times = _common.compare_ms({"full": full, "resumed": resumed, "cached": cached}, device,
+                               rounds=rounds, reps=1, warmup=1)
+    step_times = _common.compare_ms({"step_full": step_full, "step_ffp": step_ffp}, device,
+                                    rounds=rounds, reps=1, warmup=1)
+    common = {"bench": "ffp_step", "model": model_name, "weights": weights, "images": "random uint8",
+              "search_images": len(data), "batch": batch, "prune_steps": prune_steps, "candidates": len(cands),
+              "groups": [int(s.gn.groups[i]) for i, _ in cands], "cache_mb": cache_mb,
+              "macs_ratio": s.current_macs() / s.gn.base_macs, "threads": torch.get_num_threads()}
+    rows = [{**common, "impl": impl, "median_ms": ms, "speedup_vs_full": times["full"] / ms}
+            for impl, ms in times.items()]
+    rows += [{**common, "impl": impl, "median_ms": ms, "speedup_vs_full": step_times["step_full"] / ms}
+             for impl, ms in step_times.items()]
+    return rows
+
+
+# ------------------------------------------------------------------ 2. the whole search, FFP beside TAS and DAIS
+def search_rows(model_names, methods, device, pretrained, data_path, batch, limit_per_class) -> list[dict]:
+    from quality import METHOD_ARGS
+
+    from nasprune import flops
+    from nasprune.cli import METHODS, Run
+    from nasprune.data import load_dataset
+    train_set, test_set = load_dataset(str(data_path), limit_per_class=limit_per_class)
+    size = train_set.images.shape[1]
+    rows = []
+    for model_name in model_names:
+        for name in methods:
+            model, weights = _pretrained(model_name, pretrained)
+            method = METHODS[name]
+            parser = argparse.ArgumentParser(prog=f"bench_ffp.py {name}")
+            for o in method.options:
+                parser.add_argument(*o.flags, **o.kwargs)
+            args = parser.parse_args(METHOD_ARGS.get(name, []))
+            args.flops_target, args.seed, args.lr, args.search_lr, args.batch_size = 0.5, 0, 0.01, 0.01, batch
+            with tempfile.TemporaryDirectory() as folder:
+                job = SimpleNamespace(args=args, teacher=model.to(device), size=size, device=torch.device(device),
+                                      train_set=train_set, test_set=test_set, metrics={}, searcher=None,
+                                      architecture=None, pruned=None, run=Run(folder))
+                _common.sync(torch.device(device))
+                t0 = time.perf_counter()
+                job.searcher = method.build(job)
+                t1 = time.perf_counter()
+                job.searcher.search(train_set, epochs=1, batch_size=batch)
+                _common.sync(torch.device(device))
+                t2 = time.perf_counter()
+                job.architecture = method.select(job)
+                pruned = method.export(job)
+                t3 = time.perf_counter()
+            macs = flops.count(pruned.cpu(), torch.zeros(1, 3, size, size))
+            base = flops.count(model.cpu(), torch.zeros(1, 3, size, size))
+            row = {"bench": "ffp_search_time", "model": model_name, "method": name, "weights": weights,
+                   "args": METHOD_ARGS.get(name, []), "flops_target": 0.5, "epochs": 1, "batch": batch,
+                   "train_images": len(train_set), "build_s": t1 - t0, "search_s": t2 - t1,
+                   "select_export_s": t3 - t2, "total_s": t3 - t0, "macs_fraction": macs / base,
+                   "threads": torch.get_num_threads()}
+            if name == "ffp":
+                row["steps"] = job.architecture.get("steps") if isinstance(job.architecture, dict) else None
+            rows.append(row)
+            print(_common.table(rows[-1:], ["model", "method", "search_s", "total_s", "macs_fraction"]), flush=True)
+    return rows
+
+
+def main():
+    p = _common.step_parser(__doc__)
+    p.set_defaults(batch=128)
+    p.add_argument("--model", default="resnet56", help="the step benchmark's CIFAR ResNet (default resnet56)")
+    p.add_argument("--per-class", type=int, default=32, help="search images a class (default 32: 320 images)")
+    p.add_argument("--prune-steps", type=int, default=0, help="greedy steps accepted before the timed one")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
+    p.add_argument("--pretrained-dir", default=str(DATA / "pretrained"))
+    p.add_argument("--search-times", action="store_true", help="time the whole searches instead (2.)")
+    p.add_argument("--search-models", default="resnet20,resnet56")
+    p.add_argument("--methods", default="ffp,tas,dais")
+    p.add_argument("--data", default=str(DATA / "cifar10-jpeg.tar.gz"))
+    p.add_argument("--limit-per-class", type=int, default=None, help="--search-times on a subset (smoke runs)")
+    args = p.parse_args()
+    device, batch = _common.step_setup(args)
+    if args.search_times:
+        rows = search_rows(args.search_models.split(","), args.methods.split(","), str(device),
+                           Path(args.pretrained_dir), args.data, batch, args.limit_per_class)
+    else:
+        rows = step_rows(args.model, args.per_class, batch, device, Path(args.pretrained_dir),
+                         args.prune_steps, args.rounds)
+        print(_common.table(rows, ["impl", "model", "candidates", "median_ms", "speedup_vs_full"]), flush=True)
+    if hasattr(os, "getloadavg"):
+        print(f"load average (1 min) {os.getloadavg()[0]:.2f}", flush=True)
+    if not args.no_record:
+        print("recorded to", _common.record("ffp", device, rows))
+
+
+if __name__ == "__main__":
+    main()
