@@ -110,6 +110,8 @@ def _save_model(model, path, constructor, num_classes):
     """nasprune.save, recording the base model's constructor unless the model knows its own
     (a TAS-pruned TASResNet does), so that nasprune.load(path) rebuilds it alone."""
     from nasprune.io import save
+    if not _is_main():
+        return
     if callable(getattr(model, "nasprune_constructor", None)):
         save(model.cpu(), path)
     else:
@@ -459,12 +461,21 @@ METHODS = {m.name: m for m in (TAS_METHOD, DAIS_METHOD, PAS_METHOD, FFP_METHOD, 
 
 
 # ------------------------------------------------------------------ run folder and progress
+def _is_main() -> bool:
+    """True unless this is a torchrun rank other than 0 (those write no file and print nothing)."""
+    if "torch" not in sys.modules:
+        return True
+    from nasprune import dist
+    return dist.is_main()
+
+
 class Run:
-    """A run folder: paths, log, JSON files."""
+    """A run folder: paths, log, JSON files (written by rank 0 alone under torchrun)."""
 
     def __init__(self, folder, create=True):
         self.folder = os.path.abspath(folder)
-        if create:
+        self.writer = _is_main()
+        if create and self.writer:
             os.makedirs(self.folder, exist_ok=True)
         elif not os.path.isdir(self.folder):
             raise CLIError(f"run folder {folder!r} does not exist")
@@ -473,6 +484,8 @@ class Run:
         return os.path.join(self.folder, name)
 
     def log(self, message, echo=True):
+        if not self.writer:
+            return
         line = f"[{time.strftime('%H:%M:%S')}] {message}"
         with open(self.path("log.txt"), "a") as fh:
             fh.write(line + "\n")
@@ -481,6 +494,8 @@ class Run:
 
     def write_json(self, name, obj):
         from nasprune.io import atomic_write
+        if not self.writer:
+            return
 
         def write(tmp):
             with open(tmp, "w") as fh:
@@ -586,7 +601,9 @@ class SearchLog:
 
 
 def _train_progress(args, desc):
-    return TrainBar(desc).callbacks() if args.progress else {}
+    """The progress bar's callbacks, and the training options every train() of a run shares."""
+    common = {"sync_batchnorm": True} if getattr(args, "sync_bn", False) else {}
+    return {**(TrainBar(desc).callbacks() if args.progress and _is_main() else {}), **common}
 
 
 def _format_metrics(metrics):
@@ -682,7 +699,7 @@ def phase_search(job):
     """The method's search on the training set (the method splits it as it needs), resumable."""
     a = job.args
     job.searcher = job.method.build(job)
-    callbacks = [SearchLog(job)] + ([SearchBar(f"{a.method.upper()} search")] if a.progress else [])
+    callbacks = [SearchLog(job)] + ([SearchBar(f"{a.method.upper()} search")] if a.progress and _is_main() else [])
     job.searcher.search(job.train_set, epochs=a.epochs, batch_size=a.batch_size,
                         checkpoint=job.run.path("checkpoint.safetensors"), resume=a.resume,
                         checkpoint_every=a.checkpoint_every, callbacks=callbacks)
@@ -727,8 +744,9 @@ def phase_finetune(job):
 def phase_report(job):
     job.metrics["seconds"] = job.metrics.get("seconds", 0.0) + time.time() - job.t0
     job.run.write_json("metrics.json", job.metrics)
-    _plots(job.run, job.metrics, job.architecture)
-    _summary(job.run, job.metrics)
+    if job.run.writer:
+        _plots(job.run, job.metrics, job.architecture)
+        _summary(job.run, job.metrics)
 
 
 SEARCH_PHASES = (phase_data, phase_baseline, phase_search, phase_export, phase_finetune, phase_report)
@@ -737,6 +755,9 @@ SEARCH_PHASES = (phase_data, phase_baseline, phase_search, phase_export, phase_f
 def cmd_search(args):
     constructor = model_constructor(args.model)      # fail fast: before any data or training
     METHODS[args.method].check_model(args.model)
+    if args.method == "ffp" and _world_size() > 1:
+        raise CLIError("ffp does not run under torchrun yet (its candidate scoring is not split across ranks); "
+                       "run it in one process")
     run = Run(args.out)
     run.write_json("config.json", {"command": "search", **{k: v for k, v in vars(args).items() if k != "func"}})
     job = Job(args, run, constructor)
@@ -953,6 +974,9 @@ def build_parser():
     s.add_argument("--resume", action="store_true", help="continue the search from the run's checkpoint")
     s.add_argument("--checkpoint-every", type=_count(0), default=50, help="steps between checkpoints")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun on GPUs: batch statistics over the global batch when training the baseline "
+                        "and fine-tuning (SyncBatchNorm)")
     common(s)
     _add_method_options(s)
     s.set_defaults(func=cmd_search)
@@ -967,6 +991,7 @@ def build_parser():
         f.add_argument("--" + name.replace("_", "-"), type=int, default=None)
     f.add_argument("--kd-lambda", type=float, default=None)
     f.add_argument("--kd-temperature", type=float, default=None)
+    f.add_argument("--sync-bn", action="store_true", help="under torchrun on GPUs: SyncBatchNorm while fine-tuning")
     common(f)
     f.set_defaults(func=cmd_finetune)
 
@@ -985,15 +1010,29 @@ def build_parser():
     return p
 
 
+def _world_size() -> int:
+    from nasprune import dist
+    return dist.world_size()
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    joined = False
+    if hasattr(args, "device") and args.command in ("search", "finetune") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch.distributed as td    # one of torchrun's processes: join its process group (nccl / gloo)
+        from nasprune import dist
+        joined = not td.is_initialized()
+        args.device = dist.init(_device(args.device))
     try:
         return args.func(args)
     except CLIError as exc:
         parser.exit(2, f"nasprune {args.command}: error: {exc}\n")
     except (ValueError, TypeError, FileNotFoundError) as exc:
         parser.exit(1, f"nasprune {args.command}: error: {exc}\n")
+    finally:
+        if joined:
+            td.destroy_process_group()
 
 
 if __name__ == "__main__":
