@@ -350,6 +350,12 @@ def test_otsu_threshold_matches_ekg(seed):
     assert 1 < th < 5
 
 
+def test_otsu_threshold_of_too_few_values_is_their_largest():
+    # fewer than 3 values left after the trim: everything lies below the threshold (tensor or list)
+    assert S.otsu_threshold(torch.tensor([3.0, 1.0, 2.0, 0.5]), trim=0.3) == 3.0
+    assert S.otsu_threshold([2.0, 1.0]) == 2.0 and S.otsu_threshold([]) == float("inf")
+
+
 def test_otsu_step_shrinks_only_groups_below_the_threshold():
     g = torch.Generator().manual_seed(0)
     gs = {i: torch.rand(10, generator=g) * (0.1 if i < 4 else 10) for i in range(10)}

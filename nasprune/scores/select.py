@@ -33,13 +33,14 @@ def otsu_threshold(values, trim: float = 0.2) -> float:
     sort, drop ceil(trim * n) values from each end, pick the split t in [1, m - 2] of the m values
     left that maximises t (m - t) (mean(below) - mean(above))^2, and return the midpoint of the two
     values beside it. With fewer than 3 values left, the largest value (everything is below)."""
-    v = np.sort(np.asarray(torch.as_tensor(values, dtype=torch.float64).cpu(), dtype=np.float64))
+    everything = np.sort(np.asarray(torch.as_tensor(values, dtype=torch.float64).cpu(), dtype=np.float64))
+    v = everything
     if trim > 0:
         cut = math.ceil(v.size * trim)
         v = v[cut:v.size - cut]
     m = v.size
     if m < 3:
-        return float(np.max(values)) if len(values) else float("inf")
+        return float(everything[-1]) if everything.size else float("inf")
     t = np.arange(1, m - 1)
     csum = np.cumsum(v)
     below = csum[t - 1] / t

@@ -432,9 +432,8 @@ class FFP(GatedSearcher):
             options.append((i, order, count, float(s[order[:count] - o].sum())))
         if not options:
             return []
-        # fp32 sums as the search has always taken them; as an array (otsu_threshold's fallback
-        # for fewer than 3 values left after the trim takes np.max of what it is given)
-        threshold = otsu_threshold(torch.tensor([opt[3] for opt in options]).numpy(), trim=self.otsu_trim)
+        # fp32 sums, as the search has always taken them
+        threshold = otsu_threshold(torch.tensor([opt[3] for opt in options]), trim=self.otsu_trim)
         out = []
         for i, order, count, total in options:
             if total > threshold:

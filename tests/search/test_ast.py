@@ -18,7 +18,7 @@ from nasprune.data import ImageDataset, load_dataset
 from nasprune.models import cifar_resnet20
 from nasprune.search import AST
 from nasprune.search.ast_search import THRESHOLDS, mass_count
-from nasprune.search.base import pruned_architecture
+from tests.search._export_check import check_record_and_round_trip
 from tests.search._kill import Kill
 
 SIZE = 16
@@ -173,13 +173,8 @@ def test_search_export_eval_save_load_at_cifar_size(name, tmp_path):
         reference, out = gn(probe), net(probe)
     gn.gate_fn.sample(None)
     assert float((out - reference).abs().max()) <= 1e-4 * max(1.0, float(reference.abs().max()))
-    assert {k: arch[k] for k in ("layer_widths", "macs", "params")} == \
-        {k: v for k, v in pruned_architecture("ast", model, net, x).items() if k in ("layer_widths", "macs", "params")}
-    path = tmp_path / "pruned.safetensors"
-    nasprune.save(net, path, constructor=constructor, kwargs=kwargs)
-    loaded = nasprune.load(path).eval()
-    with torch.no_grad():
-        assert torch.equal(loaded(probe), out)
+    check_record_and_round_trip("ast", model, net, arch, x, probe, tmp_path / "pruned.safetensors",
+                                constructor, kwargs)
 
 
 def test_search_killed_mid_subnet_resumes_to_the_same_result(digits, tmp_path):

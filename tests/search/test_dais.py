@@ -18,10 +18,10 @@ from nasprune import flops
 from nasprune.data import load_dataset
 from nasprune.models import cifar_resnet20
 from nasprune.search import DAIS, Callback
-from nasprune.search.base import pruned_architecture
 from nasprune.search.dais import anneal_temperature
 from nasprune.search.gated_searcher import gates_as
 from nasprune.train import evaluate
+from tests.search._export_check import check_record_and_round_trip
 
 SIZE = 16
 # A search of 66 steps, from random weights: alpha starts nearer 0 and Adam takes larger steps
@@ -218,13 +218,8 @@ def test_search_export_eval_save_load_at_cifar_size(name, tmp_path):
         out = net(probe)
     assert (out - reference).abs().max() <= 1e-4 * max(1.0, float(reference.abs().max()))
     arch = s.architecture()
-    assert {k: arch[k] for k in ("layer_widths", "macs", "params")} == \
-        {k: v for k, v in pruned_architecture("dais", model, net, x).items() if k in ("layer_widths", "macs", "params")}
-    path = tmp_path / "pruned.safetensors"
-    nasprune.save(net, path, constructor=f"torchvision.models.{name}", kwargs={"num_classes": 4})
-    loaded = nasprune.load(path).eval()
-    with torch.no_grad():
-        assert torch.equal(loaded(probe), out)
+    check_record_and_round_trip("dais", model, net, arch, x, probe, tmp_path / "pruned.safetensors",
+                                f"torchvision.models.{name}", {"num_classes": 4})
 
 
 def test_command_line_searches_a_torchvision_model(tmp_path, capsys):

@@ -18,10 +18,10 @@ from nasprune import flops
 from nasprune.data import DeviceLoader, ImageDataset, load_dataset
 from nasprune.models import cifar_resnet20
 from nasprune.search import FFP
-from nasprune.search.base import pruned_architecture
 from nasprune.search.ffp import MemoryBank, ckt_loss, kl_t, select_teachers
 from nasprune.search.gated_searcher import gates_as
 from nasprune.train import train
+from tests.search._export_check import check_record_and_round_trip
 from tests.search._kill import Kill
 from tests.search.test_pas import _build, _rel   # the models of the end-to-end tests, the relative error
 
@@ -311,16 +311,10 @@ def test_search_export_eval_save_load_at_cifar_size(name, tmp_path):
     assert arch["selected_by"] == how == ("search" if s.finished() else "unfinished")
     if s.finished():
         assert arch["macs"] <= target * flops.count(model, x)
-    assert {k: arch[k] for k in ("layer_widths", "macs", "params")} == \
-        {k: v for k, v in pruned_architecture("ffp", model, net, x).items() if k in ("layer_widths", "macs", "params")}
     with torch.no_grad():
-        out = net(probe)
-    assert torch.isfinite(out).all()
-    path = tmp_path / "pruned.safetensors"
-    nasprune.save(net, path, constructor=constructor, kwargs=kwargs)
-    loaded = nasprune.load(path).eval()
-    with torch.no_grad():
-        assert torch.equal(loaded(probe), out)
+        assert torch.isfinite(net(probe)).all()
+    check_record_and_round_trip("ffp", model, net, arch, x, probe, tmp_path / "pruned.safetensors",
+                                constructor, kwargs)
 
 
 def test_search_killed_midway_resumes_to_the_same_subnetwork(digits, tmp_path):

@@ -19,8 +19,8 @@ from nasprune.data import load_dataset
 from nasprune.flops import CostModel
 from nasprune.models import RepVGG, RepVGGBlock, cifar_resnet20, repvgg_a0
 from nasprune.search import PaS
-from nasprune.search.base import pruned_architecture
 from nasprune.search.gated_searcher import gates_as
+from tests.search._export_check import check_record_and_round_trip
 from tests.search._kill import Kill
 
 SIZE = 16
@@ -158,13 +158,8 @@ def test_search_export_eval_save_load_at_cifar_size(name, tmp_path):
     assert _rel(reference, out) <= 1e-4
     arch = s.architecture()
     assert arch["selected_by"] == how
-    assert {k: arch[k] for k in ("layer_widths", "macs", "params")} == \
-        {k: v for k, v in pruned_architecture("pas", model, net, x).items() if k in ("layer_widths", "macs", "params")}
-    path = tmp_path / "pruned.safetensors"
-    nasprune.save(net, path, constructor=constructor, kwargs=kwargs)
-    loaded = nasprune.load(path).eval()
-    with torch.no_grad():
-        assert torch.equal(loaded(probe), out)
+    check_record_and_round_trip("pas", model, net, arch, x, probe, tmp_path / "pruned.safetensors",
+                                constructor, kwargs)
 
 
 def test_repvgg_search_export_reparameterises_to_a_plain_network():
