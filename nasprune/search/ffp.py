@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nasprune import dist
 from nasprune.nn.gated_conv import GatedConvBNAct2d
 from nasprune.scores import otsu_threshold
 from nasprune.search.gated_searcher import GatedSearcher, gates_as
@@ -183,6 +184,10 @@ class FFP(GatedSearcher):
             raise ValueError(f"otsu_trim must lie in [0, 0.5), got {otsu_trim}")
         if not tune_lr >= 0:
             raise ValueError(f"tune_lr must be >= 0, got {tune_lr}")
+        if dist.world_size() > 1:
+            raise NotImplementedError(f"FFP under torchrun ({dist.world_size()} ranks): its candidate scoring is not "
+                                      f"split across ranks yet, and each rank would search on its share of the "
+                                      f"search set alone; run FFP in one process")
         super().__init__(model, flops_target, example_inputs=example_inputs, input_size=input_size,
                          in_channels=in_channels, flops_tolerance=1.0, gate_init=1.0, device=device, seed=seed)
         del self.config["flops_tolerance"]             # the search's own stop rule: at or under the target

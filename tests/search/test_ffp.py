@@ -402,3 +402,10 @@ def test_command_line_search_bank_and_ckt_finetune(tmp_path):
     assert cli.main(["finetune", "--run", str(out), "--epochs", "1", "--lr", "0.01", "--no-progress",
                      "--device", "cpu"]) == 0
     assert len(json.loads((out / "metrics.json").read_text())["pruned"]["history"]) == 1
+
+
+def test_ffp_refuses_to_run_on_several_ranks(monkeypatch):
+    from nasprune import dist
+    monkeypatch.setattr(dist, "world_size", lambda: 2)
+    with pytest.raises(NotImplementedError, match="torchrun \\(2 ranks\\)"):
+        FFP(cifar_resnet20(num_classes=10), 0.5, input_size=16, device="cpu")
