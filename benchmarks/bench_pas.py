@@ -6,7 +6,9 @@
    PaS's own export (``PaS.export()``: budget keep, reparameterise) with the gates set to fall
    across each group's channels, w = 1 - (c + 0.5) / C: the keep then cuts every group to about
    one fraction, the shape of a uniform-width network at 0.5 of the MACs (the shape, not which
-   channels, decides the speed; a searched shape is measured by the quality protocol).
+   channels, decides the speed; a searched shape is measured by the quality protocol). Twice:
+   with every width as the budget gives it (``round_to=1``: 34, 68, 135, 903 channels) and
+   rounded down to multiples of 8 (``PaS(round_to=8)``: 32, 64, 136, 904; 0.486-0.488 of the MACs).
 2. ``step``: one PaS training step (CE + lambda * (MACs(m) / MACs_0 - rho)^2, one SGD step on the
    weights and the gates, the gates projected) of nasprune.search.PaS against an eager PaS as the
    official code writes it: plain modules with a depthwise 1x1 convolution per DBC (its kernel
@@ -37,12 +39,13 @@ from nasprune.search import PaS  # noqa: E402
 
 
 # ------------------------------------------------------------------ 1. the deployed network
-def slimmed_pair(size: int):
-    """(unpruned, PaS-slimmed) reparameterised RepVGG-A0 for ``size`` inputs, and the MACs ratio."""
+def slimmed_pair(size: int, round_to: int = 1):
+    """(unpruned, PaS-slimmed) reparameterised RepVGG-A0 for ``size`` inputs, the MACs ratio and
+    how the keep was chosen."""
     torch.manual_seed(0)
     model = models.cifar_repvgg_a0() if size <= 64 else models.repvgg_a0()
     x0 = torch.zeros(1, 3, size, size)
-    s = PaS(model, 0.5, example_inputs=x0, device="cpu")
+    s = PaS(model, 0.5, example_inputs=x0, device="cpu", round_to=round_to)
     gn = s.gn
     with torch.no_grad():
         for g in gn.groups:
@@ -54,21 +57,24 @@ def slimmed_pair(size: int):
     return full, slim, ratio, s.architecture()["selected_by"]
 
 
-def deploy_rows(device, batches=(8, 64), sizes=(32, 224)) -> list[dict]:
+def deploy_rows(device, batches=(8, 64), sizes=(32, 224), round_tos=(1, 8)) -> list[dict]:
     rows = []
     for size in sizes:
-        full, slim, ratio, how = slimmed_pair(size)
-        full, slim = full.to(device), slim.to(device)
-        only3x3 = all(m.kernel_size == (3, 3) for m in slim.modules() if isinstance(m, nn.Conv2d))
+        pairs = {r: slimmed_pair(size, r) for r in round_tos}
+        full = pairs[round_tos[0]][0].to(device)
+        slims = {r: p[1].to(device) for r, p in pairs.items()}
         for batch in batches:
             x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
             with torch.inference_mode():
-                variants = {"unpruned": lambda: full(x), "pas": lambda: slim(x)}
+                variants = {"unpruned": lambda: full(x), **{r: (lambda m=m: m(x)) for r, m in slims.items()}}
                 times = _common.compare_ms(variants, device, rounds=7, reps=3 if size > 64 else 10, warmup=2)
-            rows.append({"bench": "pas_deploy", "model": "repvgg_a0", "size": size, "batch": batch,
-                         "unpruned_ms": times["unpruned"], "pas_ms": times["pas"],
-                         "speedup": times["unpruned"] / times["pas"], "macs_ratio": ratio, "selected_by": how,
-                         "only_3x3": only3x3, "widths": slim.widths(), "threads": torch.get_num_threads()})
+            for r, slim in slims.items():
+                rows.append({"bench": "pas_deploy", "model": "repvgg_a0", "size": size, "batch": batch,
+                             "round_to": r, "unpruned_ms": times["unpruned"], "pas_ms": times[r],
+                             "speedup": times["unpruned"] / times[r], "macs_ratio": pairs[r][2],
+                             "selected_by": pairs[r][3], "widths": slim.widths(), "threads": torch.get_num_threads(),
+                             "only_3x3": all(m.kernel_size == (3, 3) for m in slim.modules()
+                                             if isinstance(m, nn.Conv2d))})
     return rows
 
 
@@ -173,7 +179,8 @@ def main():
     rows = []
     if args.skip != "deploy":
         rows += deploy_rows(device)
-        print(_common.table(rows, ["size", "batch", "unpruned_ms", "pas_ms", "speedup", "macs_ratio", "only_3x3"]),
+        print(_common.table(rows, ["size", "batch", "round_to", "unpruned_ms", "pas_ms", "speedup", "macs_ratio",
+                                   "only_3x3"]),
               flush=True)
     if args.skip != "step":
         for name in args.models.split(","):

@@ -68,7 +68,7 @@ class DAIS(GatedSearcher):
     alpha_lr, alpha_betas: alpha's Adam (no weight decay); alpha_step_cap: Adam's step size is
     min(alpha_lr, alpha_step_cap * T), so that one step moves a logit alpha / T by about
     alpha_step_cap at most (None: no cap; it does not bind at the defaults, 3e-4 < 0.01).
-    seed: data order, dropout.
+    seed: data order, dropout. round_to: kept widths rounded down to a multiple (GatedSearcher).
     """
 
     method = "dais"
@@ -79,7 +79,8 @@ class DAIS(GatedSearcher):
                  cost_weight: float = 2.0, l1_weight: float = 0.0, tie_weight: float = 0.0, ties=(), min_width=1, alpha_floor: float = 0.05,
                  alpha_init: float = 2.0, temperature=(1.0, 1e-2), schedule: str = "exponential",
                  lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4, alpha_lr: float = 3e-4,
-                 alpha_betas=(0.5, 0.999), alpha_step_cap: float | None = 1.0, device=None, seed: int = 0):
+                 alpha_betas=(0.5, 0.999), alpha_step_cap: float | None = 1.0, device=None, seed: int = 0,
+                 round_to: int = 1):
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         t_start, t_end = map(float, temperature)
@@ -95,7 +96,7 @@ class DAIS(GatedSearcher):
                              f"with flops_tolerance {flops_tolerance}")
         super().__init__(model, flops_target, example_inputs=example_inputs, input_size=input_size,
                          in_channels=in_channels, flops_tolerance=flops_tolerance, gate_init=alpha_init,
-                         device=device, seed=seed)
+                         device=device, seed=seed, round_to=round_to)
         gn = self.gn
         self.flops_margin = float(flops_margin)
         self.cost_weight, self.l1_weight, self.tie_weight = float(cost_weight), float(l1_weight), float(tie_weight)

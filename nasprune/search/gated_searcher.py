@@ -57,14 +57,18 @@ class GatedSearcher(Searcher):
         (batch 1 or 2) for tracing, or ``input_size`` (side of a square image) and ``in_channels``;
         the MACs depend on it. flops_target: fraction of the model's MACs to keep, in (0, 1].
     flops_tolerance: the width of the band the threshold keep's MACs must land in (fraction of
-        the model's MACs). gate_init: every raw gate value at the start.
+        the model's MACs). gate_init: every raw gate value at the start. round_to: the keep rules
+        round every kept width down to a multiple of it (never below one multiple): widths in
+        multiples of 8 run faster on CPUs and GPUs than odd ones at the same MACs.
     """
 
     gate_kind = "continuous"
     threshold = 0.5          # the gate value above which the threshold keep keeps a channel
 
     def __init__(self, model: nn.Module, flops_target: float, *, example_inputs, input_size: int, in_channels: int,
-                 flops_tolerance: float, gate_init: float, device, seed: int):
+                 flops_tolerance: float, gate_init: float, device, seed: int, round_to: int = 1):
+        if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+            raise ValueError(f"round_to is a channel multiple, an int >= 1; got {round_to!r}")
         if not 0 < flops_target <= 1:
             raise ValueError(f"flops_target is the fraction of MACs kept, in (0, 1]; got {flops_target}")
         if not flops_tolerance > 0:
@@ -83,6 +87,7 @@ class GatedSearcher(Searcher):
         with torch.no_grad():
             gn.gate.fill_(float(gate_init))
         self.flops_target, self.flops_tolerance = float(flops_target), float(flops_tolerance)
+        self.round_to = round_to
         self.weights = [p for n, p in gn.named_parameters() if n != "gate"]
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self._sums = torch.zeros(0, dtype=torch.float64, device=self.device)  # a method's running epoch sums
@@ -90,7 +95,7 @@ class GatedSearcher(Searcher):
             self._rng = self._rng_state()
         self.config = dict(model=type(model).__name__, input_shape=list(example.shape[1:]), num_gates=gn.num_gates,
                            base_macs=gn.base_macs, flops_target=flops_target, flops_tolerance=flops_tolerance,
-                           gate_init=gate_init, seed=seed)
+                           gate_init=gate_init, round_to=round_to, seed=seed)
 
     # -- the step's randomness
     def _rng_state(self) -> dict:
@@ -132,12 +137,12 @@ class GatedSearcher(Searcher):
 
     def keep(self) -> tuple[dict, str]:
         """The keep set to export and how it was found: ``"threshold"`` (gate value above
-        ``threshold``) when its MACs are ``in_band``, else ``"budget"``: the largest set of
-        channels by the raw gate parameter (ties by position) whose MACs fit under the target
+        ``threshold``, widths rounded to ``round_to``) when its MACs are ``in_band``, else
+        ``"budget"``: the largest set of channels by the raw gate parameter (ties by position) whose MACs fit under the target
         (the gated network's keep("budget") on that ranking: gate values saturate or binarise
         to equal values, which would make ties)."""
         gn = self.gn
-        keep = gn.keep("threshold", threshold=self.threshold)
+        keep = gn.keep("threshold", threshold=self.threshold, round_to=self.round_to)
         if self.in_band(self._keep_macs(keep) / gn.base_macs):
             return keep, "threshold"
         return self.budget_keep(gn.gate.detach()), "budget"
@@ -149,7 +154,7 @@ class GatedSearcher(Searcher):
         rank = torch.empty_like(order)
         rank[order] = torch.arange(len(order))
         with gates_as(self.gn, (len(order) - rank).float()):       # unique, exact in fp32
-            return self.gn.keep("budget", **self.budget_limit())
+            return self.gn.keep("budget", round_to=self.round_to, **self.budget_limit())
 
     def budget_limit(self) -> dict:
         """The budget as the gated network's keep("budget") takes it (default: the MACs target)."""

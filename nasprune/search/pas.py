@@ -43,7 +43,7 @@ class PaS(GatedSearcher):
         largest w of every channel group at >= ``gate_floor`` (> 0.5) so no group closes.
     placement: "tied", one DBC vector per channel group of the model (a residual stream shares
         one; the official untied post-add DBC is not built, docs/pas.md).
-    seed: data order, dropout.
+    seed: data order, dropout. round_to: kept widths rounded down to a multiple (GatedSearcher).
     """
 
     method = "pas"
@@ -55,7 +55,7 @@ class PaS(GatedSearcher):
                  momentum: float = 0.9, weight_decay: float = 5e-4, gate_lr: float | None = None,
                  gate_weight_decay: float = 0.0, gate_init: float = 1.0, gate_range=(0.0, 1.0),
                  min_width: bool = True, gate_floor: float = 0.6, placement: str = "tied", device=None,
-                 seed: int = 0):
+                 seed: int = 0, round_to: int = 1):
         if placement not in PLACEMENTS:
             raise NotImplementedError(
                 f"placement {placement!r}: only 'tied' (one gate vector per channel group, exact export) is "
@@ -71,7 +71,7 @@ class PaS(GatedSearcher):
                              f"got {gate_floor}")
         super().__init__(model, flops_target, example_inputs=example_inputs, input_size=input_size,
                          in_channels=in_channels, flops_tolerance=flops_tolerance, gate_init=gate_init,
-                         device=device, seed=seed)
+                         device=device, seed=seed, round_to=round_to)
         gn = self.gn
         self.cost_weight = float(cost_weight)
         self.gate_range, self.min_width, self.gate_floor = gate_range, bool(min_width), float(gate_floor)

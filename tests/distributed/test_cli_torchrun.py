@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -23,11 +24,18 @@ SEARCH = ["search", "--method", "dais", "--model", "resnet20", "--data", "digits
 def run_folder(tmp_path_factory):
     out = tmp_path_factory.mktemp("torchrun") / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "-m", "nasprune", *SEARCH, "--out", str(out)], capture_output=True, text=True, env=env,
-                       timeout=240)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return out, r.stdout
+    # its own process group, so that a timeout takes the ranks down with the launcher
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "nasprune", *SEARCH, "--out", str(out)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        stdout, stderr = p.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        stdout, stderr = p.communicate()
+        pytest.fail(f"torchrun ran past 300 s: {stderr[-3000:]}")
+    assert p.returncode == 0, stderr[-3000:]
+    return out, stdout
 
 
 def test_torchrun_search_writes_one_run_folder_that_evaluates_in_one_process(run_folder, capsys):

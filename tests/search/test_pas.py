@@ -235,3 +235,19 @@ def test_command_line_searches_a_cifar_repvgg(tmp_path, capsys):
     assert abs(arch["macs"] / metrics["baseline"]["flops"] - 0.5) <= 0.03
     loaded = nasprune.load(out / "model.safetensors")
     assert isinstance(loaded, RepVGG) and flops.count(loaded, torch.zeros(1, 3, SIZE, SIZE)) == arch["macs"]
+
+
+def test_round_to_keeps_widths_in_multiples():
+    # before any search every gate is at 1, so the keep is the budget correction's; with
+    # round_to=8 each group keeps a multiple of 8 channels (or all of them), within the budget
+    torch.manual_seed(0)
+    model = cifar_resnet20(num_classes=10)
+    s = PaS(model, 0.5, input_size=32, device="cpu", round_to=8)
+    keep, how = s.keep()
+    assert how == "budget" and keep
+    assert all(len(idx) % 8 == 0 for idx in keep.values()), {g: len(i) for g, i in keep.items()}
+    net = s.export()
+    x = torch.zeros(1, 3, 32, 32)
+    assert flops.count(net, x) <= 0.5 * flops.count(model, x)
+    with pytest.raises(ValueError, match="round_to"):
+        PaS(model, 0.5, input_size=32, device="cpu", round_to=0)
