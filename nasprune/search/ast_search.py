@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nasprune import dist
 from nasprune.search.gated import GatedNetwork
 from nasprune.search.gated_searcher import GatedSearcher, gates_as
 from nasprune.train import kd_loss, seeded
@@ -434,7 +435,7 @@ class AST(GatedSearcher):
             sums += torch.stack([F.cross_entropy(z, y, reduction="sum").double(), (z.argmax(1) == y).double().sum(),
                                  sums.new_tensor(float(y.numel()))])
         net.train(was)
-        loss, correct, n = sums.tolist()
+        loss, correct, n = dist.all_reduce_sum_(sums).tolist()    # under torchrun: over every rank's share
         return {"loss": loss / max(n, 1), "acc": correct / max(n, 1)}
 
     def _end_subnet(self) -> dict:
@@ -582,6 +583,8 @@ class _Subnet:
                                      nesterov=s.momentum > 0)
         self.a_opt = torch.optim.SGD([self.gn.gate], lr=s.alpha_lr, momentum=s.alpha_momentum,
                                      weight_decay=s.alpha_weight_decay)
+        for opt in (self.w_opt, self.a_opt):       # under torchrun: every rank trains the same sub-network
+            dist.average_gradients_before_step(opt)
 
     @torch.no_grad()
     def map_back(self) -> None:

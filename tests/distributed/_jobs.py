@@ -10,7 +10,7 @@ from torch import nn
 from nasprune import dist
 from nasprune.data import DeviceLoader, load_dataset
 from nasprune.models import CifarResNet
-from nasprune.search import DAIS, TAS, Callback
+from nasprune.search import AST, DAIS, TAS, Callback
 from nasprune.train import evaluate, train
 
 SIZE = 16
@@ -61,6 +61,18 @@ def dais(rank, checkpoint=None, kill_at=None, resume=False):
                     resume=resume, callbacks=callbacks)
     return {"keep": arch["keep"], "macs": arch["macs"], "base_macs": s.gn.base_macs, "num_gates": s.gn.num_gates,
             "weights": _weights(s.gn), "history": s.history, "world_size": dist.world_size()}
+
+
+def ast(rank):
+    """AST (warm start) on the plain net: 2 epochs of 6 steps (global batch 32), 3 sub-networks."""
+    torch.manual_seed(0)
+    data, _ = digits()
+    s = AST(Plain(), 0.6, input_size=SIZE, device="cpu", start="warm", subnets=3, val_batches=2, lr=0.05,
+            alpha_lr=0.05, seed=1)
+    arch = s.search(data, epochs=2, batch_size=32)
+    return {"keep": arch["keep"], "rewards": [e["reward"] for e in s.episodes],
+            "subnet_keeps": [e["keep"] for e in s.episodes], "weights": _weights(s.gn),
+            "policy": _weights(s.policy), "world_size": dist.world_size()}
 
 
 def _constant_loader(n, seed, offset):

@@ -1,6 +1,6 @@
-"""Two gloo ranks against one process (issue 18): with the same global batch and seed, DAIS and
-TAS find the same architecture and the same weights within fp32 tolerance; only rank 0 writes;
-a 2-process DAIS search killed mid-epoch resumes to the uninterrupted result."""
+"""Two gloo ranks against one process (issue 18): with the same global batch and seed, DAIS, TAS
+and AST find the same architecture and the same weights within fp32 tolerance; only rank 0
+writes; a 2-process DAIS search killed mid-epoch resumes to the uninterrupted result."""
 from __future__ import annotations
 
 import os
@@ -61,3 +61,18 @@ def test_tas_two_ranks_draw_the_same_candidates_and_equal_one_process(tmp_path):
     assert torch.equal(r0["generator"], one["generator"]) and torch.equal(r1["generator"], one["generator"])
     assert (r0["widths"], r0["blocks"]) == (one["widths"], one["blocks"]) == (r1["widths"], r1["blocks"])
     _close(r0["weights"], one["weights"])
+
+
+def test_ast_two_ranks_train_score_and_choose_the_same_subnetworks(tmp_path):
+    # the sub-networks' own optimisers average across ranks and their held-out scores are summed
+    # over every rank's share, so the rewards, the policy and the chosen sub-network are one
+    one = _jobs.ast(0)
+    (r0, w0), (r1, w1) = run_ranks(_jobs.ast, watched=tmp_path / "none", results=tmp_path / "out")
+    assert one["world_size"] == 1 and r0["world_size"] == 2 and len(one["rewards"]) == 3
+    assert r0["subnet_keeps"] == one["subnet_keeps"] == r1["subnet_keeps"]
+    assert r0["rewards"] == pytest.approx(one["rewards"], rel=1e-5) and r1["rewards"] == r0["rewards"]
+    assert r0["keep"] == one["keep"] == r1["keep"]
+    _close(r0["weights"], one["weights"])
+    _close(r0["policy"], one["policy"])
+    for k in r0["weights"]:
+        assert torch.equal(r0["weights"][k], r1["weights"][k]), k
