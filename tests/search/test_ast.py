@@ -197,7 +197,10 @@ def test_search_killed_mid_subnet_resumes_to_the_same_result(digits, tmp_path):
     assert arch == arch_full and again.history == full.history and again.episodes == full.episodes
     state, reference = again.gn.state_dict(), full.gn.state_dict()
     assert all(torch.equal(state[k], reference[k]) for k in reference)
-    assert all(torch.equal(a, b) for a, b in zip(again.policy.state_dict().values(), full.policy.state_dict().values()))
+    # the policy to the last bits: at 2 threads its small matmuls on the resumed (freshly loaded)
+    # tensors may round differently by one ulp (1.5e-8 on weights of 0.2 seen); 1 thread: equal
+    for a, b in zip(again.policy.state_dict().values(), full.policy.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     assert len({tuple(e["thresholds"]) for e in full.episodes}) > 1
 
 
