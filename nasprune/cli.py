@@ -480,8 +480,12 @@ class Run:
     def __init__(self, folder, create=True):
         self.folder = os.path.abspath(folder)
         self.writer = _is_main()
-        if create and self.writer:
-            os.makedirs(self.folder, exist_ok=True)
+        if create:
+            if self.writer:
+                os.makedirs(self.folder, exist_ok=True)
+            if "torch" in sys.modules:     # under torchrun the other ranks wait until rank 0 made it
+                from nasprune import dist
+                dist.barrier()
         elif not os.path.isdir(self.folder):
             raise CLIError(f"run folder {folder!r} does not exist")
 

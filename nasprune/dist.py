@@ -119,6 +119,12 @@ def broadcast_module_(module: torch.nn.Module, src: int = 0) -> None:
             t.detach().copy_(buf)
 
 
+def barrier() -> None:
+    """Wait until every rank gets here (nothing in one process)."""
+    if is_distributed():
+        td.barrier()
+
+
 def broadcast_object(obj, src: int = 0):
     """Rank ``src``'s ``obj`` on every rank (pickled in memory, never on disk)."""
     if not is_distributed():
