@@ -207,6 +207,19 @@ def record(name: str, device: torch.device, rows: list[dict], folder: Path = RES
     return path
 
 
+def print_load() -> None:
+    """Print the 1-minute load average (other work on the machine skews CPU figures)."""
+    if hasattr(os, "getloadavg"):
+        print(f"load average (1 min) {os.getloadavg()[0]:.2f}", flush=True)
+
+
+def finish(name: str, device: torch.device, rows: list[dict], args) -> None:
+    """A benchmark's last lines: the load average, and its rows recorded unless --no-record."""
+    print_load()
+    if not args.no_record:
+        print("recorded to", record(name, device, rows))
+
+
 def table(rows: list[dict], columns: list[str]) -> str:
     widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]

@@ -20,7 +20,6 @@ Appends rows to benchmarks/results/ast.jsonl (stamped with the 1-minute load ave
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -114,10 +113,8 @@ def main():
             rows += part
             print(_common.table(part, ["model", "steps", "subnets", "loop_s", "step_ms", "overhead_per_subnet_s"]),
                   flush=True)
-        if hasattr(os, "getloadavg"):
-            print(f"load average (1 min) {os.getloadavg()[0]:.2f}", flush=True)
-    if not args.no_record:
-        print("recorded to", _common.record("ast", device, rows))
+        _common.print_load()
+    _common.finish("ast", device, rows, args)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ Appends rows to benchmarks/results/dais.jsonl (stamped with the 1-minute load av
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -108,10 +107,8 @@ def main():
         rows += case(name, batch, args.size, device)
         print(_common.table(rows[-3:], ["impl", "model", "batch", "median_ms", "speedup_vs_eager",
                                         "speedup_vs_eager_cl"]), flush=True)
-        if hasattr(os, "getloadavg"):
-            print(f"load average (1 min) {os.getloadavg()[0]:.2f}", flush=True)
-    if not args.no_record:
-        print("recorded to", _common.record("dais", device, rows))
+        _common.print_load()
+    _common.finish("dais", device, rows, args)
 
 
 if __name__ == "__main__":

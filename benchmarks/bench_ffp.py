@@ -31,7 +31,6 @@ Appends rows to benchmarks/results/ffp.jsonl (stamped with the 1-minute load ave
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -194,10 +193,7 @@ def main():
         rows = step_rows(args.model, args.per_class, batch, device, Path(args.pretrained_dir),
                          args.prune_steps, args.rounds)
         print(_common.table(rows, ["impl", "model", "candidates", "median_ms", "speedup_vs_full"]), flush=True)
-    if hasattr(os, "getloadavg"):
-        print(f"load average (1 min) {os.getloadavg()[0]:.2f}", flush=True)
-    if not args.no_record:
-        print("recorded to", _common.record("ffp", device, rows))
+    _common.finish("ffp", device, rows, args)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ Interleaved in one process; appends rows to benchmarks/results/pas.jsonl.
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -186,10 +185,7 @@ def main():
         for name in args.models.split(","):
             rows += step_rows(name, batch, args.size, device)
             print(_common.table(rows[-2:], ["impl", "model", "batch", "median_ms", "speedup_vs_eager"]), flush=True)
-    if hasattr(os, "getloadavg"):
-        print(f"load average (1 min) {os.getloadavg()[0]:.2f}", flush=True)
-    if not args.no_record:
-        print("recorded to", _common.record("pas", device, rows))
+    _common.finish("pas", device, rows, args)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,9 @@ from torch import nn
 from nasprune import dist
 from nasprune.data import DeviceLoader, load_dataset
 from nasprune.models import CifarResNet
-from nasprune.search import AST, DAIS, TAS, Callback
+from nasprune.search import AST, DAIS, TAS
 from nasprune.train import evaluate, train
+from tests.search._kill import Kill
 
 SIZE = 16
 
@@ -35,15 +36,6 @@ class Plain(nn.Module):
 def digits(n=256):
     train, test = load_dataset(None, size=SIZE)
     return train.subset(range(n)), test.subset(range(200))
-
-
-class Kill(Callback):
-    def __init__(self, at):
-        self.at = at
-
-    def on_step_end(self, searcher, step, metrics):
-        if step == self.at:
-            raise KeyboardInterrupt("killed")
 
 
 def _weights(module):
