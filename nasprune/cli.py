@@ -764,9 +764,6 @@ SEARCH_PHASES = (phase_data, phase_baseline, phase_search, phase_export, phase_f
 def cmd_search(args):
     constructor = model_constructor(args.model)      # fail fast: before any data or training
     METHODS[args.method].check_model(args.model)
-    if args.method == "ffp" and _world_size() > 1:
-        raise CLIError("ffp does not run under torchrun yet (its candidate scoring is not split across ranks); "
-                       "run it in one process")
     run = Run(args.out)
     run.write_json("config.json", {"command": "search", **{k: v for k, v in vars(args).items() if k != "func"}})
     job = Job(args, run, constructor)
@@ -1017,11 +1014,6 @@ def build_parser():
     r.add_argument("--run", required=True)
     r.set_defaults(func=cmd_report)
     return p
-
-
-def _world_size() -> int:
-    from nasprune import dist
-    return dist.world_size()
 
 
 def main(argv=None) -> int:

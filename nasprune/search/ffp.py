@@ -107,9 +107,13 @@ class MemoryBank:
         return int(self.logits.shape[0])
 
     def save(self, path) -> None:
+        """Write the bank to ``path``. Under torchrun call it on every rank: rank 0 writes, and
+        every rank returns once the file is there (a later ``load`` on any rank finds it)."""
         from nasprune.io import save_atomic
-        save_atomic({"logits": self.logits.contiguous(), "losses": self.losses.contiguous(),
-                     "keeps": self.keeps.contiguous()}, path, {"nasprune.memory_bank": "1"})
+        if dist.is_main():
+            save_atomic({"logits": self.logits.contiguous(), "losses": self.losses.contiguous(),
+                         "keeps": self.keeps.contiguous()}, path, {"nasprune.memory_bank": "1"})
+        dist.barrier()
 
     @classmethod
     def load(cls, path) -> "MemoryBank":
@@ -144,6 +148,32 @@ class MemoryBank:
 
 
 # ------------------------------------------------------------------ the searcher
+@dataclass(frozen=True)
+class _Deal:
+    """Which search batches and which of a step's candidates a rank scores under torchrun.
+
+    Whole batches, never a rank's slice of one: FFP scores with batch statistics, and a slice's
+    are not the batch's, so a sliced search set would not score what one process scores. With at
+    least as many batches as ranks, rank r takes batches r, r + W, ... and every candidate on
+    them; with fewer, the ranks of a batch (r, r + B, ...) share out its candidates. One process:
+    every batch, every candidate."""
+    batches: int
+    ranks: int = 1
+    rank: int = 0
+
+    def own(self) -> list[int]:
+        if self.batches >= self.ranks:
+            return list(range(self.rank, self.batches, self.ranks))
+        return [self.rank % self.batches]
+
+    def candidates(self, batch: int, count: int) -> range:
+        """The candidates (of ``count``) this rank scores on its batch ``batch``."""
+        if self.batches >= self.ranks:
+            return range(count)
+        peers = len(range(batch, self.ranks, self.batches))
+        return range(self.rank // self.batches, count, peers)
+
+
 class FFP(GatedSearcher):
     """Greedy coarse-to-fine channel search of any CNN the gated network handles, under a MACs
     budget, from a trained model (methods.md 4, methods-2.md 3.4).
@@ -184,10 +214,6 @@ class FFP(GatedSearcher):
             raise ValueError(f"otsu_trim must lie in [0, 0.5), got {otsu_trim}")
         if not tune_lr >= 0:
             raise ValueError(f"tune_lr must be >= 0, got {tune_lr}")
-        if dist.world_size() > 1:
-            raise NotImplementedError(f"FFP under torchrun ({dist.world_size()} ranks): its candidate scoring is not "
-                                      f"split across ranks yet, and each rank would search on its share of the "
-                                      f"search set alone; run FFP in one process")
         super().__init__(model, flops_target, example_inputs=example_inputs, input_size=input_size,
                          in_channels=in_channels, flops_tolerance=1.0, gate_init=1.0, device=device, seed=seed)
         del self.config["flops_tolerance"]             # the search's own stop rule: at or under the target
@@ -228,7 +254,7 @@ class FFP(GatedSearcher):
         """The tuning subset (shuffled, augmented) and the search set (in order, un-augmented):
         the last ``search_per_class`` images of each class of ``data`` (or ``val_data`` whole)
         and the first ``tune_per_class`` of the rest."""
-        from nasprune.data import ImageDataset
+        from nasprune.data import DeviceLoader, ImageDataset
         if not isinstance(data, ImageDataset) or not (val_data is None or isinstance(val_data, ImageDataset)):
             raise TypeError(f"FFP.search takes ImageDatasets (it picks images per class), got "
                             f"{type(data).__name__}" + (f" and {type(val_data).__name__}" if val_data is not None else ""))
@@ -247,8 +273,19 @@ class FFP(GatedSearcher):
         tune_idx = np.sort(np.concatenate(tune_idx))
         if len(search_set) == 0:
             raise ValueError("the search set is empty")
-        loaders = {"search": self.loader(search_set, min(batch_size, len(search_set)), shuffle=False,
-                                         augment=False, drop_last=False, offset=1)}
+        # whole batches on every rank (never a rank's slice: a slice's batch statistics are not the batch's)
+        search = DeviceLoader(search_set, min(batch_size, len(search_set)), shuffle=False, augment=False,
+                              drop_last=False, device=self.device, seed=self.seed + 1, rank=0, world_size=1)
+        loaders = {"search": search}
+        self._deal = _Deal(len(search), dist.world_size(), dist.rank())
+        own = self._deal.own()
+        if len(own) == len(search):
+            self._own_search = search
+        else:              # this rank's batches alone, in order (the last one may be the short one)
+            rows = np.concatenate([np.arange(b * search.batch_size, min((b + 1) * search.batch_size, len(search_set)))
+                                   for b in own])
+            self._own_search = DeviceLoader(search_set.subset(rows), search.batch_size, shuffle=False,
+                                            augment=False, drop_last=False, device=self.device, rank=0, world_size=1)
         if self.tune_per_class and self.tune_opt.param_groups[0]["lr"] > 0 and len(tune_idx):
             tune = data.subset(tune_idx)
             loaders["tune"] = self.loader(tune, min(batch_size, len(tune)))
@@ -344,51 +381,114 @@ class FFP(GatedSearcher):
         return j
 
     def _search_batches(self):
-        """(x, y, ensemble rows or None) of every search-set batch, in order."""
-        start = 0
-        for x, y in self._loaders["search"]:
+        """(batch index, x, y, ensemble rows or None) of this rank's search-set batches, in order
+        (every batch in one process)."""
+        size = self._loaders["search"].batch_size
+        for b, (x, y) in zip(self._deal.own(), self._own_search):
             ens = None
             if self.use_ensemble and self.ensemble is not None:
-                ens = self.ensemble[start:start + len(y)]
-            start += len(y)
-            yield x, y, ens
+                ens = self.ensemble[b * size:b * size + len(y)]
+            yield b, x, y, ens
+
+    def _batch_sizes(self) -> list[int]:
+        loader = self._loaders["search"]
+        return [min(loader.batch_size, loader.num_samples - b * loader.batch_size) for b in range(len(loader))]
+
+    def _num_outputs(self) -> int:
+        """The network's output width (classes), from one eval-mode forward of the example input."""
+        if getattr(self, "_outputs", None) is None:
+            gn, was = self.gn, self.gn.training
+            example = self.example_inputs if isinstance(self.example_inputs, torch.Tensor) else self.example_inputs[0]
+            gn.eval()
+            try:
+                with torch.inference_mode():
+                    self._outputs = int(gn(example[:1].to(self.device)).shape[-1])
+            finally:
+                gn.train(was)
+        return self._outputs
+
+    def _gathered_logits(self, parts: dict) -> torch.Tensor:
+        """(N_search, classes): the logits of every search batch, from ``parts`` ({batch: its logits},
+        each rank its own batches), summed over the ranks (each row comes from one rank, the others
+        add zeros: exact)."""
+        if not dist.is_distributed():
+            return torch.cat([parts[b] for b in sorted(parts)])
+        size, n = self._loaders["search"].batch_size, self._loaders["search"].num_samples
+        out = torch.zeros(n, self._num_outputs(), device=self.device)
+        for b, z in parts.items():
+            out[b * size:b * size + len(z)] = z
+        return dist.all_reduce_sum_(out)
 
     def importance(self) -> torch.Tensor:
         """Filter importance of the current subnetwork: the sum over the search set's batches of
         |g * dJ/dg| per gate (= |sum_{n,h,w} dJ/dy * y| over the group's sites; 0 for removed
         channels), from the gated network's fused gate-gradient reduction. fp64 (num_gates,).
         Keeps each batch's activations at every group's first layer (up to ``cache_bytes``) for
-        :meth:`evaluate_candidates`."""
-        gn = self.gn
-        scores = torch.zeros(gn.num_gates, dtype=torch.float64, device=self.device)
+        :meth:`evaluate_candidates`. Under torchrun each rank runs its own batches and the
+        per-batch rows are summed in batch order on every rank, as one process sums them."""
+        gn, deal = self.gn, self._deal
+        rows = torch.zeros(deal.batches, gn.num_gates, dtype=torch.float64, device=self.device)
         mask = self.mask()
-        self._caches, held = [], 0
+        self._caches, held = [None] * deal.batches, 0
         with self._frozen(self.weights), self._batch_statistics():
-            for x, y, ens in self._search_batches():
+            for b, x, y, ens in self._search_batches():
+                counted = bool(deal.candidates(b, 1))     # a batch's row comes from one of its ranks
                 gn.gate.grad = None
-                if held < self.cache_bytes:   # the activations the step's candidates resume from
-                    z, cache = gn.forward_and_cache(x)
-                    held += cache.nbytes
-                else:
-                    z, cache = gn(x), None
-                self._caches.append(cache if held <= self.cache_bytes else None)
-                self.objective(z, y, ens).backward()
-                scores += (gn.gate.grad * mask).abs().double()
+                with torch.enable_grad() if counted else torch.no_grad():
+                    if held < self.cache_bytes:   # the activations the step's candidates resume from
+                        z, cache = gn.forward_and_cache(x)
+                        held += cache.nbytes
+                    else:
+                        z, cache = gn(x), None
+                self._caches[b] = cache if held <= self.cache_bytes else None
+                if counted:
+                    self.objective(z, y, ens).backward()
+                    rows[b] = (gn.gate.grad * mask).abs().double()
         gn.gate.grad = None
+        dist.all_reduce_sum_(rows)
+        scores = torch.zeros(gn.num_gates, dtype=torch.float64, device=self.device)
+        for row in rows:                   # in batch order, whatever the number of ranks
+            scores += row
         return scores
+
+    def _mean_loss(self, per_batch) -> float:
+        """The sample-weighted mean of per-batch losses, summed in batch order."""
+        total, sizes = 0.0, self._batch_sizes()
+        for b, j in enumerate(per_batch):
+            total += j * sizes[b]
+        return total / max(sum(sizes), 1)
 
     @torch.no_grad()
     def evaluate(self, values: torch.Tensor) -> tuple[float, torch.Tensor]:
         """J of the subnetwork with gate values ``values`` on the search set (sample-weighted mean
         of the batch means), and its logits (N_search, classes)."""
-        total, n, logits = 0.0, 0, []
+        per_batch = torch.zeros(self._deal.batches, dtype=torch.float64, device=self.device)
+        parts = {}
         with self._batch_statistics(), gates_as(self.gn, values.to(self.device, torch.float32)):
-            for x, y, ens in self._search_batches():
-                z = self.gn(x)
-                total += float(self.objective(z, y, ens)) * len(y)
-                n += len(y)
-                logits.append(z.float())
-        return total / max(n, 1), torch.cat(logits)
+            for b, x, y, ens in self._search_batches():
+                if self._deal.candidates(b, 1):
+                    z = self.gn(x)
+                    per_batch[b] = float(self.objective(z, y, ens))
+                    parts[b] = z.float()
+        return self._mean_loss(dist.all_reduce_sum_(per_batch).tolist()), self._gathered_logits(parts)
+
+    def _score(self, values: list, caches, wanted, per_batch, parts, after=None) -> None:
+        """J (into ``per_batch[b, k]``) and logits (into ``parts[k][b]``) of candidates on this
+        rank's search batches, ``wanted(b)`` naming the candidates of batch b (asked when the
+        batch comes; ``after(b, ks)`` once they are scored); a batch's candidates resume the
+        current subnetwork's forward together (from its cache when there is one)."""
+        mask = self.mask()
+        for b, x, y, ens in self._search_batches():
+            ks = list(wanted(b))
+            if not ks:
+                continue
+            cache = caches[b] if caches is not None and b < len(caches) else None
+            outs = self.gn.forward_candidates(x, candidates=[values[k] for k in ks], reference=mask, cache=cache)
+            for k, z in zip(ks, outs):
+                per_batch[b, k] = float(self.objective(z, y, ens))
+                parts[k][b] = z.float()
+            if after is not None:
+                after(b, ks)
 
     @torch.no_grad()
     def evaluate_candidates(self, values: list, caches: list | None = None) -> list[tuple[float, torch.Tensor]]:
@@ -397,19 +497,69 @@ class FFP(GatedSearcher):
         from it in one group each, and each resumes the current subnetwork's forward of a
         search batch at the first layer the group reaches (:meth:`GatedNetwork.forward_candidates`),
         from ``caches`` (per search batch, a ForwardCache of the current subnetwork or None, as
-        :meth:`importance` leaves them) or else from one forward of the current subnetwork."""
+        :meth:`importance` leaves them) or else from one forward of the current subnetwork.
+        Under torchrun each rank scores its share (:class:`_Deal`) and every rank gets all."""
         values = [v.to(self.device, torch.float32) for v in values]
-        totals, logits, n = [0.0] * len(values), [[] for _ in values], 0
-        caches = caches or []
+        per_batch = torch.zeros(self._deal.batches, len(values), dtype=torch.float64, device=self.device)
+        parts = [{} for _ in values]
         with self._batch_statistics():
-            for b, (x, y, ens) in enumerate(self._search_batches()):
-                cache = caches[b] if b < len(caches) else None
-                for k, z in enumerate(self.gn.forward_candidates(x, candidates=values, reference=self.mask(),
-                                                                 cache=cache)):
-                    totals[k] += float(self.objective(z, y, ens)) * len(y)
-                    logits[k].append(z.float())
-                n += len(y)
-        return [(t / max(n, 1), torch.cat(z)) for t, z in zip(totals, logits)]
+            self._score(values, caches, lambda b: self._deal.candidates(b, len(values)), per_batch, parts)
+        table = dist.all_reduce_sum_(per_batch).T.tolist()
+        return [(self._mean_loss(table[k]), self._gathered_logits(parts[k])) for k in range(len(values))]
+
+    @torch.no_grad()
+    def best_candidate(self, values: list, caches: list | None = None) -> tuple[int, float, torch.Tensor]:
+        """(k, J, logits) of the lowest-J gate vector of ``values`` (the first of equals), as
+        :meth:`evaluate_candidates` scores them, without finishing the candidates that cannot win.
+
+        J is a mean of non-negative per-batch losses, so a candidate whose losses on part of the
+        search set, weighted as in the mean, already exceed a finished candidate's J (or equal it,
+        from a later index) cannot be the lowest. One process: every candidate on the first batch,
+        the lowest of them on the rest, then the others batch by batch while they can still win.
+        Under torchrun every rank scores its share of every batch (no early stop: that needs the
+        others' losses) and the ranks take the same argmin over the same summed table."""
+        values = [v.to(self.device, torch.float32) for v in values]
+        deal, count = self._deal, len(values)
+        per_batch = torch.zeros(deal.batches, count, dtype=torch.float64, device=self.device)
+        parts = [{} for _ in values]
+        with self._batch_statistics():
+            if dist.is_distributed() or deal.batches == 1:
+                self._score(values, caches, lambda b: deal.candidates(b, count), per_batch, parts)
+                table = dist.all_reduce_sum_(per_batch).T.tolist()
+                losses = [self._mean_loss(table[k]) for k in range(count)]
+            else:
+                sizes = self._batch_sizes()
+                n = max(sum(sizes), 1)
+                # every candidate on the first batch; the lowest there finishes first
+                self._score(values, caches, lambda b: range(count) if b == 0 else (), per_batch, parts)
+                partial = [float(per_batch[0, k]) * sizes[0] for k in range(count)]
+                lead = min(range(count), key=lambda k: (partial[k] / n, k))
+                self._score(values, caches, lambda b: (lead,) if b > 0 else (), per_batch, parts)
+                losses = [None] * count
+                losses[lead] = self._mean_loss(per_batch[:, lead].tolist())
+                alive = set(range(count)) - {lead}
+
+                def can_win(b):          # before batch b: drop those already above the leader
+                    if b == 0:
+                        return ()
+                    for k in sorted(alive):
+                        bound = partial[k] / n       # the weighted mean so far: J cannot end below it
+                        if bound > losses[lead] or (bound == losses[lead] and k > lead):
+                            alive.discard(k)
+                            parts[k].clear()
+                    return sorted(alive)
+
+                def add(b, ks):
+                    for k in ks:
+                        partial[k] += float(per_batch[b, k]) * sizes[b]
+                self._score(values, caches, can_win, per_batch, parts, add)
+                for k in alive:
+                    losses[k] = self._mean_loss(per_batch[:, k].tolist())
+        best = None
+        for k, loss in enumerate(losses):
+            if loss is not None and (best is None or loss < losses[best]):
+                best = k
+        return best, losses[best], self._gathered_logits(parts[best])
 
     def candidates(self, scores: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
         """The fine step's candidates: (group, its 0/1 gate vector) for every group the coarse
@@ -495,13 +645,9 @@ class FFP(GatedSearcher):
         if not cands:
             raise RuntimeError(f"FFP: no group can shrink further, at {self.current_macs() / gn.base_macs:.4f} of "
                                f"the MACs (target {self.flops_target})")
-        best = None
-        scored = self.evaluate_candidates([v for _, v in cands], self._caches)
+        k, loss, logits = self.best_candidate([v for _, v in cands], self._caches)
         self._caches = []
-        for (i, v), (loss, logits) in zip(cands, scored):
-            if best is None or loss < best[0]:
-                best = (loss, i, v, logits)
-        loss, i, v, logits = best
+        i, v = cands[k]
         with torch.no_grad():
             gn.gate.copy_(v.to(gn.gate))
         self.calls[i] += 1
@@ -559,12 +705,26 @@ class FFP(GatedSearcher):
             chosen.append(min(free, key=lambda j: (abs(losses[j] - level), j)))
         return chosen
 
-    @torch.no_grad()
+    def _slim_at(self, values: torch.Tensor) -> nn.Module:
+        """The subnetwork of the 0/1 gate vector ``values`` physically slimmed (the export without
+        the rescale: the gated network at those gates), on the searcher's device, normalising
+        with batch statistics as :meth:`_batch_statistics` does (a throwaway copy: its running
+        statistics move)."""
+        with gates_as(self.gn, values.to(self.device, torch.float32)):
+            keep = self.gn.keep("threshold", threshold=0.5)
+        net = self.export(keep, rescale=False).to(self.device)
+        for m in net.modules():
+            if isinstance(m, nn.modules.batchnorm._NormBase):
+                m.train()
+        return net
+
     def memory_bank(self, data, batch_size: int = 256) -> MemoryBank:
         """The memory bank over ``data`` (the training set, an ImageDataset, un-augmented): the
         logits of the K teachers (:meth:`bank_entries`) in data order, batch-statistics
         normalisation as in the search (batches of a seeded random order), sorted by their search
-        loss (entry 0 the best)."""
+        loss (entry 0 the best). Each teacher runs physically slimmed (its export; equal to the
+        gated network at its gates to fp32 rounding), without autograd. Under torchrun the ranks
+        take whole batches in turn (r, r + W, ...) and every rank gets every logit."""
         from nasprune.data import DeviceLoader
         chosen = self.bank_entries()
         chosen.sort(key=lambda j: (float(self.trail[j]["loss"]), j))
@@ -573,18 +733,22 @@ class FFP(GatedSearcher):
         # batches in one seeded random order (a class-sorted dataset's batches in dataset order
         # would give the batch statistics a few classes each), the logits put back in data order
         order = torch.randperm(len(data), generator=torch.Generator().manual_seed(self.seed))
-        loader = DeviceLoader(data.subset(order.numpy()), batch_size, shuffle=False, augment=False,
-                              device=self.device)
+        deal = _Deal(math.ceil(len(data) / batch_size), dist.world_size(), dist.rank())
+        own = [b for b in deal.own() if deal.candidates(b, 1)]
+        rows = torch.cat([order[b * batch_size:(b + 1) * batch_size] for b in own]) if own else order[:0]
+        loader = DeviceLoader(data.subset(rows.numpy()), batch_size, shuffle=False, augment=False,
+                              device=self.device, rank=0, world_size=1) if own else ()
         per_entry = []
         for j in chosen:
-            values = self.trail[j]["keep"].to(self.device, torch.float32)
-            out = []
-            with self._batch_statistics(), gates_as(self.gn, values):
+            net = self._slim_at(self.trail[j]["keep"])
+            logits = torch.zeros(len(data), self._num_outputs())
+            start = 0
+            with torch.inference_mode():
                 for x, _ in loader:
-                    out.append(self.gn(x).float().cpu())
-            logits = torch.empty(len(data), out[0].shape[1])
-            logits[order] = torch.cat(out)
-            per_entry.append(logits)
+                    logits[rows[start:start + len(x)]] = net(x).float().cpu()
+                    start += len(x)
+            per_entry.append(dist.all_reduce_sum_(logits))     # each row from one rank
+            del net
         return MemoryBank(torch.stack(per_entry, 1).contiguous(),
                           torch.tensor([float(self.trail[j]["loss"]) for j in chosen], dtype=torch.float64),
                           torch.stack([self.trail[j]["keep"].float().cpu() for j in chosen]))

@@ -404,8 +404,44 @@ def test_command_line_search_bank_and_ckt_finetune(tmp_path):
     assert len(json.loads((out / "metrics.json").read_text())["pruned"]["history"]) == 1
 
 
-def test_ffp_refuses_to_run_on_several_ranks(monkeypatch):
-    from nasprune import dist
-    monkeypatch.setattr(dist, "world_size", lambda: 2)
-    with pytest.raises(NotImplementedError, match="torchrun \\(2 ranks\\)"):
-        FFP(cifar_resnet20(num_classes=10), 0.5, input_size=16, device="cpu")
+def test_best_candidate_is_the_first_lowest_score_and_skips_candidates_that_cannot_win():
+    """FFP.best_candidate (the search's step) picks what the full scores pick: the lowest J, the
+    first of equals, with that candidate's J and logits; and it stops scoring a candidate once its
+    weighted losses so far exceed a finished candidate's J (J is a mean of non-negative losses)."""
+    torch.manual_seed(0)
+    data = _dataset(5, 4, 8)
+    s = FFP(cifar_resnet20(num_classes=4), 0.5, input_size=8, device="cpu", search_per_class=5, tune_per_class=0)
+    s.loaders(data, None, 8)                          # 20 search images: batches of 8, 8, 4
+    gn = s.gn
+    opt = torch.optim.Adam(s.weights, lr=1e-2)        # fit the 20 images: J of the full network is small
+    x_all, y_all = [torch.cat(t) for t in zip(*s._loaders["search"])]
+    with s._frozen([gn.gate]):
+        for _ in range(60):
+            opt.zero_grad()
+            F.cross_entropy(gn(x_all), y_all).backward()
+            opt.step()
+    loss0, s.ensemble = s.evaluate(s.mask())
+    cands = [v for _, v in s.candidates(s.importance())]
+    bad = s.mask().clone()
+    bad[torch.arange(gn.num_gates) % 4 != 0] = 0      # three channels of every four removed
+    every = s.evaluate_candidates([bad] + cands, s._caches)
+    first = min(range(len(every)), key=lambda k: (every[k][0], k))
+    assert first > 0 and every[0][0] > 2.5 * every[first][0] > 0     # the bad one loses by far
+    values = [bad] + cands + [cands[first - 1]]       # the winner again, last: the first of equals wins
+    calls = []
+    scoring = gn.forward_candidates
+
+    def counted(x, candidates, **kwargs):
+        calls.append([next(k for k, v in enumerate(values) if torch.equal(v, c[:-1] if len(c) > len(v) else c))
+                      for c in candidates])
+        return scoring(x, candidates=candidates, **kwargs)
+    gn.forward_candidates = counted
+    try:
+        k, loss, logits = s.best_candidate(values, s._caches)
+    finally:
+        del gn.forward_candidates
+    assert k == first and loss == every[first][0] and torch.equal(logits, every[first][1])
+    scored = [k for ks in calls for k in ks]
+    assert scored.count(0) == 1                       # the bad candidate: the first batch only
+    assert scored.count(first) == 6                   # the winner and its copy (equal to it so far): every batch
+    assert len(scored) < 3 * len(values)
