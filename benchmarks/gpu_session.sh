@@ -166,6 +166,17 @@ step quality_dais         200 $PY benchmarks/quality.py --method dais "${QUALITY
 # A method's row at the GPU budget (ResNet-56; the controls first, once per protocol): one call
 # each, e.g. STEPS=quality_gpu QUALITY_METHOD=tas BUDGET_S=560.
 step quality_gpu          540 $PY benchmarks/quality.py --method "${QUALITY_METHOD:-dais}" --budget gpu "${QUALITY[@]}"
+# AST's cold start from scratch (issue 17; needs gpu-data/ carried): ResNet-56 re-initialised, a
+# coarse phase of 20 % of a 10-epoch search, then 30 sub-networks trained slimmed, the best within
+# 0.5 of the MACs exported and fine-tuned 5 epochs (CE). The pretrained ResNet-56 is loaded only as
+# the baseline the run reports (a cold start does not use its weights). Never run on a GPU yet:
+# the limit is a guess (about 1,600 search steps at batch 256 and 30 sub-networks' slimming);
+# AST_COLD_ARGS replaces the settings, e.g. "--model resnet20 --pretrained gpu-data/cifar10-resnet20-12fca82f.th".
+# Run it in a call of its own (STEPS=ast_cold). The run folder stays out of $OUT (few files come
+# back); its log lines (per-epoch search metrics, the sub-network chosen, the pruned accuracy) go to session.log.
+step ast_cold             300 $PY -m nasprune search --method ast --device cuda --no-progress \
+  --data gpu-data/cifar10-jpeg.tar.gz --out runs/ast_cold --flops-target 0.5 --baseline-epochs 0 \
+  ${AST_COLD_ARGS:---model resnet56 --pretrained gpu-data/cifar10-resnet56-4bfd9763.th --epochs 10 --batch-size 256 --lr 0.1 --finetune-epochs 5}
 step bench_slim             60 $PY benchmarks/bench_slim.py --skip-pipeline --gpu-only
 step bench_scores_compile   90 $PY benchmarks/bench_scores.py --device cuda --dtype bfloat16 \
   --models resnet50 --criteria l1 taylor --no-peers
