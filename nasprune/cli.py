@@ -339,7 +339,8 @@ def _ast_build(job):
                coarse_fraction=a.coarse_fraction, coarse_lr=a.lr, subnets=a.subnets, cost_weight=a.cost_weight,
                policy_lr=a.policy_lr, lr=a.search_lr, alpha_lr=a.alpha_lr, teacher=job.teacher if a.robust else None,
                kd_lambda=getattr(a, "kd_lambda", 0.9), kd_temperature=getattr(a, "kd_temperature", 4.0),
-               device=job.device, seed=a.seed)
+               select_band=a.select_band, fill_budget=a.fill_budget, round_to=a.round_to, device=job.device,
+               seed=a.seed)
 
 
 def _ast_select(job):
@@ -349,8 +350,9 @@ def _ast_select(job):
         job.run.log(f"no sampled sub-network met the {s.budget} budget {s.target}; exporting the largest channels "
                     f"by alpha that fit it instead")
     else:
+        filled = f" (topped up from {arch['subnet_cost']:.3f})" if s.fill_budget else ""
         job.run.log(f"sub-network {arch['subnet']} of {arch['subnets_done']}: {s.budget} {s.cost(s.keep()[0]):.3f} "
-                    f"of the model's, held-out loss {arch['val_loss']:.3f}, acc {arch['val_acc']:.3f}")
+                    f"of the model's{filled}, held-out loss {arch['val_loss']:.3f}, acc {arch['val_acc']:.3f}")
     return arch
 
 
@@ -385,6 +387,13 @@ AST_METHOD = Method(
                                      help="SGD step of the filter weights alpha on the held-out split (default 1e-3)")),
         Option(("--cost-weight",), dict(type=_positive_float, default=2.0,
                                         help="beta of the reward's budget penalty (default 2)")),
+        Option(("--select-band",), dict(type=float, default=0.1,
+                                        help="the exported sub-network is the best by reward among those costing "
+                                             "[target - this, target] (default 0.1)")),
+        Option(("--fill-budget",), dict(action="store_true", default=False,
+                                        help="top the selected sub-network up to the budget with the target's "
+                                             "other channels, by alpha (default: exported as sampled)")),
+        *(o for o in DAIS_METHOD.options if o.dest == "round_to"),     # the same flag
     ),
     check_model=lambda name: None, build=_ast_build, select=_ast_select,
     export=lambda job: job.searcher.export(), finetune=_ast_finetune)

@@ -100,6 +100,9 @@ class AST(GatedSearcher):
         average. policy_lr: ThreshNet's Adam step. select_band: the exported sub-network is the
         best by reward among those whose cost lies in [target - select_band, target], else among
         those within the budget, else (none within it) the largest set by alpha that fits.
+        fill_budget: the export keeps the selected sub-network's channels and adds, by its
+        snapshot's alpha, the target's other channels that still fit the budget (the sampled
+        sub-networks land under the target; this brings the export up to it).
     lr, momentum, weight_decay: each sub-network's SGD on its weights (constant lr).
     alpha_lr, alpha_momentum, alpha_weight_decay: SGD on alpha, on held-out batches; alpha_every:
         weight steps between alpha steps (None: a fifth of a sub-network's steps). alpha is held
@@ -109,6 +112,8 @@ class AST(GatedSearcher):
         sub-network (None: the whole split).
     teacher: robust mode, a trained model whose logits train every sub-network (and the coarse
         phase) by KD: (1 - kd_lambda) CE + kd_lambda T^2 KL at kd_temperature.
+    round_to: every sampled width (and the budget keep's) rounded down to a multiple of it, never
+        below one multiple (GatedSearcher's rule); the rounding lowers the sampled cost.
     seed: weight initialisation (cold), alpha, noise, actions, data order, dropout.
     """
 
@@ -119,11 +124,11 @@ class AST(GatedSearcher):
                  example_inputs=None, input_size: int = 32, in_channels: int = 3, start: str = "cold",
                  coarse_fraction: float | None = None, coarse_lr: float = 0.1, subnets: int = 30,
                  thresholds=THRESHOLDS, noise: float = 0.05, cost_weight: float = 2.0, baseline_decay: float = 0.7,
-                 policy_lr: float = 3e-3, select_band: float = 0.1, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4,
+                 policy_lr: float = 3e-3, select_band: float = 0.1, fill_budget: bool = False, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4,
                  alpha_lr: float = 1e-3, alpha_momentum: float = 0.9, alpha_weight_decay: float = 1e-4,
                  alpha_every: int | None = None, split: float = 0.8, val_batches: int | None = 8,
                  teacher: nn.Module | None = None, kd_lambda: float = 0.9, kd_temperature: float = 4.0,
-                 device=None, seed: int = 0):
+                 round_to: int = 1, device=None, seed: int = 0):
         if params_target is not None and flops_target is not None:
             raise ValueError("give one budget: flops_target (MACs) or params_target (parameters), not both")
         budget = "params" if params_target is not None else "macs"
@@ -155,13 +160,13 @@ class AST(GatedSearcher):
             raise TypeError(f"teacher must be an nn.Module (robust mode) or None, got {type(teacher).__name__}")
         super().__init__(model, target if budget == "macs" else 1.0, example_inputs=example_inputs,
                          input_size=input_size, in_channels=in_channels, flops_tolerance=1.0, gate_init=1.0,
-                         device=device, seed=seed)
+                         device=device, seed=seed, round_to=round_to)
         gn = self.gn
         self.budget, self.target = budget, float(target)
         self.start, self.coarse_fraction, self.coarse_lr = start, coarse_fraction, float(coarse_lr)
         self.subnets, self.thresholds, self.noise = int(subnets), thresholds, float(noise)
         self.cost_weight, self.baseline_decay = float(cost_weight), float(baseline_decay)
-        self.select_band = float(select_band)
+        self.select_band, self.fill_budget = float(select_band), bool(fill_budget)
         self.lr, self.momentum, self.weight_decay = float(lr), float(momentum), float(weight_decay)
         self.alpha_lr, self.alpha_momentum = float(alpha_lr), float(alpha_momentum)
         self.alpha_weight_decay = float(alpha_weight_decay)
@@ -198,7 +203,7 @@ class AST(GatedSearcher):
         self.config.update(budget=budget, target=self.target, start=start, coarse_fraction=coarse_fraction,
                            coarse_lr=coarse_lr, subnets=self.subnets, thresholds=list(thresholds), noise=noise,
                            cost_weight=cost_weight, baseline_decay=baseline_decay, policy_lr=policy_lr,
-                           select_band=select_band, lr=lr,
+                           select_band=select_band, fill_budget=bool(fill_budget), lr=lr,
                            momentum=momentum, weight_decay=weight_decay, alpha_lr=alpha_lr,
                            alpha_momentum=alpha_momentum, alpha_weight_decay=alpha_weight_decay,
                            alpha_every=alpha_every, split=split, val_batches=val_batches, robust=teacher is not None,
@@ -312,7 +317,7 @@ class AST(GatedSearcher):
         counts = {g: mass_count(noisy[o:o + gn.sizes[g]], float(theta[i]))
                   for i, (g, o) in enumerate(gn.offsets.items())}
         with gates_as(gn, noisy.float()):
-            return gn.keep("topk", k=counts)
+            return gn.keep("topk", k=counts, round_to=self.round_to)
 
     def cost(self, keep) -> float:
         """The budget's cost of ``keep`` (MACs or parameters) as a fraction of the model's."""
@@ -469,11 +474,43 @@ class AST(GatedSearcher):
         return {self.budget: self.target}
 
     def keep(self) -> tuple[dict, str]:
-        """The best sub-network within the budget (``"subnet"``), or, when none was, the largest
-        set of channels by alpha that fits (``"budget"``)."""
-        if self.best is not None:
+        """The best sub-network within the budget (``"subnet"``; with ``fill_budget``, topped up
+        to the budget), or, when none was, the largest set of channels by alpha that fits
+        (``"budget"``)."""
+        if self.best is None:
+            return self.budget_keep(self.gn.gate.detach()), "budget"
+        if not self.fill_budget:
             return self.best["keep"], "subnet"
-        return self.budget_keep(self.gn.gate.detach()), "budget"
+        return self.filled(self.best["keep"], self.best["state"]["gate"]), "subnet"
+
+    def filled(self, keep: dict, alpha: torch.Tensor) -> dict:
+        """``keep`` topped up to the budget: the other channels of each group in blocks of
+        ``round_to`` (largest alpha first; the last block completes the group), the blocks in
+        the order of their largest alpha, each added when the cost still fits. Greedy with
+        skips, so one costly block (a wide residual stream's channel) does not stop the other
+        groups; a group whose block did not fit takes no more (its next block costs as much)."""
+        gn = self.gn
+        alpha = alpha.detach().double().cpu()
+        vector = gn.keep_vector(keep).to(self.device)
+        blocks = []
+        for g, o in gn.offsets.items():
+            free = [o + i for i in torch.argsort(-alpha[o:o + gn.sizes[g]], stable=True).tolist()
+                    if vector[o + i] == 0]
+            blocks += [(g, free[i:i + self.round_to]) for i in range(0, len(free), self.round_to)]
+        blocks.sort(key=lambda b: -float(alpha[b[1][0]]))
+        cost = gn.expected_macs if self.budget == "macs" else gn.expected_params
+        limit = self.target * (gn.base_macs if self.budget == "macs" else gn.base_params) * (1 + 1e-12)
+        closed = set()
+        for g, block in blocks:
+            if g in closed:
+                continue
+            vector[block] = 1
+            if float(cost(vector)) > limit:
+                vector[block] = 0
+                closed.add(g)
+        vector = vector.cpu()
+        return {g: torch.nonzero(vector[o:o + gn.sizes[g]]).flatten() for g, o in gn.offsets.items()
+                if int(vector[o:o + gn.sizes[g]].sum()) < gn.sizes[g]}
 
     def export(self, keep=None) -> nn.Module:
         """The pruned network: the best sub-network (its weights and alpha, folded), or the
@@ -486,7 +523,7 @@ class AST(GatedSearcher):
         current = {k: v.detach().clone() for k, v in gn.state_dict().items()}
         try:
             gn.load_state_dict(self.best["state"])
-            return gn.export(self.best["keep"])
+            return gn.export(self.keep()[0])
         finally:
             gn.load_state_dict(current)
 
@@ -497,8 +534,8 @@ class AST(GatedSearcher):
                  "policy_confidence": float(self.policy_probs(self.policy_features()).max(1).values.mean())}
         if how == "subnet":
             chosen = self.episodes[self.best["subnet"]]
-            extra.update(subnet=chosen["subnet"], val_loss=chosen["val_loss"], val_acc=chosen["val_acc"],
-                         reward=chosen["reward"], thresholds=chosen["thresholds"])
+            extra.update(subnet=chosen["subnet"], subnet_cost=chosen["cost"], val_loss=chosen["val_loss"],
+                         val_acc=chosen["val_acc"], reward=chosen["reward"], thresholds=chosen["thresholds"])
         return extra
 
     # -- per-epoch record

@@ -73,6 +73,28 @@ def test_sampling_keeps_the_smallest_mass_set():
     assert mass_count(torch.zeros(10), 0.6) == 6 and mass_count(torch.tensor([9.0, 0, 0]), 0.6) == 1
 
 
+def test_round_to_rounds_the_sampled_widths_down():
+    """Warm start, no noise: every group's mass count is ceil(theta * width); round_to=8 takes it
+    down to a multiple of 8 (at least 8). Only the keep rule's one channel per member layer (the
+    option-A shortcuts hold part of a group) may add to it."""
+    widths, costs = {}, {}
+    for r in (1, 8):
+        s = AST(cifar_resnet20(), 0.5, input_size=SIZE, device="cpu", start="warm", noise=0.0, round_to=r)
+        theta = torch.full((len(s.gn.groups),), 0.7, dtype=torch.float64)
+        keep = s.sample_keep(theta)
+        widths[r] = {g: len(keep.get(g, range(s.gn.sizes[g]))) for g in s.gn.groups}
+        costs[r] = s.cost(keep)
+    gn = s.gn
+    for g in gn.groups:
+        n = math.ceil(0.7 * gn.sizes[g] - 1e-9)                     # alpha all 1: uniform softmax
+        members = len(gn.graph.groups[g].members)
+        assert 0 <= widths[1][g] - n <= members, (g, widths[1][g], n)
+        rounded = max(8, n - n % 8)
+        assert 0 <= widths[8][g] - rounded <= members, (g, widths[8][g], rounded)
+    assert sum(w % 8 == 0 for w in widths[8].values()) >= len(gn.groups) - 3
+    assert costs[8] < costs[1]
+
+
 def test_map_back_is_exact_and_the_subnet_equals_the_masked_target():
     torch.manual_seed(0)
     s = AST(cifar_resnet20(), 0.5, input_size=SIZE, device="cpu")
@@ -134,6 +156,16 @@ def test_budget_holds_on_digits(digits, budget):
     assert all(e["reward"] == pytest.approx(-e["val_loss"] - 2 * max(0, e["cost"] - 0.5) / 0.5) for e in s.episodes)
     # the selected sub-network is exported with its own trained weights: far above chance
     assert nasprune.train.evaluate(net, test)["acc"] > 0.4
+    # fill_budget: the same sub-network topped up by alpha to just under the budget
+    s.fill_budget = True
+    keep, how = s.keep()
+    filled = s.export()
+    filled_cost = (flops.count(filled, x) / base) if budget == "macs" else flops.count_params(filled) / base
+    assert how == "subnet" and chosen["cost"] < filled_cost <= 0.5
+    assert filled_cost == pytest.approx(s.cost(keep), abs=1e-9) and filled_cost > 0.5 - 0.02, filled_cost
+    sub_vector, filled_vector = s.gn.keep_vector(chosen_keep := s.best["keep"]), s.gn.keep_vector(keep)
+    assert bool((filled_vector >= sub_vector).all()) and chosen_keep is s.best["keep"]   # a superset
+    assert s.architecture()["subnet_cost"] == chosen["cost"]
 
 
 def _random_data(n=40, size=32, seed=0):
@@ -173,6 +205,16 @@ def test_search_export_eval_save_load_at_cifar_size(name, tmp_path):
         reference, out = gn(probe), net(probe)
     gn.gate_fn.sample(None)
     assert float((out - reference).abs().max()) <= 1e-4 * max(1.0, float(reference.abs().max()))
+    if how == "subnet":                           # topped up: the masked snapshot at the larger keep
+        s.fill_budget = True
+        filled_keep, filled = s.keep()[0], s.export()
+        assert s.cost(keep) <= s.cost(filled_keep) <= 0.7 + 1e-9
+        gn.gate_fn.sample(gn.keep_vector(filled_keep).float())
+        with torch.no_grad():
+            reference, out = gn(probe), filled(probe)
+        gn.gate_fn.sample(None)
+        assert float((out - reference).abs().max()) <= 1e-4 * max(1.0, float(reference.abs().max()))
+        s.fill_budget = False
     check_record_and_round_trip("ast", model, net, arch, x, probe, tmp_path / "pruned.safetensors",
                                 constructor, kwargs)
 
@@ -240,15 +282,19 @@ def test_command_line_searches_with_a_cold_start(tmp_path):
     the budget exported, fine-tuned (robust: KD) and saved so that nasprune.load rebuilds it."""
     import json
     from nasprune import cli
-    assert {"warm_start", "robust", "params_target", "subnets", "policy_lr"} <= {o.dest for o in cli.METHODS["ast"].options}
+    assert {"warm_start", "robust", "params_target", "subnets", "policy_lr", "select_band", "fill_budget",
+            "round_to"} <= {o.dest for o in cli.METHODS["ast"].options}
     out = tmp_path / "run"
     rc = cli.main(["search", "--method", "ast", "--model", "resnet20", "--data", "digits", "--image-size", "16",
                    "--epochs", "2", "--baseline-epochs", "1", "--finetune-epochs", "1", "--batch-size", "128",
-                   "--subnets", "3", "--robust", "--out", str(out), "--no-progress", "--device", "cpu"])
+                   "--subnets", "3", "--robust", "--fill-budget", "--out", str(out), "--no-progress", "--device", "cpu"])
     assert rc == 0
     arch = json.loads((out / "architecture.json").read_text())
     metrics = json.loads((out / "metrics.json").read_text())
     assert arch["method"] == "ast" and arch["selected_by"] == "subnet" and metrics["pruned"]["flops"] == arch["macs"]
     assert arch["macs"] <= 0.5 * metrics["baseline"]["flops"]
+    # --fill-budget: the chosen sub-network topped up to just under the budget
+    assert arch["subnet_cost"] < arch["macs"] / arch["base_macs"] and arch["macs"] > 0.48 * arch["base_macs"]
+    assert "topped up from" in (out / "log.txt").read_text()
     loaded = nasprune.load(out / "model.safetensors")
     assert flops.count(loaded, torch.zeros(1, 3, SIZE, SIZE)) == arch["macs"]
