@@ -42,11 +42,12 @@ void stats_channels_first(const T* z, const ChannelView& v, float* mean, float* 
   });
 }
 
-// Blocks b0..b1 of `rows` positions of a channels-last tensor, merged into acc (C entries).
-template <typename T>
+// Blocks b0..b1 of `rows` positions of a channels-last tensor, merged into acc (C entries);
+// Fixed: C known at compile time (with_fixed_channels), else 0.
+template <typename T, int64_t Fixed>
 NASPRUNE_SIMD void stats_positions(const T* z, const ChannelView& v, int64_t rows, int64_t b0,
                                    int64_t b1, Welford* acc) {
-  const int64_t C = v.channels;
+  const int64_t C = Fixed ? Fixed : v.channels;
   std::vector<float> s(C), q(C), r(C);
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t p0 = b * rows, len = std::min(rows, v.outer - p0);
@@ -85,9 +86,11 @@ void stats_channels_last(const T* z, const ChannelView& v, float* mean, float* v
   const int64_t blocks = (v.outer + rows - 1) / rows;
   const int threads = at::get_num_threads();
   std::vector<Welford> partial(static_cast<size_t>(threads) * C);
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    stats_positions(z, v, rows, b0, b1,
-                    partial.data() + static_cast<int64_t>(at::get_thread_num()) * C);
+  with_fixed_channels(C, [&](auto fixed) {
+    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+      stats_positions<T, decltype(fixed)::value>(
+          z, v, rows, b0, b1, partial.data() + static_cast<int64_t>(at::get_thread_num()) * C);
+    });
   });
   for (int64_t c = 0; c < C; ++c) {
     Welford w;

@@ -44,11 +44,12 @@ NASPRUNE_SIMD void forward_rows(const T* z, T* y, const ChannelView& zv, int64_t
   }
 }
 
-// Positions q0..q1 of a channels-last tensor (all channels of a position contiguous).
-template <typename T, bool Relu>
-NASPRUNE_SIMD void forward_positions(const T* z, T* y, const ChannelView& zv, int64_t out_c,
+// Positions q0..q1 of a channels-last tensor (all channels of a position contiguous); Fixed:
+// the channel count known at compile time when the map is the identity (with_fixed_channels).
+template <typename T, bool Relu, int64_t Fixed>
+NASPRUNE_SIMD void forward_positions(const T* z, T* y, const ChannelView& zv, int64_t out_c_in,
                                      const Params& p, bool identity_map, int64_t q0, int64_t q1) {
-  const int64_t K = zv.channels;
+  const int64_t K = Fixed ? Fixed : zv.channels, out_c = Fixed ? Fixed : out_c_in;
   for (int64_t q = q0; q < q1; ++q) {
     const T* zr = z + q * K;
     T* yr = y + q * out_c;
@@ -81,8 +82,11 @@ void forward_channels_first(const T* z, T* y, const ChannelView& zv, int64_t out
 template <typename T, bool Relu>
 void forward_channels_last(const T* z, T* y, const ChannelView& zv, int64_t out_c,
                            const Params& p, bool identity_map) {
-  at::parallel_for(0, zv.outer, 64, [&](int64_t q0, int64_t q1) {
-    forward_positions<T, Relu>(z, y, zv, out_c, p, identity_map, q0, q1);
+  const bool fixed_ok = identity_map && out_c == zv.channels;
+  with_fixed_channels(fixed_ok ? out_c : 0, [&](auto fixed) {
+    at::parallel_for(0, zv.outer, 64, [&](int64_t q0, int64_t q1) {
+      forward_positions<T, Relu, decltype(fixed)::value>(z, y, zv, out_c, p, identity_map, q0, q1);
+    });
   });
 }
 
@@ -181,11 +185,12 @@ struct CoefColumns {
 
 // One sweep over position blocks b0..b1, each thread summing into its own partials; with batch
 // statistics a second sweep writes dz. Indexed: dy holds out_c channels, z channel k is index[k].
-template <typename T, bool Relu, bool Reduce, bool Write, bool Indexed>
+// Fixed: K known at compile time (with_fixed_channels; not indexed), else 0.
+template <typename T, bool Relu, bool Reduce, bool Write, bool Indexed, int64_t Fixed>
 NASPRUNE_SIMD void sweep_blocks(const T* dy, const T* z, T* dz, const ChannelView& zv,
-                                int64_t out_c, const CoefColumns& cf, const int64_t* index,
+                                int64_t out_c_in, const CoefColumns& cf, const int64_t* index,
                                 int64_t rows, int64_t b0, int64_t b1, double* acc) {
-  const int64_t K = zv.channels;
+  const int64_t K = Fixed ? Fixed : zv.channels, out_c = Fixed ? Fixed : out_c_in;
   const float *ca = cf.a.data(), *cb = cf.b.data(), *cg = cf.g.data();
   const float *calpha = cf.alpha.data(), *cbeta = cf.beta.data();
   std::vector<float> tg(K), tb(K), ta(K);
@@ -233,11 +238,13 @@ void sweep_channels_last(const T* dy, const T* z, T* dz, const ChannelView& zv, 
     double* acc = Reduce ? partial.data() + static_cast<int64_t>(at::get_thread_num()) * 3 * K
                          : nullptr;
     if (index)
-      sweep_blocks<T, Relu, Reduce, Write, true>(dy, z, dz, zv, out_c, coef, index, rows, b0, b1,
-                                                 acc);
+      sweep_blocks<T, Relu, Reduce, Write, true, 0>(dy, z, dz, zv, out_c, coef, index, rows, b0,
+                                                    b1, acc);
     else
-      sweep_blocks<T, Relu, Reduce, Write, false>(dy, z, dz, zv, out_c, coef, index, rows, b0, b1,
-                                                  acc);
+      with_fixed_channels(out_c == K ? K : 0, [&](auto fixed) {
+        sweep_blocks<T, Relu, Reduce, Write, false, decltype(fixed)::value>(
+            dy, z, dz, zv, out_c, coef, index, rows, b0, b1, acc);
+      });
   });
 }
 

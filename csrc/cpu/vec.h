@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <type_traits>
 
 // NASPRUNE_SIMD marks the per-chunk work function of each parallel loop. GCC compiles it three
 // times, for x86-64-v4 (AVX-512), x86-64-v3 (AVX2, FMA, F16C) and the x86-64 baseline (SSE2),
@@ -61,6 +62,22 @@ inline void block_moments(const T* x, int64_t len, double& mean, float& m2) {
   }
   mean = static_cast<double>(mu) + static_cast<double>(r) / len;  // fp32 would round it to ulp(mu)
   m2 = q - r * r / static_cast<float>(len);
+}
+
+// Channels-last loops run over the C channels of one position at a time. For small C the trip
+// count, unknown at compile time, costs more than the work (C = 16 is one AVX-512 vector: the
+// loop's set-up and remainder checks ran 5 to 8 times slower per element than at C = 64). The
+// common small widths are compiled with C known, so the per-position loop unrolls into plain
+// vector instructions; Fixed = 0 is the general loop.
+template <typename F>
+inline void with_fixed_channels(int64_t channels, F&& f) {
+  switch (channels) {
+    case 8: f(std::integral_constant<int64_t, 8>{}); break;
+    case 16: f(std::integral_constant<int64_t, 16>{}); break;
+    case 24: f(std::integral_constant<int64_t, 24>{}); break;
+    case 32: f(std::integral_constant<int64_t, 32>{}); break;
+    default: f(std::integral_constant<int64_t, 0>{}); break;
+  }
 }
 
 }  // namespace nasprune::cpu
