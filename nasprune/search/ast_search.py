@@ -203,7 +203,7 @@ class AST(GatedSearcher):
         self.config.update(budget=budget, target=self.target, start=start, coarse_fraction=coarse_fraction,
                            coarse_lr=coarse_lr, subnets=self.subnets, thresholds=list(thresholds), noise=noise,
                            cost_weight=cost_weight, baseline_decay=baseline_decay, policy_lr=policy_lr,
-                           select_band=select_band, fill_budget=bool(fill_budget), lr=lr,
+                           select_band=select_band, lr=lr,
                            momentum=momentum, weight_decay=weight_decay, alpha_lr=alpha_lr,
                            alpha_momentum=alpha_momentum, alpha_weight_decay=alpha_weight_decay,
                            alpha_every=alpha_every, split=split, val_batches=val_batches, robust=teacher is not None,
@@ -530,7 +530,9 @@ class AST(GatedSearcher):
     def architecture_extra(self, keep, how) -> dict:
         """AST's keys: the budget and its target, the selected sub-network and its record, the
         number of sub-networks and the policy's mean probability of its most likely threshold."""
+        # fill_budget is not in the config: it changes only the export, so a resumed search may set it
         extra = {"budget": self.budget, "target": self.target, "subnets_done": len(self.episodes),
+                 "fill_budget": self.fill_budget,
                  "policy_confidence": float(self.policy_probs(self.policy_features()).max(1).values.mean())}
         if how == "subnet":
             chosen = self.episodes[self.best["subnet"]]
