@@ -759,6 +759,31 @@ def phase_finetune(job):
                 f"{stats['params'] / 1e6:.3f} M params")
 
 
+def phase_deploy(job):
+    """A model with a deploy form (``reparameterize()``: nasprune's RepVGG) is also saved in it,
+    as ``deployed.safetensors``: the fine-tuned pruned network folded into plain layers. Its
+    accuracy, MACs and its largest difference from the pruned network's logits on a test batch
+    (relative to their largest magnitude) go into metrics.json under ``deployed``."""
+    import torch
+    from nasprune.data import DeviceLoader
+    from nasprune.train import evaluate
+    if not callable(getattr(job.pruned, "reparameterize", None)):
+        return
+    pruned = job.pruned.to(job.device).eval()
+    deployed = pruned.reparameterize().eval()
+    x, _ = next(iter(DeviceLoader(job.test_set, 64, shuffle=False, augment=False, device=job.device)))
+    with torch.no_grad():
+        ref, out = pruned(x), deployed(x)
+        err = float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+    _save_model(deployed, job.run.path("deployed.safetensors"), job.constructor, job.classes)
+    stats = {**_model_stats(deployed, job.size), **evaluate(deployed, job.test_set, device=job.device),
+             "max_rel_err": err}
+    job.metrics["deployed"] = stats
+    job.run.write_json("metrics.json", job.metrics)
+    job.run.log(f"deployed (reparameterised): acc {stats['acc']:.4f}, {stats['flops'] / 1e6:.2f} MFLOPs, "
+                f"{stats['params'] / 1e6:.3f} M params, logits within {err:.1e} of the pruned network's")
+
+
 def phase_report(job):
     job.metrics["seconds"] = job.metrics.get("seconds", 0.0) + time.time() - job.t0
     job.run.write_json("metrics.json", job.metrics)
@@ -767,7 +792,8 @@ def phase_report(job):
         _summary(job.run, job.metrics)
 
 
-SEARCH_PHASES = (phase_data, phase_baseline, phase_search, phase_export, phase_finetune, phase_report)
+SEARCH_PHASES = (phase_data, phase_baseline, phase_search, phase_export, phase_finetune, phase_deploy,
+                 phase_report)
 
 
 def cmd_search(args):
@@ -842,7 +868,7 @@ def cmd_report(args):
 def _summary(run, metrics):
     b, p = metrics.get("baseline", {}), metrics.get("pruned", {})
     lines = [f"{'':10} {'accuracy':>9} {'MFLOPs':>9} {'params (M)':>11}"]
-    for name, m in (("baseline", b), ("pruned", p)):
+    for name, m in (("baseline", b), ("pruned", p), ("deployed", metrics.get("deployed", {}))):
         if m:
             lines.append(f"{name:10} {m['acc']:9.4f} {m['flops'] / 1e6:9.3f} {m['params'] / 1e6:11.4f}")
     if b and p:

@@ -235,6 +235,19 @@ def test_command_line_searches_a_cifar_repvgg(tmp_path, capsys):
     assert abs(arch["macs"] / metrics["baseline"]["flops"] - 0.5) <= 0.03
     loaded = nasprune.load(out / "model.safetensors")
     assert isinstance(loaded, RepVGG) and flops.count(loaded, torch.zeros(1, 3, SIZE, SIZE)) == arch["macs"]
+    # the deploy form beside it: plain 3x3 convs with bias, the same function, the same accuracy
+    deployed = nasprune.load(out / "deployed.safetensors")
+    dep = metrics["deployed"]
+    assert isinstance(deployed, RepVGG) and deployed.constructor_kwargs["deploy"]
+    assert all(m.kernel_size == (3, 3) and m.bias is not None for m in deployed.modules() if isinstance(m, nn.Conv2d))
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in deployed.modules())
+    assert deployed.widths() == loaded.widths() and dep["max_rel_err"] <= 1e-5
+    assert abs(dep["acc"] - metrics["pruned"]["acc"]) <= 0.01
+    x = torch.randn(4, 3, SIZE, SIZE)
+    with torch.no_grad():
+        ref, got = loaded.eval()(x), deployed.eval()(x)
+    assert float((got - ref).abs().max() / ref.abs().max()) <= 1e-5
+    assert "deployed" in capsys.readouterr().out
 
 
 def test_round_to_keeps_widths_in_multiples():
