@@ -26,6 +26,8 @@
 #   quality_study 240 (the quality protocol's noise study on the GPU, STUDY_ARGS the grid; carry
 #     gpu-data/, below), quality_dais 200 (DAIS's CPU-budget row on the GPU, controls included),
 #   quality_gpu 540 (QUALITY_METHOD's row at the GPU budget, ResNet-56: a call of its own),
+#   ast_cold 300 (AST's cold start; a call of its own), pas_repvgg 420 (PaS's CIFAR RepVGG-A0 row,
+#     trained, searched, fine-tuned, folded; a call of its own),
 #   bench_slim 60 (--gpu-only), bench_scores_compile 90 (the torch.compile baseline,
 #   ResNet-50 only).
 # Seen on the H200 (2026-12-04, two calls): gpu 8 s, build 54-78 s, env 17-28 s,
@@ -177,6 +179,16 @@ step quality_gpu          540 $PY benchmarks/quality.py --method "${QUALITY_METH
 step ast_cold             300 $PY -m nasprune search --method ast --device cuda --no-progress \
   --data gpu-data/cifar10-jpeg.tar.gz --out runs/ast_cold --flops-target 0.5 --baseline-epochs 0 \
   ${AST_COLD_ARGS:---model resnet56 --pretrained gpu-data/cifar10-resnet56-4bfd9763.th --epochs 10 --batch-size 256 --lr 0.1 --finetune-epochs 5}
+# PaS's CIFAR RepVGG row (issue 15; needs gpu-data/ carried): the CIFAR RepVGG-A0 trained from
+# scratch (no pretrained weights exist for it), PaS-searched at 0.5 of the MACs, fine-tuned with KD
+# from the trained one, then folded into plain 3x3 convs (deployed.safetensors); the log lines give
+# the baseline's, the pruned network's and the deployed one's accuracy and MACs and how far the
+# deployed logits lie from the pruned ones. Never run on a GPU yet: the limit is a guess (about
+# 0.45 GMACs a 32x32 image, 28 epochs in all); PAS_REPVGG_ARGS replaces the epochs. A call of its
+# own (STEPS=pas_repvgg).
+step pas_repvgg           420 $PY -m nasprune search --method pas --model repvgg_a0 --device cuda --no-progress \
+  --data gpu-data/cifar10-jpeg.tar.gz --out runs/pas_repvgg --flops-target 0.5 --batch-size 256 --lr 0.1 \
+  --gate-lr 0.1 ${PAS_REPVGG_ARGS:---baseline-epochs 15 --epochs 5 --finetune-epochs 8}
 step bench_slim             60 $PY benchmarks/bench_slim.py --skip-pipeline --gpu-only
 step bench_scores_compile   90 $PY benchmarks/bench_scores.py --device cuda --dtype bfloat16 \
   --models resnet50 --criteria l1 taylor --no-peers
