@@ -11,8 +11,14 @@ wall time beside TAS's and DAIS's.
    - ``full``: a full masked forward of the gated network per candidate (FFP.evaluate each);
    - ``resumed``: each candidate resumes the current subnetwork's forward at its first changed
      layer, the current subnetwork run once more per batch for it (no cache);
-   - ``cached``: the same from the activations the step's importance pass kept (the search's
-     own path; the importance pass is the step's anyway and is not in this figure).
+   - ``cached``: the same from the activations the step's importance pass kept (the importance
+     pass is the step's anyway and is not in this figure);
+   - ``best``: the search's own path, FFP.best_candidate from those activations: ``cached``, and
+     a candidate stops being scored once its losses so far exceed a finished candidate's J
+     (exact: J is a mean of non-negative losses; it stops none where the candidates' J are close,
+     as on the first steps of a pretrained network).
+   ``--cifar`` takes the search set from the CIFAR-10 JPEG copy (its last 32 images a class, the
+   search's own) instead of random images.
    ``step_*`` rows time the step's importance pass plus its scoring, the old way
    (importance without caching, ``full``) against the search's (importance caching, ``cached``).
 2. ``--search-times``: the whole search (build, search, select, export, as
@@ -71,10 +77,10 @@ def _scores_equal(a, b) -> bool:
 
 
 # ------------------------------------------------------------------ 1. one fine-search step
-def step_rows(model_name, per_class, batch, device, pretrained, prune_steps, rounds) -> list[dict]:
+def step_rows(model_name, per_class, batch, device, pretrained, prune_steps, rounds, cifar=None) -> list[dict]:
     model, weights = _pretrained(model_name, pretrained)
     s = FFP(model, 0.5, input_size=32, device=device, search_per_class=per_class, tune_per_class=0)
-    data = random_search_set(per_class)
+    data = random_search_set(per_class) if cifar is None else cifar
     s.loaders(data, None, batch)
     with torch.no_grad():                      # the unpruned start, as the search's first step sets it
         loss, logits = s.evaluate(s.mask())
@@ -94,6 +100,9 @@ def step_rows(model_name, per_class, batch, device, pretrained, prune_steps, rou
     def cached():
         return s.evaluate_candidates(values, caches)
 
+    def best():
+        return s.best_candidate(values, caches)
+
     def step_full():
         keep, s.cache_bytes = s.cache_bytes, 0
         try:
@@ -104,17 +113,21 @@ def step_rows(model_name, per_class, batch, device, pretrained, prune_steps, rou
 
     def step_ffp():
         s.importance()
-        return s.evaluate_candidates(values, s._caches)
+        return s.best_candidate(values, s._caches)
 
     reference = full()
-    for name, fn in (("resumed", resumed), ("cached", cached), ("step_ffp", step_ffp)):
+    for name, fn in (("resumed", resumed), ("cached", cached)):
         assert _scores_equal(fn(), reference), f"{name}: candidate scores differ from a full masked forward each"
-    times = _common.compare_ms({"full": full, "resumed": resumed, "cached": cached}, device,
+    first = min(range(len(values)), key=lambda k: (reference[k][0], k))
+    for name, fn in (("best", best), ("step_ffp", step_ffp)):
+        k, loss, logits = fn()
+        assert k == first and _scores_equal([(loss, logits)], [reference[first]]), f"{name}: another candidate"
+    times = _common.compare_ms({"full": full, "resumed": resumed, "cached": cached, "best": best}, device,
                                rounds=rounds, reps=1, warmup=1)
     step_times = _common.compare_ms({"step_full": step_full, "step_ffp": step_ffp}, device,
                                     rounds=rounds, reps=1, warmup=1)
-    common = {"bench": "ffp_step", "model": model_name, "weights": weights, "images": "random uint8",
-              "search_images": len(data), "batch": batch, "prune_steps": prune_steps, "candidates": len(cands),
+    common = {"bench": "ffp_step", "model": model_name, "weights": weights,
+              "images": "random uint8" if cifar is None else "cifar10 search set", "search_images": s._loaders["search"].num_samples, "batch": batch, "prune_steps": prune_steps, "candidates": len(cands),
               "groups": [int(s.gn.groups[i]) for i, _ in cands], "cache_mb": cache_mb,
               "macs_ratio": s.current_macs() / s.gn.base_macs, "threads": torch.get_num_threads()}
     rows = [{**common, "impl": impl, "median_ms": ms, "speedup_vs_full": times["full"] / ms}
@@ -184,14 +197,19 @@ def main():
     p.add_argument("--methods", default="ffp,tas,dais")
     p.add_argument("--data", default=str(DATA / "cifar10-jpeg.tar.gz"))
     p.add_argument("--limit-per-class", type=int, default=None, help="--search-times on a subset (smoke runs)")
+    p.add_argument("--cifar", action="store_true", help="1. on the CIFAR-10 search set instead of random images")
     args = p.parse_args()
     device, batch = _common.step_setup(args)
     if args.search_times:
         rows = search_rows(args.search_models.split(","), args.methods.split(","), str(device),
                            Path(args.pretrained_dir), args.data, batch, args.limit_per_class)
     else:
+        cifar = None
+        if args.cifar:
+            from nasprune.data import load_dataset
+            cifar = load_dataset(args.data)[0]
         rows = step_rows(args.model, args.per_class, batch, device, Path(args.pretrained_dir),
-                         args.prune_steps, args.rounds)
+                         args.prune_steps, args.rounds, cifar)
         print(_common.table(rows, ["impl", "model", "candidates", "median_ms", "speedup_vs_full"]), flush=True)
     _common.finish("ffp", device, rows, args)
 

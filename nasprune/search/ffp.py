@@ -37,6 +37,7 @@ from torch import nn
 from nasprune import dist
 from nasprune.nn.gated_conv import GatedConvBNAct2d
 from nasprune.scores import otsu_threshold
+from nasprune.search.gated import GatedNetwork
 from nasprune.search.gated_searcher import GatedSearcher, gates_as
 
 SEARCH_STEP = 0.2        # the first shrink of a group (EKG search_step; methods.md 4.2)
@@ -514,8 +515,10 @@ class FFP(GatedSearcher):
 
         J is a mean of non-negative per-batch losses, so a candidate whose losses on part of the
         search set, weighted as in the mean, already exceed a finished candidate's J (or equal it,
-        from a later index) cannot be the lowest. One process: every candidate on the first batch,
-        the lowest of them on the rest, then the others batch by batch while they can still win.
+        from a later index) cannot be the lowest. One process, every batch cached: every candidate
+        on the first batch, the lowest of them on the rest, then the others batch by batch while
+        they can still win (without caches, every candidate on every batch, each batch's current
+        subnetwork run once).
         Under torchrun every rank scores its share of every batch (no early stop: that needs the
         others' losses) and the ranks take the same argmin over the same summed table."""
         values = [v.to(self.device, torch.float32) for v in values]
@@ -523,7 +526,9 @@ class FFP(GatedSearcher):
         per_batch = torch.zeros(deal.batches, count, dtype=torch.float64, device=self.device)
         parts = [{} for _ in values]
         with self._batch_statistics():
-            if dist.is_distributed() or deal.batches == 1:
+            # the early stop runs the leader apart: worth it only where no batch reruns the prefix for it
+            cached = caches is not None and len(caches) >= deal.batches and all(c is not None for c in caches)
+            if dist.is_distributed() or deal.batches == 1 or not cached:
                 self._score(values, caches, lambda b: deal.candidates(b, count), per_batch, parts)
                 table = dist.all_reduce_sum_(per_batch).T.tolist()
                 losses = [self._mean_loss(table[k]) for k in range(count)]
@@ -707,16 +712,27 @@ class FFP(GatedSearcher):
 
     def _slim_at(self, values: torch.Tensor) -> nn.Module:
         """The subnetwork of the 0/1 gate vector ``values`` physically slimmed (the export without
-        the rescale: the gated network at those gates), on the searcher's device, normalising
-        with batch statistics as :meth:`_batch_statistics` does (a throwaway copy: its running
-        statistics move)."""
+        the rescale: the gated network at those gates, to fp32 rounding), on the searcher's
+        device, normalising with batch statistics as :meth:`_batch_statistics` does: a gated
+        network of the export with every gate open, so that it runs the same fused conv-BN-act
+        kernels at the kept widths (a plain export would run unfused BatchNorms, slower on a CPU
+        than the full-width fused masked network). A throwaway: its running statistics move."""
         with gates_as(self.gn, values.to(self.device, torch.float32)):
             keep = self.gn.keep("threshold", threshold=0.5)
-        net = self.export(keep, rescale=False).to(self.device)
-        for m in net.modules():
-            if isinstance(m, nn.modules.batchnorm._NormBase):
+        net = self.export(keep, rescale=False)
+        example = self.example_inputs if isinstance(self.example_inputs, torch.Tensor) else self.example_inputs[0]
+        try:
+            run = GatedNetwork(net, example.cpu(), gate=self.gate_kind)
+            with torch.no_grad():
+                run.gate.fill_(1.0)
+        except Exception:          # noqa: BLE001 - a speed path only: a model it cannot rebuild runs plain
+            run = net
+        run = run.to(self.device).eval()
+        for m in [*getattr(run, "sites", {}).values(), *run.modules()] if isinstance(run, GatedNetwork) \
+                else run.modules():
+            if isinstance(m, (GatedConvBNAct2d, nn.modules.batchnorm._NormBase)):
                 m.train()
-        return net
+        return run
 
     def memory_bank(self, data, batch_size: int = 256) -> MemoryBank:
         """The memory bank over ``data`` (the training set, an ImageDataset, un-augmented): the
