@@ -106,8 +106,12 @@ def _stats(values: list[float]) -> dict:
 
 
 def compare(a: dict, b: dict) -> dict:
-    """a - b with the standard error of the difference of two independent means."""
+    """a - b with the standard error of the difference of two independent means. With fewer than
+    two seeds on either side a standard deviation is not measured, so neither is the standard
+    error: ``se`` is None and ``beats`` None (no verdict)."""
     diff = a["mean"] - b["mean"]
+    if min(a["n"], b["n"]) < 2:
+        return {"diff": diff, "se": None, "beats": None}
     se = math.sqrt(a["std"] ** 2 / a["n"] + b["std"] ** 2 / b["n"])
     return {"diff": diff, "se": se, "beats": bool(diff > 2 * se)}
 
@@ -275,7 +279,11 @@ def table(folder=_common.RESULTS) -> str:
 
         def vs(ctrl):
             c = cmp.get(ctrl)
-            return "" if c is None else f"{100 * c['diff']:+.2f} +- {100 * c['se']:.2f}" + (" (beats)" if c["beats"] else "")
+            if c is None:
+                return ""
+            if c.get("se") is None or r["acc_n"] < 2:   # rows recorded before compare() said so
+                return f"{100 * c['diff']:+.2f} (one seed: no verdict)"
+            return f"{100 * c['diff']:+.2f} +- {100 * c['se']:.2f}" + (" (beats)" if c["beats"] else "")
         lines.append(f"| {r['protocol']['model']} {ver} | {device} | {arm} | {100 * r['acc_mean']:.2f} +- {100 * r['acc_std']:.2f} "
                      f"({r['acc_n']}) | {r['macs_fraction']:.3f} | {r['epochs']} | "
                      f"{statistics.fmean(r['minutes']):.1f} | {vs('uniform')} | {vs('l1')} |")
@@ -391,6 +399,9 @@ def main(argv=None):
         row["minus_baseline"] = row["acc_mean"] - base_acc
         record([row])
         for a, c in row["compare"].items():
+            if c["se"] is None:
+                print(f"{name} - {a}: {100 * c['diff']:+.2f} points (one seed: no verdict)", flush=True)
+                continue
             print(f"{name} - {a}: {100 * c['diff']:+.2f} +- {100 * c['se']:.2f} points "
                   f"({'beats' if c['beats'] else 'does not beat'} it by two standard errors)", flush=True)
         print(f"{name} - baseline: {100 * row['minus_baseline']:+.2f} points", flush=True)

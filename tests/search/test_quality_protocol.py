@@ -75,6 +75,8 @@ def test_compare_is_the_standard_error_of_the_difference():
     assert c["diff"] == pytest.approx(0.01) and c["se"] == pytest.approx(math.sqrt((0.003 ** 2 + 0.004 ** 2) / 3))
     assert c["beats"]  # 0.01 > 2 * 0.00289
     assert not quality.compare({**a, "mean": 0.795}, b)["beats"]
+    one = quality.compare({"mean": 0.85, "std": 0.0, "n": 1}, b)   # one seed: no standard deviation
+    assert one["diff"] == pytest.approx(0.06) and one["se"] is None and one["beats"] is None
 
 
 def test_protocol_versions_and_bad_settings():
