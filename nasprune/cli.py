@@ -775,9 +775,9 @@ def phase_deploy(job):
     with torch.no_grad():
         ref, out = pruned(x), deployed(x)
         err = float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
-    _save_model(deployed, job.run.path("deployed.safetensors"), job.constructor, job.classes)
     stats = {**_model_stats(deployed, job.size), **evaluate(deployed, job.test_set, device=job.device),
              "max_rel_err": err}
+    _save_model(deployed, job.run.path("deployed.safetensors"), job.constructor, job.classes)  # moves it to the CPU
     job.metrics["deployed"] = stats
     job.run.write_json("metrics.json", job.metrics)
     job.run.log(f"deployed (reparameterised): acc {stats['acc']:.4f}, {stats['flops'] / 1e6:.2f} MFLOPs, "
