@@ -43,6 +43,7 @@ from nasprune.search.gated_searcher import GatedSearcher, gates_as
 SEARCH_STEP = 0.2        # the first shrink of a group (EKG search_step; methods.md 4.2)
 OTSU_TRIM = 0.2          # the trimmed Otsu threshold (EKG trimed_otsu; methods.md 4.2)
 BANK_SIZE = 5            # K teachers (EKG num_teacher; methods-2.md 3.1)
+SLIM_STEP = 0.1          # rebuild the slimmed scoring network every 10 % of the MACs removed (docs/ffp.md)
 
 
 # ------------------------------------------------------------------ the CKT loss (methods-2.md 3.4)
@@ -194,6 +195,10 @@ class FFP(GatedSearcher):
     cache_bytes: at most this many bytes of the current subnetwork's activations kept from a
         step's importance pass for its candidates to resume from (search batches beyond it run
         the current subnetwork once more instead); speed only, the results do not depend on it.
+    slim_step: a greedy step scores (importance and candidates) on a gated network of the
+        physically slimmed current subnetwork, rebuilt whenever the MACs have fallen by this
+        fraction of the model's MACs since it was last built (None or 0: always on the full-width
+        masked network). Speed only: the scores equal the masked network's to fp32 rounding.
     """
 
     method = "ffp"
@@ -203,7 +208,7 @@ class FFP(GatedSearcher):
                  in_channels: int = 3, search_per_class: int = 32, tune_per_class: int = 256, tune_lr: float = 1e-3,
                  momentum: float = 0.9, weight_decay: float = 5e-4, search_step: float = SEARCH_STEP,
                  otsu_trim: float = OTSU_TRIM, ensemble: bool = True, bank_size: int = BANK_SIZE, device=None,
-                 seed: int = 0, cache_bytes: int = 1 << 30):
+                 seed: int = 0, cache_bytes: int = 1 << 30, slim_step: float | None = SLIM_STEP):
         for name, v in (("search_per_class", search_per_class), ("bank_size", bank_size)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -215,6 +220,8 @@ class FFP(GatedSearcher):
             raise ValueError(f"otsu_trim must lie in [0, 0.5), got {otsu_trim}")
         if not tune_lr >= 0:
             raise ValueError(f"tune_lr must be >= 0, got {tune_lr}")
+        if slim_step is not None and not 0 <= slim_step <= 1:
+            raise ValueError(f"slim_step is a fraction of the model's MACs in [0, 1] or None, got {slim_step}")
         super().__init__(model, flops_target, example_inputs=example_inputs, input_size=input_size,
                          in_channels=in_channels, flops_tolerance=1.0, gate_init=1.0, device=device, seed=seed)
         del self.config["flops_tolerance"]             # the search's own stop rule: at or under the target
@@ -233,6 +240,8 @@ class FFP(GatedSearcher):
         self.tune_steps = 0
         self.cache_bytes = int(cache_bytes)
         self._caches: list = []            # per search batch, the importance pass's ForwardCache or None
+        self.slim_step = float(slim_step) if slim_step else None
+        self._slim_reset()
         self._sums = torch.zeros(3, dtype=torch.float64, device=self.device)   # tune loss, acc, n
         self.config.update(search_per_class=search_per_class, tune_per_class=tune_per_class, tune_lr=tune_lr,
                            momentum=momentum, weight_decay=weight_decay, search_step=search_step,
@@ -374,6 +383,80 @@ class FFP(GatedSearcher):
                 for k, v in saved.items():
                     buffers[k].copy_(v)
 
+    # -- the network a greedy step scores on
+    def _slim_reset(self) -> None:
+        self._slim = None                  # (trail index, slimmed gated network or None, its slots) or None
+        self._slim_scan, self._slim_entry, self._slim_macs = 0, None, float(self.gn.base_macs)
+
+    def _slim_entry_now(self) -> int | None:
+        """The trail entry the scoring network is slimmed at, None for the full width: the first
+        entry whose MACs lie ``slim_step`` of the model's MACs or more below the unpruned network's,
+        then the first that far below the last chosen one. A function of the trail alone, so a
+        resumed search (every rank too) scores on the network the uninterrupted one did."""
+        drop = self.slim_step * self.gn.base_macs
+        while self._slim_scan < len(self.trail):
+            macs = float(self.gn.expected_macs(self.trail[self._slim_scan]["keep"].double()))
+            if macs <= self._slim_macs - drop:
+                self._slim_entry, self._slim_macs = self._slim_scan, macs
+            self._slim_scan += 1
+        return self._slim_entry
+
+    def _slot_map(self, run: GatedNetwork, values: torch.Tensor) -> torch.Tensor | None:
+        """For each gate slot of ``run`` (a gated network of the export of the 0/1 gate vector
+        ``values``) the full-width slot it stands for, from the two channel graphs' records (a
+        slimmed layer keeps its kept positions in order); None unless they map one to one onto
+        the kept slots."""
+        gn, kept = self.gn, torch.cat([values.detach().cpu() > 0.5, torch.ones(1, dtype=torch.bool)])
+        out = torch.full((run.num_gates + 1,), -1, dtype=torch.long)
+        for name, (_, roles) in gn.graph.records.items():
+            slim_roles = run.graph.records.get(name, (None, {}))[1]
+            for role, classes in roles.items():
+                full = gn._slots(classes)
+                src = full[kept[full]]
+                if role not in slim_roles:
+                    return None
+                dst = run._slots(slim_roles[role])
+                if dst.numel() != src.numel() or bool(((dst < run.num_gates) & (src == gn.num_gates)).any()):
+                    return None
+                seen = out[dst]
+                if bool(((seen >= 0) & (seen != src)).any()):
+                    return None
+                out[dst] = src
+        out = out[:-1]
+        if bool((out < 0).any()) or out.numel() != int(kept[:-1].sum()) or out.unique().numel() != out.numel():
+            return None
+        return out
+
+    def _scoring(self, values=()) -> tuple:
+        """(network, slots, values on it): the gated network a greedy step scores the current
+        subnetwork and ``values`` (full-width 0/1 gate vectors) on. Past the first ``slim_step``
+        of the MACs, the physically slimmed subnetwork of the trail entry :meth:`_slim_entry_now`
+        names (:meth:`_slim_at`), its gates 0 where channels were removed since, ``slots`` the
+        full-width slot of each of its gates; else, or where a vector keeps a channel the entry
+        does not, the full-width network (slots None)."""
+        values = [v.to(self.device, torch.float32) for v in values]
+        entry = self._slim_entry_now() if self.slim_step is not None else None
+        if entry is None:
+            return self.gn, None, values
+        if self._slim is None or self._slim[0] != entry:
+            self._slim = None              # the old one freed before the new one is built
+            run = self._slim_at(self.trail[entry]["keep"])
+            slots = self._slot_map(run, self.trail[entry]["keep"]) if isinstance(run, GatedNetwork) else None
+            if slots is None:
+                run = None
+            else:
+                for n, p in run.named_parameters():
+                    p.requires_grad_(n == "gate")
+                slots = slots.to(self.device)
+            self._slim = (entry, run, slots)
+        _, run, slots = self._slim
+        mask = self.mask()
+        if run is None or any(int((v > 0.5).sum()) != int((v[slots] > 0.5).sum()) for v in [mask, *values]):
+            return self.gn, None, values
+        with torch.no_grad():
+            run.gate.copy_(mask[slots])
+        return run, slots, [v[slots] for v in values]
+
     def objective(self, logits: torch.Tensor, targets: torch.Tensor, ensemble: torch.Tensor | None) -> torch.Tensor:
         """J = CE(logits, y) + CE(softmax(ensemble), logits) (batch means; ensemble None: CE)."""
         j = F.cross_entropy(logits, targets)
@@ -425,27 +508,34 @@ class FFP(GatedSearcher):
         |g * dJ/dg| per gate (= |sum_{n,h,w} dJ/dy * y| over the group's sites; 0 for removed
         channels), from the gated network's fused gate-gradient reduction. fp64 (num_gates,).
         Keeps each batch's activations at every group's first layer (up to ``cache_bytes``) for
-        :meth:`evaluate_candidates`. Under torchrun each rank runs its own batches and the
-        per-batch rows are summed in batch order on every rank, as one process sums them."""
+        :meth:`evaluate_candidates`. Runs on the step's scoring network (:meth:`_scoring`: past
+        the first ``slim_step`` of the MACs, the slimmed subnetwork). Under torchrun each rank
+        runs its own batches and the per-batch rows are summed in batch order on every rank, as
+        one process sums them."""
         gn, deal = self.gn, self._deal
+        net, slots, _ = self._scoring()
         rows = torch.zeros(deal.batches, gn.num_gates, dtype=torch.float64, device=self.device)
-        mask = self.mask()
+        mask = net.gate.detach()
         self._caches, held = [None] * deal.batches, 0
         with self._frozen(self.weights), self._batch_statistics():
             for b, x, y, ens in self._search_batches():
                 counted = bool(deal.candidates(b, 1))     # a batch's row comes from one of its ranks
-                gn.gate.grad = None
+                net.gate.grad = None
                 with torch.enable_grad() if counted else torch.no_grad():
                     if held < self.cache_bytes:   # the activations the step's candidates resume from
-                        z, cache = gn.forward_and_cache(x)
+                        z, cache = net.forward_and_cache(x)
                         held += cache.nbytes
                     else:
-                        z, cache = gn(x), None
+                        z, cache = net(x), None
                 self._caches[b] = cache if held <= self.cache_bytes else None
                 if counted:
                     self.objective(z, y, ens).backward()
-                    rows[b] = (gn.gate.grad * mask).abs().double()
-        gn.gate.grad = None
+                    row = (net.gate.grad * mask).abs().double()
+                    if slots is None:
+                        rows[b] = row
+                    else:
+                        rows[b, slots] = row
+        net.gate.grad = None
         dist.all_reduce_sum_(rows)
         scores = torch.zeros(gn.num_gates, dtype=torch.float64, device=self.device)
         for row in rows:                   # in batch order, whatever the number of ranks
@@ -473,23 +563,33 @@ class FFP(GatedSearcher):
                     parts[b] = z.float()
         return self._mean_loss(dist.all_reduce_sum_(per_batch).tolist()), self._gathered_logits(parts)
 
-    def _score(self, values: list, caches, wanted, per_batch, parts, after=None) -> None:
-        """J (into ``per_batch[b, k]``) and logits (into ``parts[k][b]``) of candidates on this
-        rank's search batches, ``wanted(b)`` naming the candidates of batch b (asked when the
-        batch comes; ``after(b, ks)`` once they are scored); a batch's candidates resume the
-        current subnetwork's forward together (from its cache when there is one)."""
-        mask = self.mask()
+    def _score(self, net, values: list, caches, wanted, per_batch, parts, after=None) -> None:
+        """J (into ``per_batch[b, k]``) and logits (into ``parts[k][b]``) of candidates (gate
+        vectors of ``net``, the step's scoring network) on this rank's search batches,
+        ``wanted(b)`` naming the candidates of batch b (asked when the batch comes;
+        ``after(b, ks)`` once they are scored); a batch's candidates resume the current
+        subnetwork's forward together (from its cache when there is one)."""
+        mask = net.gate.detach()
         for b, x, y, ens in self._search_batches():
             ks = list(wanted(b))
             if not ks:
                 continue
             cache = caches[b] if caches is not None and b < len(caches) else None
-            outs = self.gn.forward_candidates(x, candidates=[values[k] for k in ks], reference=mask, cache=cache)
+            outs = net.forward_candidates(x, candidates=[values[k] for k in ks], reference=mask, cache=cache)
             for k, z in zip(ks, outs):
                 per_batch[b, k] = float(self.objective(z, y, ens))
                 parts[k][b] = z.float()
             if after is not None:
                 after(b, ks)
+
+    @staticmethod
+    def _own_caches(net: GatedNetwork, caches):
+        """``caches`` if every one of them was taken on ``net`` in its current train/eval mode
+        (inside :meth:`_batch_statistics`), else None."""
+        if caches is None:
+            return None
+        graph = id(net._resumable().gm)
+        return caches if all(c is None or c.graph == graph for c in caches) else None
 
     @torch.no_grad()
     def evaluate_candidates(self, values: list, caches: list | None = None) -> list[tuple[float, torch.Tensor]]:
@@ -499,12 +599,15 @@ class FFP(GatedSearcher):
         search batch at the first layer the group reaches (:meth:`GatedNetwork.forward_candidates`),
         from ``caches`` (per search batch, a ForwardCache of the current subnetwork or None, as
         :meth:`importance` leaves them) or else from one forward of the current subnetwork.
+        On the step's scoring network (:meth:`_scoring`), equal to the masked full width to fp32
+        rounding; ``caches`` of another network are not used.
         Under torchrun each rank scores its share (:class:`_Deal`) and every rank gets all."""
-        values = [v.to(self.device, torch.float32) for v in values]
+        net, _, values = self._scoring(values)
         per_batch = torch.zeros(self._deal.batches, len(values), dtype=torch.float64, device=self.device)
         parts = [{} for _ in values]
         with self._batch_statistics():
-            self._score(values, caches, lambda b: self._deal.candidates(b, len(values)), per_batch, parts)
+            caches = self._own_caches(net, caches)
+            self._score(net, values, caches, lambda b: self._deal.candidates(b, len(values)), per_batch, parts)
         table = dist.all_reduce_sum_(per_batch).T.tolist()
         return [(self._mean_loss(table[k]), self._gathered_logits(parts[k])) for k in range(len(values))]
 
@@ -521,25 +624,26 @@ class FFP(GatedSearcher):
         subnetwork run once).
         Under torchrun every rank scores its share of every batch (no early stop: that needs the
         others' losses) and the ranks take the same argmin over the same summed table."""
-        values = [v.to(self.device, torch.float32) for v in values]
+        net, _, values = self._scoring(values)
         deal, count = self._deal, len(values)
         per_batch = torch.zeros(deal.batches, count, dtype=torch.float64, device=self.device)
         parts = [{} for _ in values]
         with self._batch_statistics():
+            caches = self._own_caches(net, caches)
             # the early stop runs the leader apart: worth it only where no batch reruns the prefix for it
             cached = caches is not None and len(caches) >= deal.batches and all(c is not None for c in caches)
             if dist.is_distributed() or deal.batches == 1 or not cached:
-                self._score(values, caches, lambda b: deal.candidates(b, count), per_batch, parts)
+                self._score(net, values, caches, lambda b: deal.candidates(b, count), per_batch, parts)
                 table = dist.all_reduce_sum_(per_batch).T.tolist()
                 losses = [self._mean_loss(table[k]) for k in range(count)]
             else:
                 sizes = self._batch_sizes()
                 n = max(sum(sizes), 1)
                 # every candidate on the first batch; the lowest there finishes first
-                self._score(values, caches, lambda b: range(count) if b == 0 else (), per_batch, parts)
+                self._score(net, values, caches, lambda b: range(count) if b == 0 else (), per_batch, parts)
                 partial = [float(per_batch[0, k]) * sizes[0] for k in range(count)]
                 lead = min(range(count), key=lambda k: (partial[k] / n, k))
-                self._score(values, caches, lambda b: (lead,) if b > 0 else (), per_batch, parts)
+                self._score(net, values, caches, lambda b: (lead,) if b > 0 else (), per_batch, parts)
                 losses = [None] * count
                 losses[lead] = self._mean_loss(per_batch[:, lead].tolist())
                 alive = set(range(count)) - {lead}
@@ -557,7 +661,7 @@ class FFP(GatedSearcher):
                 def add(b, ks):
                     for k in ks:
                         partial[k] += float(per_batch[b, k]) * sizes[b]
-                self._score(values, caches, can_win, per_batch, parts, add)
+                self._score(net, values, caches, can_win, per_batch, parts, add)
                 for k in alive:
                     losses[k] = self._mean_loss(per_batch[:, k].tolist())
         best = None
@@ -635,6 +739,7 @@ class FFP(GatedSearcher):
             loss.backward()
         self.tune_opt.step()
         self.tune_steps += 1
+        self._slim = None                  # the weights moved: a slimmed scoring network is rebuilt
         acc = (logits.detach().argmax(1) == y).double().mean()
         self._sums += torch.stack([loss.detach().double(), acc, acc.new_ones(())])
         return {"loss": loss.detach(), "acc": acc, "flops": self.current_macs()}
@@ -793,3 +898,4 @@ class FFP(GatedSearcher):
         ens = state["ensemble"]
         self.ensemble = None if ens is None else ens.to(self.device)
         self.trail = [{"keep": t["keep"].clone(), "loss": float(t["loss"])} for t in state["trail"]]
+        self._slim_reset()                 # replayed from the trail at the next step
