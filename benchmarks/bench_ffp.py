@@ -19,8 +19,19 @@ wall time beside TAS's and DAIS's.
      as on the first steps of a pretrained network).
    ``--cifar`` takes the search set from the CIFAR-10 JPEG copy (its last 32 images a class, the
    search's own) instead of random images.
-   ``step_*`` rows time the step's importance pass plus its scoring, the old way
-   (importance without caching, ``full``) against the search's (importance caching, ``cached``).
+   - ``masked_best``: ``best`` on the full-width masked network (no slimmed scoring network).
+   ``resumed``, ``cached`` and ``best`` run on the search's scoring network: past the first
+   ``FFP.slim_step`` (10 %) of the MACs removed, the physically slimmed subnetwork of a recent
+   step (the current one's later removals masked), before it the full-width network.
+   ``step_*`` rows time the step's importance pass plus its scoring: ``step_full`` (importance
+   without caching, ``full``), ``step_masked`` (importance caching, ``masked_best``) and
+   ``step_ffp`` (the search's: both on its scoring network). ``--prune-steps N`` times the step
+   after N accepted ones (the searcher's own steps, slimmed scoring network included).
+1b. ``--whole-search``: the search from the unpruned network to ``--target`` (no tuning), every
+   greedy step's scoring timed on the search's path (``ffp``: the slimmed scoring network, its
+   rebuilds included) and on the full-width masked network (``masked``), interleaved; ``--naive``
+   adds a full masked forward per candidate (``full``). Rows: the sums over the steps, and each
+   step's seconds.
 2. ``--search-times``: the whole search (build, search, select, export, as
    benchmarks/quality.py times a method's search) of FFP, TAS and DAIS on CIFAR ResNet-20 and
    ResNet-56 from the pretrained weights, on the CIFAR-10 JPEG copy (../shared/data), at the
@@ -29,6 +40,8 @@ wall time beside TAS's and DAIS's.
    then the greedy search).
 
     python benchmarks/bench_ffp.py                          # 1, CPU, 2 threads
+    python benchmarks/bench_ffp.py --prune-steps 60         # 1, the step after 60 accepted ones
+    python benchmarks/bench_ffp.py --whole-search --cifar   # 1b, CPU (tens of minutes)
     python benchmarks/bench_ffp.py --device cuda            # 1, GPU
     python benchmarks/bench_ffp.py --search-times           # 2, CPU (tens of minutes)
 
@@ -40,6 +53,7 @@ import argparse
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -52,6 +66,7 @@ import _common  # noqa: E402
 from nasprune import models  # noqa: E402
 from nasprune.data import ImageDataset  # noqa: E402
 from nasprune.search import FFP  # noqa: E402
+from nasprune.search.ffp import SLIM_STEP as FFP_SLIM  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -77,19 +92,42 @@ def _scores_equal(a, b) -> bool:
 
 
 # ------------------------------------------------------------------ 1. one fine-search step
-def step_rows(model_name, per_class, batch, device, pretrained, prune_steps, rounds, cifar=None) -> list[dict]:
+def _searcher(model_name, per_class, batch, device, pretrained, cifar, target=0.5, slim_step=FFP_SLIM):
     model, weights = _pretrained(model_name, pretrained)
-    s = FFP(model, 0.5, input_size=32, device=device, search_per_class=per_class, tune_per_class=0)
-    data = random_search_set(per_class) if cifar is None else cifar
-    s.loaders(data, None, batch)
-    with torch.no_grad():                      # the unpruned start, as the search's first step sets it
-        loss, logits = s.evaluate(s.mask())
-    s.ensemble, s.ensemble_count = logits, 1
+    s = FFP(model, target, input_size=32, device=device, search_per_class=per_class, tune_per_class=0,
+            slim_step=slim_step)
+    s.loaders(random_search_set(per_class) if cifar is None else cifar, None, batch)
+    with torch.no_grad():
+        s._start()                             # the unpruned start: the ensemble's first member, the trail's first entry
+    return s, weights
+
+
+def _common_row(s, model_name, weights, cifar, batch) -> dict:
+    return {"model": model_name, "weights": weights, "images": "random uint8" if cifar is None else "cifar10 search set",
+            "search_images": s._loaders["search"].num_samples, "batch": batch, "threads": torch.get_num_threads()}
+
+
+@contextmanager
+def _masked(s):
+    """The searcher scoring on the full-width masked network (no slimmed scoring network)."""
+    keep, s.slim_step = s.slim_step, None
+    try:
+        yield s
+    finally:
+        s.slim_step = keep
+
+
+def step_rows(model_name, per_class, batch, device, pretrained, prune_steps, rounds, cifar=None) -> list[dict]:
+    s, weights = _searcher(model_name, per_class, batch, device, pretrained, cifar)
     for _ in range(prune_steps):
         s.step()
+    net, slots, _ = s._scoring()               # built (when due) before anything is timed, as the search's step does
     cands = s.candidates(s.importance())
     caches, values = s._caches, [v for _, v in cands]
     cache_mb = sum(c.nbytes for c in caches if c is not None) / 2 ** 20
+    with _masked(s):
+        s.importance()
+        masked_caches = s._caches
 
     def full():
         return [s.evaluate(v) for v in values]
@@ -103,13 +141,23 @@ def step_rows(model_name, per_class, batch, device, pretrained, prune_steps, rou
     def best():
         return s.best_candidate(values, caches)
 
+    def masked_best():
+        with _masked(s):
+            return s.best_candidate(values, masked_caches)
+
     def step_full():
         keep, s.cache_bytes = s.cache_bytes, 0
         try:
-            s.importance()
+            with _masked(s):
+                s.importance()
         finally:
             s.cache_bytes = keep
         return full()
+
+    def step_masked():
+        with _masked(s):
+            s.importance()
+            return s.best_candidate(values, s._caches)
 
     def step_ffp():
         s.importance()
@@ -119,22 +167,96 @@ def step_rows(model_name, per_class, batch, device, pretrained, prune_steps, rou
     for name, fn in (("resumed", resumed), ("cached", cached)):
         assert _scores_equal(fn(), reference), f"{name}: candidate scores differ from a full masked forward each"
     first = min(range(len(values)), key=lambda k: (reference[k][0], k))
-    for name, fn in (("best", best), ("step_ffp", step_ffp)):
+    picks = {}
+    for name, fn in (("best", best), ("masked_best", masked_best), ("step_masked", step_masked),
+                     ("step_ffp", step_ffp)):
         k, loss, logits = fn()
-        assert k == first and _scores_equal([(loss, logits)], [reference[first]]), f"{name}: another candidate"
-    times = _common.compare_ms({"full": full, "resumed": resumed, "cached": cached, "best": best}, device,
-                               rounds=rounds, reps=1, warmup=1)
-    step_times = _common.compare_ms({"step_full": step_full, "step_ffp": step_ffp}, device,
-                                    rounds=rounds, reps=1, warmup=1)
-    common = {"bench": "ffp_step", "model": model_name, "weights": weights,
-              "images": "random uint8" if cifar is None else "cifar10 search set", "search_images": s._loaders["search"].num_samples, "batch": batch, "prune_steps": prune_steps, "candidates": len(cands),
-              "groups": [int(s.gn.groups[i]) for i, _ in cands], "cache_mb": cache_mb,
-              "macs_ratio": s.current_macs() / s.gn.base_macs, "threads": torch.get_num_threads()}
+        picks[name] = k
+        # the slimmed network's sums round differently: on a near tie another candidate may win
+        assert _scores_equal([(loss, logits)], [reference[k]]), f"{name}: a score differs from the full forward's"
+        assert k == first or abs(reference[k][0] - reference[first][0]) <= 1e-6 * reference[first][0], \
+            f"{name}: candidate {k} (J {reference[k][0]}) instead of {first} (J {reference[first][0]})"
+    times = _common.compare_ms({"full": full, "resumed": resumed, "cached": cached, "best": best,
+                                "masked_best": masked_best}, device, rounds=rounds, reps=1, warmup=1)
+    step_times = _common.compare_ms({"step_full": step_full, "step_masked": step_masked, "step_ffp": step_ffp},
+                                    device, rounds=rounds, reps=1, warmup=1)
+    common = {"bench": "ffp_step", **_common_row(s, model_name, weights, cifar, batch), "prune_steps": prune_steps,
+              "candidates": len(cands), "groups": [int(s.gn.groups[i]) for i, _ in cands], "cache_mb": cache_mb,
+              "macs_ratio": s.current_macs() / s.gn.base_macs, "slim_step": s.slim_step,
+              "scoring_net": "full width" if slots is None else
+              f"slimmed at step {s._slim[0]} ({float(s.gn.expected_macs(s.trail[s._slim[0]]['keep'].double())) / s.gn.base_macs:.3f} of the MACs)",
+              "same_pick": len(set(picks.values())) == 1 and first in picks.values()}
     rows = [{**common, "impl": impl, "median_ms": ms, "speedup_vs_full": times["full"] / ms}
             for impl, ms in times.items()]
     rows += [{**common, "impl": impl, "median_ms": ms, "speedup_vs_full": step_times["step_full"] / ms}
              for impl, ms in step_times.items()]
     return rows
+
+
+# ------------------------------------------------------------------ 1b. every step of a search
+def whole_search_rows(model_name, per_class, batch, device, pretrained, target, cifar=None, naive=False,
+                      slim_step=FFP_SLIM) -> list[dict]:
+    """The search from the unpruned network to ``target``, every greedy step's scoring (importance
+    pass, candidates, the lowest J) timed on the search's path (the slimmed scoring network, its
+    rebuilds included) and on the full-width masked network (the same prefix reuse and cache),
+    interleaved (the order alternating step by step); with ``naive`` also a full masked forward per
+    candidate after an importance pass without the cache. The search's path's pick is accepted;
+    a step where the full width picks another candidate (a near tie) is counted."""
+    s, weights = _searcher(model_name, per_class, batch, device, pretrained, cifar, target, slim_step)
+    paths = ["ffp", "masked"] + (["full"] if naive else [])
+    seconds = {p: [] for p in paths}
+    macs, scoring, differ, builds = [], [], 0, []
+    build = s._slim_at
+
+    def timed_build(values):
+        t0 = time.perf_counter()
+        try:
+            return build(values)
+        finally:
+            builds.append(time.perf_counter() - t0)
+    s._slim_at = timed_build
+
+    def run(path):
+        if path == "ffp":
+            return s._propose()
+        with _masked(s):
+            if path == "masked":
+                return s._propose()
+            keep, s.cache_bytes = s.cache_bytes, 0
+            try:
+                cands = s.candidates(s.importance())
+            finally:
+                s.cache_bytes = keep
+            scores = [s.evaluate(v) for _, v in cands]
+            k = min(range(len(cands)), key=lambda i: (scores[i][0], i))
+            return cands, k, *scores[k]
+
+    t_all = time.perf_counter()
+    while not s.finished():
+        order = paths if len(macs) % 2 == 0 else paths[::-1]
+        got = {}
+        for path in order:
+            _common.sync(torch.device(device))
+            t0 = time.perf_counter()
+            got[path] = run(path)
+            _common.sync(torch.device(device))
+            seconds[path].append(time.perf_counter() - t0)
+        cands, k, loss, logits = got["ffp"]
+        differ += any(got[p][1] != k for p in paths)
+        entry = s._slim[0] if s._slim is not None and s._slim[1] is not None else 0
+        scoring.append(float(s.gn.expected_macs(s.trail[entry]["keep"].double())) / s.gn.base_macs)
+        s._accept(cands, k, loss, logits)
+        macs.append(s.current_macs() / s.gn.base_macs)
+        print(f"step {len(macs)}: {macs[-1]:.4f} of the MACs, " +
+              ", ".join(f"{p} {seconds[p][-1]:.2f} s" for p in paths), flush=True)
+    common = {"bench": "ffp_search_scoring", **_common_row(s, model_name, weights, cifar, batch), "target": target,
+              "slim_step": slim_step, "steps": len(macs), "macs_ratio": macs[-1], "rebuilds": len(builds),
+              "build_s": builds, "picks_differ": differ, "wall_s": time.perf_counter() - t_all,
+              "macs_per_step": macs, "scoring_macs_per_step": scoring}
+    total = {p: sum(seconds[p]) for p in paths}
+    return [{**common, "impl": p, "total_s": total[p], "speedup_vs_masked": total["masked"] / total[p],
+             **({"speedup_vs_full": total["full"] / total[p]} if naive else {}), "step_s": seconds[p]}
+            for p in paths]
 
 
 # ------------------------------------------------------------------ 2. the whole search, FFP beside TAS and DAIS
@@ -198,6 +320,10 @@ def main():
     p.add_argument("--data", default=str(DATA / "cifar10-jpeg.tar.gz"))
     p.add_argument("--limit-per-class", type=int, default=None, help="--search-times on a subset (smoke runs)")
     p.add_argument("--cifar", action="store_true", help="1. on the CIFAR-10 search set instead of random images")
+    p.add_argument("--whole-search", action="store_true", help="1b. every greedy step of a search, timed both ways")
+    p.add_argument("--target", type=float, default=0.5, help="1b. the search's MACs target (default 0.5)")
+    p.add_argument("--naive", action="store_true", help="1b. also a full masked forward per candidate (slow)")
+    p.add_argument("--slim-step", type=float, default=FFP_SLIM, help=f"1b. FFP(slim_step=) (default {FFP_SLIM})")
     args = p.parse_args()
     device, batch = _common.step_setup(args)
     if args.search_times:
@@ -208,9 +334,16 @@ def main():
         if args.cifar:
             from nasprune.data import load_dataset
             cifar = load_dataset(args.data)[0]
-        rows = step_rows(args.model, args.per_class, batch, device, Path(args.pretrained_dir),
-                         args.prune_steps, args.rounds, cifar)
-        print(_common.table(rows, ["impl", "model", "candidates", "median_ms", "speedup_vs_full"]), flush=True)
+        if args.whole_search:
+            rows = whole_search_rows(args.model, args.per_class, batch, device, Path(args.pretrained_dir),
+                                     args.target, cifar, args.naive, args.slim_step or None)
+            print(_common.table(rows, ["impl", "model", "steps", "rebuilds", "picks_differ", "total_s",
+                                       "speedup_vs_masked", "speedup_vs_full"]), flush=True)
+        else:
+            rows = step_rows(args.model, args.per_class, batch, device, Path(args.pretrained_dir),
+                             args.prune_steps, args.rounds, cifar)
+            print(_common.table(rows, ["impl", "model", "prune_steps", "macs_ratio", "candidates", "median_ms",
+                                       "speedup_vs_full"]), flush=True)
     _common.finish("ffp", device, rows, args)
 
 

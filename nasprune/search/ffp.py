@@ -745,18 +745,30 @@ class FFP(GatedSearcher):
         return {"loss": loss.detach(), "acc": acc, "flops": self.current_macs()}
 
     def _greedy(self) -> dict:
-        gn = self.gn
-        if self.ensemble is None:          # the unpruned start: the ensemble's first member, the trail's first entry
+        self._start()
+        return self._accept(*self._propose())
+
+    def _start(self) -> None:
+        """The unpruned start (once): the ensemble's first member, the trail's first entry."""
+        if self.ensemble is None:
             loss, logits = self.evaluate(self.mask())
             self.ensemble, self.ensemble_count = logits, 1
             self.trail.append({"keep": self.mask().float().cpu().clone(), "loss": loss})
-        scores = self.importance()
-        cands = self.candidates(scores)
+
+    def _propose(self) -> tuple:
+        """A greedy step's scoring: (candidates [(group position, gate vector)], the lowest-J one's
+        position, its J, its logits)."""
+        cands = self.candidates(self.importance())
         if not cands:
-            raise RuntimeError(f"FFP: no group can shrink further, at {self.current_macs() / gn.base_macs:.4f} of "
-                               f"the MACs (target {self.flops_target})")
+            raise RuntimeError(f"FFP: no group can shrink further, at {self.current_macs() / self.gn.base_macs:.4f} "
+                               f"of the MACs (target {self.flops_target})")
         k, loss, logits = self.best_candidate([v for _, v in cands], self._caches)
         self._caches = []
+        return cands, k, loss, logits
+
+    def _accept(self, cands: list, k: int, loss: float, logits: torch.Tensor) -> dict:
+        """Candidate ``k`` of ``cands`` becomes the current subnetwork, joins the ensemble and the trail."""
+        gn = self.gn
         i, v = cands[k]
         with torch.no_grad():
             gn.gate.copy_(v.to(gn.gate))
