@@ -219,56 +219,67 @@ class GatedConvBNAct2d(_Gated, nn.Module):
     def fused_forward(self, x: Tensor, g: Tensor, index: Tensor | None = None) -> Tensor:
         """`g * act(bn(conv(x)))` for gate values `g` given by the caller (a gated network
         gathers them from one packed vector); `index`: the open channels to convolve, or None."""
-        conv, bn = self.conv, self.bn
+        conv = self.conv
         self._check_input(x, conv.in_channels, conv.weight)
-        z = _convolve(conv, x, index)  # the conv bias is folded into the BN shift below
-        batch = self._batch_statistics(z, index)
-        if batch is None:  # eval: normalise with the running statistics of conv(x) + bias
-            centre = bn.running_mean if conv.bias is None else bn.running_mean - conv.bias
-            invstd = torch.rsqrt(bn.running_var + bn.eps)
-        else:  # training: the batch's statistics of z; the kernel differentiates through them
-            centre, invstd = batch
-        scale = invstd if bn.weight is None else bn.weight * invstd
-        shift = -centre * scale
-        if bn.bias is not None:
-            shift = bn.bias + shift
-        mean, istd = (None, None) if batch is None else batch
-        return ops.gate_epilogue(z, scale, shift, g, self.act, index, mean, istd)
+        z = _convolve(conv, x, index)  # the conv bias is folded into the BN shift
+        return bn_act_gate(self.bn, z, g, self.act, self.training, index, conv.bias, self._describe)
 
-    def _batch_statistics(self, z: Tensor, index: Tensor | None) -> tuple[Tensor, Tensor] | None:
-        """Full-width (mean, invstd) of z (the conv output without bias) to normalise with, or None
-        to use the running statistics (eval, or an empty batch, which updates nothing). Updates
-        the running statistics of the convolved channels as nn.BatchNorm2d does."""
-        bn = self.bn
-        count = z.numel() // max(z.shape[1], 1)
-        if not (self.training or not bn.track_running_stats) or count == 0:
-            return None
-        if count == 1:
-            raise ValueError(f"{self._describe()}: batch norm needs more than 1 value per channel "
-                             f"in training, got input of shape {tuple(z.shape)}")
-        with torch.no_grad():
-            mean, var = ops.channel_stats(z)
-            if self.training and bn.track_running_stats:
-                bias = self.conv.bias
-                if bias is not None:
-                    bias = bias if index is None else bias.index_select(0, index)
-                self._update_running(mean if bias is None else mean + bias,
-                                     var * (count / (count - 1)), index)
-            invstd = torch.rsqrt(var + bn.eps)
-            if index is not None:
-                c = bn.num_features
-                mean = mean.new_zeros(c).index_copy(0, index, mean)
-                invstd = invstd.new_ones(c).index_copy(0, index, invstd)
-        return mean, invstd
 
-    @torch.no_grad()
-    def _update_running(self, mean: Tensor, unbiased_var: Tensor, index: Tensor | None) -> None:
-        bn = self.bn
-        bn.num_batches_tracked.add_(1)
-        factor = 1.0 / bn.num_batches_tracked if bn.momentum is None else bn.momentum
-        for stat, batch in ((bn.running_mean, mean), (bn.running_var, unbiased_var)):
-            batch = batch.to(stat.dtype)
-            if index is None:
-                stat.lerp_(batch, factor)
-            else:
-                stat.index_copy_(0, index, stat.index_select(0, index).lerp(batch, factor))
+def bn_act_gate(bn: nn.BatchNorm2d, z: Tensor, g: Tensor, act: str, training: bool,
+                index: Tensor | None = None, bias: Tensor | None = None,
+                describe=lambda: "BatchNorm2d") -> Tensor:
+    """`g * act(bn(z + bias))` on the fused ops: training normalises with the batch statistics of
+    z (`channel_stats`; the epilogue differentiates through them) and updates bn's running
+    statistics as nn.BatchNorm2d does, eval with the running ones. With `index` z holds only those
+    channels of bn's (the open channels a sparse conv computed); `describe()` names the layer in
+    errors."""
+    batch = _batch_statistics(bn, z, training, index, bias, describe)
+    if batch is None:  # eval: normalise with the running statistics of z + bias
+        centre = bn.running_mean if bias is None else bn.running_mean - bias
+        invstd = torch.rsqrt(bn.running_var + bn.eps)
+    else:  # training: the batch's statistics of z; the kernel differentiates through them
+        centre, invstd = batch
+    scale = invstd if bn.weight is None else bn.weight * invstd
+    shift = -centre * scale
+    if bn.bias is not None:
+        shift = bn.bias + shift
+    mean, istd = (None, None) if batch is None else batch
+    return ops.gate_epilogue(z, scale, shift, g, act, index, mean, istd)
+
+
+def _batch_statistics(bn: nn.BatchNorm2d, z: Tensor, training: bool, index: Tensor | None,
+                      bias: Tensor | None, describe) -> tuple[Tensor, Tensor] | None:
+    """Full-width (mean, invstd) of z to normalise with, or None to use the running statistics
+    (eval, or an empty batch, which updates nothing). Updates the running statistics of z + bias
+    (of the channels in `index`) as nn.BatchNorm2d does."""
+    count = z.numel() // max(z.shape[1], 1)
+    if not (training or not bn.track_running_stats) or count == 0:
+        return None
+    if count == 1:
+        raise ValueError(f"{describe()}: batch norm needs more than 1 value per channel "
+                         f"in training, got input of shape {tuple(z.shape)}")
+    with torch.no_grad():
+        mean, var = ops.channel_stats(z)
+        if training and bn.track_running_stats:
+            if bias is not None and index is not None:
+                bias = bias.index_select(0, index)
+            _update_running(bn, mean if bias is None else mean + bias, var * (count / (count - 1)),
+                            index)
+        invstd = torch.rsqrt(var + bn.eps)
+        if index is not None:
+            c = bn.num_features
+            mean = mean.new_zeros(c).index_copy(0, index, mean)
+            invstd = invstd.new_ones(c).index_copy(0, index, invstd)
+    return mean, invstd
+
+
+@torch.no_grad()
+def _update_running(bn: nn.BatchNorm2d, mean: Tensor, unbiased_var: Tensor, index: Tensor | None) -> None:
+    bn.num_batches_tracked.add_(1)
+    factor = 1.0 / bn.num_batches_tracked if bn.momentum is None else bn.momentum
+    for stat, batch in ((bn.running_mean, mean), (bn.running_var, unbiased_var)):
+        batch = batch.to(stat.dtype)
+        if index is None:
+            stat.lerp_(batch, factor)
+        else:
+            stat.index_copy_(0, index, stat.index_select(0, index).lerp(batch, factor))

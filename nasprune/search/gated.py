@@ -17,7 +17,9 @@ Where a group's gate sits (its *sites*), from the channel graph and the traced f
   that hold only part of it (option-A shortcuts, concatenations), and at every call of a module
   called several times (each call is its own fx node).
 
-conv -> BatchNorm2d -> (ReLU | identity) is fused into one :class:`GatedConvBNAct2d` call; every
+conv -> BatchNorm2d -> (ReLU | identity) is fused into one :class:`GatedConvBNAct2d` call, and a
+BatchNorm2d -> (ReLU | identity) that no conv of its own feeds (RepVGG's identity branch, a
+DenseNet norm after a concatenation) into one ``channel_stats`` and gate-epilogue call; every
 other site is a stand-alone gate on the fused ``gate_epilogue`` op. A group whose channels meet a
 LayerNorm or GroupNorm (statistics across channels) or a layer with no known channel dimension
 cannot be gated: ``ungated`` lists it with the reason.
@@ -42,7 +44,7 @@ from nasprune.handlers.layers import ConvHandler, LinearHandler
 from nasprune.handlers.norm import BatchNormHandler
 from nasprune.nn import gates as gate_params
 from nasprune.nn.gate import apply_gate
-from nasprune.nn.gated_conv import GatedConvBNAct2d
+from nasprune.nn.gated_conv import GatedConvBNAct2d, bn_act_gate
 
 _GATES = "nasprune_gates"  # the placeholder every rewritten graph takes the gate values through
 
@@ -105,7 +107,7 @@ class Site:
     anchor: str          # the fx node after which (or, fused, in place of which) it applies
     module: str          # the layer whose output channels it gates (a producer or a norm)
     role: str            # the role of `module` whose channel positions the site gates
-    kind: str            # "fused" (conv-BN-act in one GatedConvBNAct2d) or "gate"
+    kind: str            # "fused" (conv-BN-act or BN-act in one call) or "gate"
     act: str             # a fused site's activation: "relu" or "identity" ("" for a gate)
     dim: int             # the channel dimension of the gated tensor
     fold: str            # "affine": into `module`'s weights; "consumers": into the layers fed
@@ -152,6 +154,35 @@ class _FusedSite(GatedConvBNAct2d):
         return f"act={self.act!r}, channels={self.index.numel()}"
 
 
+class _NormSite(nn.Module):
+    """BatchNorm2d -> act -> gate of a BN that no conv of its own feeds (an identity branch, a
+    norm after a concatenation or an add), in one fused call: `channel_stats` and the gate
+    epilogue in place of nn.BatchNorm2d and a stand-alone gate. Holds a reference to the user's
+    BN, which keeps its place, its state dict keys and its own train/eval flag."""
+
+    def __init__(self, bn: nn.BatchNorm2d, act: str, index: torch.Tensor):
+        super().__init__()
+        object.__setattr__(self, "_layers", (bn,))
+        self.act = act
+        self.register_buffer("index", index, persistent=False)
+
+    bn = property(lambda self: self._layers[0])
+
+    def forward(self, x, values):
+        bn = self.bn
+        if x.dim() != 4 or x.shape[1] != bn.num_features:
+            raise ValueError(f"{self._describe()}: expected input of shape (N, {bn.num_features}, H, W), "
+                             f"got {tuple(x.shape)}")
+        return bn_act_gate(bn, x, values.index_select(0, self.index), self.act, bn.training,
+                           describe=self._describe)
+
+    def _describe(self) -> str:
+        return f"BatchNorm2d({self.bn.num_features})"
+
+    def extra_repr(self) -> str:
+        return f"act={self.act!r}, channels={self.index.numel()}"
+
+
 class GatedNetwork(nn.Module):
     """A copy of ``model`` with a gate on every prunable channel group it can gate.
 
@@ -159,7 +190,8 @@ class GatedNetwork(nn.Module):
     example_inputs: a tensor or tuple of tensors (batch 1 or 2) for tracing.
     gate: the gate parameterisation, a ``nasprune.nn.gates`` module or its name
         (continuous, sigmoid, threshold, fixed, sampled).
-    fuse: fuse conv -> BatchNorm2d -> (ReLU | identity) into one GatedConvBNAct2d call.
+    fuse: fuse conv -> BatchNorm2d -> (ReLU | identity), and BatchNorm2d -> (ReLU | identity) fed by
+        anything else, into one call each.
     memory_format: "auto" runs a model with 2-D convolutions channels-last (weights and 4-D inputs;
         oneDNN and cuDNN convolve it faster, and the fused ops take it natively), "contiguous"
         keeps NCHW. The export is contiguous either way.
@@ -338,15 +370,17 @@ class GatedNetwork(nn.Module):
             fused = self._fusable(node, modules) if fold == "affine" else None
             if fused is not None:
                 conv_node, act_node, act = fused
-                site = _FusedSite(modules[conv_node.target], m, act, index)
+                first = conv_node if conv_node is not None else node
+                site = _FusedSite(modules[conv_node.target], m, act, index) if conv_node is not None \
+                    else _NormSite(m, act, index)
                 last = act_node if act_node is not None else node
                 with graph.inserting_after(last):
-                    new = graph.call_module(f"sites.{name}", (conv_node.args[0], values))
+                    new = graph.call_module(f"sites.{name}", (first.args[0], values))
                 last.replace_all_uses_with(new)
                 for dead in (act_node, node, conv_node):
                     if dead is not None:
                         graph.erase_node(dead)
-                kind, anchor = "fused", conv_node.name
+                kind, anchor = "fused", first.name
             else:
                 site = _GateSite(index, self._channel_dim(m))
                 with graph.inserting_after(after):
@@ -368,17 +402,17 @@ class GatedNetwork(nn.Module):
         return fx.GraphModule(root, graph, type(self.model).__name__)
 
     def _fusable(self, bn_node: fx.Node, modules: dict):
-        """(conv node, act node or None, act) when bn_node is a BatchNorm2d fed only by a conv."""
-        if not self.fuse or not isinstance(modules.get(bn_node.target), nn.BatchNorm2d):
+        """(conv node or None, act node or None, act) when bn_node is a BatchNorm2d: the conv when
+        it alone feeds the BN, None when something else does (the BN's input is then the fused
+        call's)."""
+        if not self.fuse or not isinstance(modules.get(bn_node.target), nn.BatchNorm2d) or \
+                len(bn_node.args) != 1 or bn_node.kwargs or not isinstance(bn_node.args[0], fx.Node):
             return None
-        conv_node = bn_node.args[0] if bn_node.args else None
-        if not (isinstance(conv_node, fx.Node) and conv_node.op == "call_module"
-                and len(conv_node.users) == 1 and len(bn_node.args) == 1 and not bn_node.kwargs):
-            return None
-        conv = modules[conv_node.target]
-        if type(handler_for(conv)) is not ConvHandler or not isinstance(conv, nn.Conv2d) \
-                or len(conv_node.args) != 1 or conv_node.kwargs:
-            return None
+        conv_node = bn_node.args[0]
+        conv = modules.get(conv_node.target) if conv_node.op == "call_module" else None
+        if not (conv is not None and len(conv_node.users) == 1 and type(handler_for(conv)) is ConvHandler
+                and isinstance(conv, nn.Conv2d) and len(conv_node.args) == 1 and not conv_node.kwargs):
+            conv_node = None
         users = list(bn_node.users)
         if len(users) == 1 and users[0].op == "call_module" and type(modules[users[0].target]) is nn.ReLU:
             return conv_node, users[0], "relu"
