@@ -31,7 +31,8 @@ wall time beside TAS's and DAIS's.
    greedy step's scoring timed on the search's path (``ffp``: the slimmed scoring network, its
    rebuilds included) and on the full-width masked network (``masked``), interleaved; ``--naive``
    adds a full masked forward per candidate (``full``). Rows: the sums over the steps, and each
-   step's seconds.
+   step's seconds. ``--rows-at 1,0.75,0.6`` takes the step rows of 1. on the way, at the first
+   step at or under each MACs fraction (1: the first step).
 2. ``--search-times``: the whole search (build, search, select, export, as
    benchmarks/quality.py times a method's search) of FFP, TAS and DAIS on CIFAR ResNet-20 and
    ResNet-56 from the pretrained weights, on the CIFAR-10 JPEG copy (../shared/data), at the
@@ -121,6 +122,11 @@ def step_rows(model_name, per_class, batch, device, pretrained, prune_steps, rou
     s, weights = _searcher(model_name, per_class, batch, device, pretrained, cifar)
     for _ in range(prune_steps):
         s.step()
+    return _step_rows_on(s, device, rounds, {"bench": "ffp_step", **_common_row(s, model_name, weights, cifar, batch)})
+
+
+def _step_rows_on(s, device, rounds, common) -> list[dict]:
+    """The current step of searcher ``s`` scored every way, checked, timed interleaved."""
     net, slots, _ = s._scoring()               # built (when due) before anything is timed, as the search's step does
     cands = s.candidates(s.importance())
     caches, values = s._caches, [v for _, v in cands]
@@ -180,8 +186,7 @@ def step_rows(model_name, per_class, batch, device, pretrained, prune_steps, rou
                                 "masked_best": masked_best}, device, rounds=rounds, reps=1, warmup=1)
     step_times = _common.compare_ms({"step_full": step_full, "step_masked": step_masked, "step_ffp": step_ffp},
                                     device, rounds=rounds, reps=1, warmup=1)
-    common = {"bench": "ffp_step", **_common_row(s, model_name, weights, cifar, batch), "prune_steps": prune_steps,
-              "candidates": len(cands), "groups": [int(s.gn.groups[i]) for i, _ in cands], "cache_mb": cache_mb,
+    common = {**common, "prune_steps": len(s.trail) - 1, "candidates": len(cands), "groups": [int(s.gn.groups[i]) for i, _ in cands], "cache_mb": cache_mb,
               "macs_ratio": s.current_macs() / s.gn.base_macs, "slim_step": s.slim_step,
               "scoring_net": "full width" if slots is None else
               f"slimmed at step {s._slim[0]} ({float(s.gn.expected_macs(s.trail[s._slim[0]]['keep'].double())) / s.gn.base_macs:.3f} of the MACs)",
@@ -195,14 +200,18 @@ def step_rows(model_name, per_class, batch, device, pretrained, prune_steps, rou
 
 # ------------------------------------------------------------------ 1b. every step of a search
 def whole_search_rows(model_name, per_class, batch, device, pretrained, target, cifar=None, naive=False,
-                      slim_step=FFP_SLIM) -> list[dict]:
+                      slim_step=FFP_SLIM, rows_at=(), rounds=3, record=None) -> list[dict]:
     """The search from the unpruned network to ``target``, every greedy step's scoring (importance
     pass, candidates, the lowest J) timed on the search's path (the slimmed scoring network, its
     rebuilds included) and on the full-width masked network (the same prefix reuse and cache),
     interleaved (the order alternating step by step); with ``naive`` also a full masked forward per
     candidate after an importance pass without the cache. The search's path's pick is accepted;
-    a step where the full width picks another candidate (a near tie) is counted."""
+    a step where the full width picks another candidate (a near tie) is counted. ``rows_at``: MACs
+    fractions; at the first step at or under each, the step rows of 1. (each set handed to
+    ``record`` as it is taken, and returned too)."""
     s, weights = _searcher(model_name, per_class, batch, device, pretrained, cifar, target, slim_step)
+    row = _common_row(s, model_name, weights, cifar, batch)
+    pending, step_rows_taken = sorted(rows_at, reverse=True), []
     paths = ["ffp", "masked"] + (["full"] if naive else [])
     seconds = {p: [] for p in paths}
     macs, scoring, differ, builds = [], [], 0, []
@@ -233,6 +242,14 @@ def whole_search_rows(model_name, per_class, batch, device, pretrained, target, 
 
     t_all = time.perf_counter()
     while not s.finished():
+        while pending and s.current_macs() <= pending[0] * s.gn.base_macs:
+            pending.pop(0)
+            taken = _step_rows_on(s, device, rounds, {"bench": "ffp_step", **row})
+            print(_common.table(taken, ["impl", "prune_steps", "macs_ratio", "candidates", "median_ms",
+                                        "speedup_vs_full"]), flush=True)
+            step_rows_taken += taken
+            if record is not None:
+                record(taken)
         order = paths if len(macs) % 2 == 0 else paths[::-1]
         got = {}
         for path in order:
@@ -249,14 +266,14 @@ def whole_search_rows(model_name, per_class, batch, device, pretrained, target, 
         macs.append(s.current_macs() / s.gn.base_macs)
         print(f"step {len(macs)}: {macs[-1]:.4f} of the MACs, " +
               ", ".join(f"{p} {seconds[p][-1]:.2f} s" for p in paths), flush=True)
-    common = {"bench": "ffp_search_scoring", **_common_row(s, model_name, weights, cifar, batch), "target": target,
+    common = {"bench": "ffp_search_scoring", **row, "target": target,
               "slim_step": slim_step, "steps": len(macs), "macs_ratio": macs[-1], "rebuilds": len(builds),
               "build_s": builds, "picks_differ": differ, "wall_s": time.perf_counter() - t_all,
               "macs_per_step": macs, "scoring_macs_per_step": scoring}
     total = {p: sum(seconds[p]) for p in paths}
     return [{**common, "impl": p, "total_s": total[p], "speedup_vs_masked": total["masked"] / total[p],
              **({"speedup_vs_full": total["full"] / total[p]} if naive else {}), "step_s": seconds[p]}
-            for p in paths]
+            for p in paths] + ([] if record is not None else step_rows_taken)
 
 
 # ------------------------------------------------------------------ 2. the whole search, FFP beside TAS and DAIS
@@ -324,6 +341,8 @@ def main():
     p.add_argument("--target", type=float, default=0.5, help="1b. the search's MACs target (default 0.5)")
     p.add_argument("--naive", action="store_true", help="1b. also a full masked forward per candidate (slow)")
     p.add_argument("--slim-step", type=float, default=FFP_SLIM, help=f"1b. FFP(slim_step=) (default {FFP_SLIM})")
+    p.add_argument("--rows-at", default="", help="1b. MACs fractions (comma-separated) at which to take the "
+                                                 "step rows of 1. too (recorded as they come)")
     args = p.parse_args()
     device, batch = _common.step_setup(args)
     if args.search_times:
@@ -335,8 +354,10 @@ def main():
             from nasprune.data import load_dataset
             cifar = load_dataset(args.data)[0]
         if args.whole_search:
+            record = None if args.no_record else (lambda rows: _common.record("ffp", device, rows))
             rows = whole_search_rows(args.model, args.per_class, batch, device, Path(args.pretrained_dir),
-                                     args.target, cifar, args.naive, args.slim_step or None)
+                                     args.target, cifar, args.naive, args.slim_step or None,
+                                     [float(f) for f in args.rows_at.split(",") if f], args.rounds, record)
             print(_common.table(rows, ["impl", "model", "steps", "rebuilds", "picks_differ", "total_s",
                                        "speedup_vs_masked", "speedup_vs_full"]), flush=True)
         else:

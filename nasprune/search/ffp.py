@@ -43,7 +43,7 @@ from nasprune.search.gated_searcher import GatedSearcher, gates_as
 SEARCH_STEP = 0.2        # the first shrink of a group (EKG search_step; methods.md 4.2)
 OTSU_TRIM = 0.2          # the trimmed Otsu threshold (EKG trimed_otsu; methods.md 4.2)
 BANK_SIZE = 5            # K teachers (EKG num_teacher; methods-2.md 3.1)
-SLIM_STEP = 0.1          # rebuild the slimmed scoring network every 10 % of the MACs removed (docs/ffp.md)
+SLIM_STEP = 0.05         # rebuild the slimmed scoring network every 5 % of the MACs removed (docs/ffp.md)
 
 
 # ------------------------------------------------------------------ the CKT loss (methods-2.md 3.4)
