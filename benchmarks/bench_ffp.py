@@ -51,6 +51,7 @@ Appends rows to benchmarks/results/ffp.jsonl (stamped with the 1-minute load ave
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -214,7 +215,7 @@ def whole_search_rows(model_name, per_class, batch, device, pretrained, target, 
     pending, step_rows_taken = sorted(rows_at, reverse=True), []
     paths = ["ffp", "masked"] + (["full"] if naive else [])
     seconds = {p: [] for p in paths}
-    macs, scoring, differ, builds = [], [], 0, []
+    macs, scoring, loads, differ, builds = [], [], [], 0, []
     build = s._slim_at
 
     def timed_build(values):
@@ -263,13 +264,14 @@ def whole_search_rows(model_name, per_class, batch, device, pretrained, target, 
         entry = s._slim[0] if s._slim is not None and s._slim[1] is not None else 0
         scoring.append(float(s.gn.expected_macs(s.trail[entry]["keep"].double())) / s.gn.base_macs)
         s._accept(cands, k, loss, logits)
+        loads.append(os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
         macs.append(s.current_macs() / s.gn.base_macs)
         print(f"step {len(macs)}: {macs[-1]:.4f} of the MACs, " +
               ", ".join(f"{p} {seconds[p][-1]:.2f} s" for p in paths), flush=True)
     common = {"bench": "ffp_search_scoring", **row, "target": target,
               "slim_step": slim_step, "steps": len(macs), "macs_ratio": macs[-1], "rebuilds": len(builds),
               "build_s": builds, "picks_differ": differ, "wall_s": time.perf_counter() - t_all,
-              "macs_per_step": macs, "scoring_macs_per_step": scoring}
+              "macs_per_step": macs, "scoring_macs_per_step": scoring, "load_per_step": loads}
     total = {p: sum(seconds[p]) for p in paths}
     return [{**common, "impl": p, "total_s": total[p], "speedup_vs_masked": total["masked"] / total[p],
              **({"speedup_vs_full": total["full"] / total[p]} if naive else {}), "step_s": seconds[p]}

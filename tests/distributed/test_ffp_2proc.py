@@ -1,8 +1,8 @@
 """FFP on two gloo ranks against one process (issue 18): the ranks split the importance pass, the
 candidate scoring and the memory bank by whole search batches, agree on the accepted candidate,
 and reach the one-process search bit for bit (the same subnetworks, trail losses, ensemble and
-bank logits); only rank 0 writes; a 2-process search killed among its greedy steps resumes to
-the same result. Both ways of dealing: more batches than ranks (each rank its batches, every
+bank logits, the steps past 5 % of the MACs scored on the same slimmed network); only rank 0
+writes; a 2-process search killed among its greedy steps resumes to the same result. Both ways of dealing: more batches than ranks (each rank its batches, every
 candidate) and fewer (the ranks of a batch share out its candidates)."""
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def ffp_job(rank, folder, batch_size, kill_at=None, resume=False):
     return {"keep": arch["keep"], "macs": arch["macs"], "base_macs": s.gn.base_macs,
             "losses": [t["loss"] for t in s.trail], "keeps": torch.stack([t["keep"] for t in s.trail]),
             "ensemble": s.ensemble.clone(), "bank": bank.logits.clone(), "bank_keeps": bank.keeps.clone(),
-            "world_size": dist.world_size()}
+            "world_size": dist.world_size(), "slim_entry": s._slim[0] if s._slim is not None else None}
 
 
 def _one_process(folder, batch_size):
@@ -54,6 +54,7 @@ def _same(run, one):
     assert torch.equal(run["keeps"], one["keeps"])
     assert torch.equal(run["ensemble"], one["ensemble"])
     assert torch.equal(run["bank_keeps"], one["bank_keeps"]) and torch.equal(run["bank"], one["bank"])
+    assert run["slim_entry"] == one["slim_entry"] is not None    # the late steps scored on a slimmed network
 
 
 @pytest.mark.parametrize("batch_size", [16, 64])     # 3 search batches (16, 16, 8) on 2 ranks; 1 batch

@@ -201,6 +201,62 @@ def test_candidate_scores_equal_full_masked_forwards(name):
     assert s._caches == [None] * 3
 
 
+def test_slimmed_scoring_network_scores_as_the_masked_full_width():
+    """Past ``slim_step`` of the MACs a step scores on a gated network of the slimmed subnetwork
+    of a trail entry (the channels removed since then masked): its importance, mapped back to
+    the full width, and its candidate scores (cached, resumed, the best) equal the full-width
+    masked network's to fp32 rounding; a vector that keeps a channel the entry lacks is scored
+    on the full width, the slimmed network's caches left unused."""
+    torch.manual_seed(0)
+    s = FFP(cifar_resnet20(num_classes=4), 0.5, input_size=8, device="cpu", search_per_class=5, tune_per_class=0,
+            slim_step=0.15)
+    s.loaders(_dataset(5, 4, 8), None, 8)             # 20 search images: batches of 8, 8, 4
+    s.begin_epoch(0, 1, 0)
+    while s._slim_entry_now() is None:
+        s.step()
+    s.step()                                          # one step past the entry: its removals masked
+    net, slots, _ = s._scoring()
+    entry = s._slim[0]
+    kept = s.trail[entry]["keep"] > 0.5
+    assert entry == len(s.trail) - 2 and net is not s.gn and 0 < net.num_gates == int(kept.sum()) < s.gn.num_gates
+    assert torch.equal(slots.sort().values, kept.nonzero().flatten())
+    assert 0 < int((net.gate < 0.5).sum()) == int(kept.sum()) - int((s.mask() > 0.5).sum())
+    scores = s.importance()
+    caches = s._caches
+    assert caches[0].graph == id(net._resumable().gm) != id(s.gn._resumable().gm)
+    values = [v for _, v in s.candidates(scores)]
+    slimmed = [s.evaluate_candidates(values, caches), s.evaluate_candidates(values), s.best_candidate(values, caches)]
+    s.slim_step = None                                # the full-width masked network
+    masked = s.importance()
+    assert torch.equal(masked == 0, scores == 0)
+    assert torch.allclose(scores, masked, rtol=1e-3, atol=1e-6 * float(masked.max()))
+    full = [s.evaluate(v) for v in values]
+    for got in slimmed[:2]:
+        for (loss, logits), (want_loss, want_logits) in zip(got, full):
+            assert loss == pytest.approx(want_loss, rel=1e-5) and torch.allclose(logits, want_logits, atol=1e-4)
+    k, loss, _ = slimmed[2]
+    assert k == min(range(len(full)), key=lambda i: (full[i][0], i)) and loss == pytest.approx(full[k][0], rel=1e-5)
+    s.slim_step = 0.15
+    wider = s.trail[entry - 1]["keep"].clone()        # keeps channels the entry removed: the full width
+    assert s._scoring([wider])[0] is s.gn
+    (loss, logits), = s.evaluate_candidates([wider], caches)
+    want_loss, want_logits = s.evaluate(wider)
+    assert loss == pytest.approx(want_loss, rel=1e-6) and torch.allclose(logits, want_logits, atol=1e-5)
+
+
+def test_slimmed_scoring_leaves_the_search_as_the_masked_one(digits, searched):
+    """The digits search to 0.3 scored on slimmed networks (the default) and on the full-width
+    masked network alone accept the same subnetworks, their J equal to fp32 rounding."""
+    _, s, arch = searched(0.3)
+    torch.manual_seed(0)
+    masked = FFP(cifar_resnet20(num_classes=10), 0.3, input_size=SIZE, device="cpu", slim_step=None, **SMALL)
+    arch_masked = masked.search(digits[0], epochs=1, batch_size=64)
+    assert s._slim is not None and s._slim[1] is not None and masked._slim is None
+    assert arch["keep"] == arch_masked["keep"] and len(s.trail) == len(masked.trail)
+    assert all(torch.equal(a["keep"], b["keep"]) for a, b in zip(s.trail, masked.trail))
+    assert [a["loss"] for a in s.trail] == pytest.approx([b["loss"] for b in masked.trail], rel=1e-6)
+
+
 def test_ckt_teacher_choice_and_two_view_loss_equal_the_equations():
     """methods-2.md 3.4: per view CE + T KL_T(M || view), M the mean of the bank entries whose
     batch-summed KL_T(best || entry) is below KL_T(best || mean of the views), averaged over views."""
@@ -336,6 +392,7 @@ def test_search_killed_midway_resumes_to_the_same_subnetwork(digits, tmp_path):
     arch = again.search(train_set, epochs=1, batch_size=32, checkpoint=ckpt, resume=True)
     assert arch == arch_full and again.history == full.history
     assert torch.equal(again.mask(), full.mask()) and torch.equal(again.ensemble, full.ensemble)
+    assert again._slim[0] == full._slim[0] is not None     # the slimmed scoring network replayed from the trail
     state, reference = again.gn.state_dict(), full.gn.state_dict()
     assert all(torch.equal(state[k], reference[k]) for k in state)
 
