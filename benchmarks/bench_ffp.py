@@ -287,6 +287,9 @@ def search_rows(model_names, methods, device, pretrained, data_path, batch, limi
     from nasprune.data import load_dataset
     train_set, test_set = load_dataset(str(data_path), limit_per_class=limit_per_class)
     size = train_set.images.shape[1]
+    if limit_per_class and batch > len(train_set) // 4:      # a smoke run: TAS and DAIS split the set in two
+        batch = max(1, len(train_set) // 4)
+        print(f"--limit-per-class {limit_per_class}: batch {batch} (each method's splits hold a batch)", flush=True)
     rows = []
     for model_name in model_names:
         for name in methods:
