@@ -207,7 +207,8 @@ def whole_search_rows(model_name, per_class, batch, device, pretrained, target, 
     rebuilds included) and on the full-width masked network (the same prefix reuse and cache),
     interleaved (the order alternating step by step); with ``naive`` also a full masked forward per
     candidate after an importance pass without the cache. The search's path's pick is accepted;
-    a step where the full width picks another candidate (a near tie) is counted. ``rows_at``: MACs
+    a step where another path picks another candidate is recorded (its J beside the search's, and
+    whether the two importance passes gave the same candidates). ``rows_at``: MACs
     fractions; at the first step at or under each, the step rows of 1. (each set handed to
     ``record`` as it is taken, and returned too)."""
     s, weights = _searcher(model_name, per_class, batch, device, pretrained, cifar, target, slim_step)
@@ -215,7 +216,7 @@ def whole_search_rows(model_name, per_class, batch, device, pretrained, target, 
     pending, step_rows_taken = sorted(rows_at, reverse=True), []
     paths = ["ffp", "masked"] + (["full"] if naive else [])
     seconds = {p: [] for p in paths}
-    macs, scoring, loads, differ, builds = [], [], [], 0, []
+    macs, scoring, loads, differ, builds = [], [], [], [], []
     build = s._slim_at
 
     def timed_build(values):
@@ -260,7 +261,13 @@ def whole_search_rows(model_name, per_class, batch, device, pretrained, target, 
             _common.sync(torch.device(device))
             seconds[path].append(time.perf_counter() - t0)
         cands, k, loss, logits = got["ffp"]
-        differ += any(got[p][1] != k for p in paths)
+        for p in paths[1:]:            # another pick (a near tie, or candidates ordered otherwise): recorded
+            other, j = got[p][0], got[p][1]
+            if not torch.equal(other[j][1], cands[k][1]):
+                differ.append({"step": len(macs) + 1, "path": p, "j": loss, "j_other": got[p][2],
+                               "same_candidates": len(other) == len(cands) and
+                               all(torch.equal(a[1], b[1]) for a, b in zip(other, cands))})
+                print(f"step {len(macs) + 1}: {p} picks another candidate: {differ[-1]}", flush=True)
         entry = s._slim[0] if s._slim is not None and s._slim[1] is not None else 0
         scoring.append(float(s.gn.expected_macs(s.trail[entry]["keep"].double())) / s.gn.base_macs)
         s._accept(cands, k, loss, logits)
@@ -270,7 +277,7 @@ def whole_search_rows(model_name, per_class, batch, device, pretrained, target, 
               ", ".join(f"{p} {seconds[p][-1]:.2f} s" for p in paths), flush=True)
     common = {"bench": "ffp_search_scoring", **row, "target": target,
               "slim_step": slim_step, "steps": len(macs), "macs_ratio": macs[-1], "rebuilds": len(builds),
-              "build_s": builds, "picks_differ": differ, "wall_s": time.perf_counter() - t_all,
+              "build_s": builds, "picks_differ": len(differ), "differ": differ, "wall_s": time.perf_counter() - t_all,
               "macs_per_step": macs, "scoring_macs_per_step": scoring, "load_per_step": loads}
     total = {p: sum(seconds[p]) for p in paths}
     return [{**common, "impl": p, "total_s": total[p], "speedup_vs_masked": total["masked"] / total[p],
