@@ -17,7 +17,8 @@ the packed gate parameter holds the current subnetwork as a 0/1 mask. FFP's own 
 - coarse: a trimmed (20 %) Otsu threshold over each group's removal-score sum picks the groups to
   try; fine: each tries removing its lowest-scored channels (step max(1/C, 0.2/calls)), every
   candidate is scored by J on the search set (each search batch run once up to the first layer a
-  candidate changes, the candidates resuming from there), the lowest is accepted; until the exact
+  candidate changes, the candidates resuming from there; past the first 5 % of the MACs on a gated
+  network of the physically slimmed current subnetwork), the lowest is accepted; until the exact
   MACs reach the target, the last step backed off channel by channel;
 - the memory bank and the CKT loss (:class:`MemoryBank`, :func:`ckt_loss`).
 

@@ -1,8 +1,8 @@
 """FFP (issue 16): the budget holds exactly on digits (at or under the target, within one channel of
 it), the filter importance equals autograd's |sum dy * y| per batch at the group gates, the bank's
 teacher choice and the two-view CKT loss equal a plain PyTorch composition of methods-2.md 3.4,
-search -> export -> eval -> save -> load on six models at CIFAR size, and a killed search resumes
-to the same subnetwork."""
+search -> export -> eval -> save -> load on six models at CIFAR size, a killed search resumes
+to the same subnetwork, and the slimmed scoring network scores as the masked full width."""
 from __future__ import annotations
 
 import math
