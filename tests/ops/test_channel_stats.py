@@ -11,7 +11,7 @@ from tests.conftest import make_layout
 
 # (.., 8 | 16 | 24 | 32, ..): the channel counts the channels-last kernel compiles as constants
 SHAPES = [(2, 3, 5, 7), (1, 1, 1, 2), (7, 5, 1, 1), (4, 16, 8, 8), (3, 8, 5, 3), (2, 24, 3, 5), (2, 32, 4, 3),
-          (1, 2, 70, 40), (9, 6), (2, 3, 9),
+          (1, 2, 70, 40), (3, 11, 7, 9), (3, 48, 3, 3), (9, 6), (2, 3, 9),
           (300, 3, 2, 2)]
 
 
