@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -585,7 +584,6 @@ class _Subnet:
 
     def __init__(self, searcher: AST, keep: dict, features, actions):
         from nasprune import slim
-        from nasprune.handlers.keep import normalise, removed_classes
         s, gn = searcher, searcher.gn
         self.searcher, self.keep, self.features, self.actions = s, keep, features, actions
         self.steps = 0
@@ -595,26 +593,11 @@ class _Subnet:
         self.gn = GatedNetwork(model, s.example_inputs, gate="continuous").to(s.device)
         probe = slim.apply(s._probe, gn.graph, keep, verify=False)
         self.index = {k: v.reshape(-1).round().long() for k, v in probe.state_dict().items() if v.is_floating_point()}
-        removed = removed_classes(gn.graph, normalise(gn.graph, keep))
-        sub_sites = {(x.module, x.role): x.index.cpu() for sites in self.gn.site_info.values() for x in sites}
-        pairs = {}
-        for sites in gn.site_info.values():
-            for site in sites:
-                kept = np.nonzero(~removed[gn.graph.records[site.module][1][site.role]])[0]
-                mine, theirs = site.index.cpu()[torch.from_numpy(kept)], sub_sites.get((site.module, site.role))
-                if theirs is None or len(theirs) != len(mine):
-                    raise RuntimeError(f"AST: the sub-network's gate at {site.module} ({site.role}) does not match "
-                                       f"the target's ({0 if theirs is None else len(theirs)} vs {len(mine)} channels)")
-                for t, u in zip(mine.tolist(), theirs.tolist()):
-                    if (t < gn.num_gates) != (u < self.gn.num_gates):
-                        raise RuntimeError(f"AST: {site.module} is gated in only one of the target and the sub-network")
-                    if t < gn.num_gates:
-                        pairs[u] = t
-        if len(pairs) != self.gn.num_gates:
-            raise RuntimeError(f"AST: {self.gn.num_gates - len(pairs)} gates of the sub-network have no place in "
-                               f"the target")
-        sub_slots = torch.tensor(sorted(pairs))
-        self.slots = (sub_slots.to(s.device), torch.tensor([pairs[u] for u in sub_slots.tolist()]).to(s.device))
+        try:
+            target_slots = gn.slot_map(self.gn, gn.keep_vector(keep))
+        except ValueError as e:
+            raise RuntimeError(f"AST: the sub-network's gates have no one-to-one place in the target: {e}") from e
+        self.slots = (torch.arange(self.gn.num_gates, device=s.device), target_slots.to(s.device))
         with torch.no_grad():
             self.gn.gate[self.slots[0]] = gn.gate.detach()[self.slots[1]]
         weights = [p for n, p in self.gn.named_parameters() if n != "gate"]

@@ -402,32 +402,6 @@ class FFP(GatedSearcher):
             self._slim_scan += 1
         return self._slim_entry
 
-    def _slot_map(self, run: GatedNetwork, values: torch.Tensor) -> torch.Tensor | None:
-        """For each gate slot of ``run`` (a gated network of the export of the 0/1 gate vector
-        ``values``) the full-width slot it stands for, from the two channel graphs' records (a
-        slimmed layer keeps its kept positions in order); None unless they map one to one onto
-        the kept slots."""
-        gn, kept = self.gn, torch.cat([values.detach().cpu() > 0.5, torch.ones(1, dtype=torch.bool)])
-        out = torch.full((run.num_gates + 1,), -1, dtype=torch.long)
-        for name, (_, roles) in gn.graph.records.items():
-            slim_roles = run.graph.records.get(name, (None, {}))[1]
-            for role, classes in roles.items():
-                full = gn._slots(classes)
-                src = full[kept[full]]
-                if role not in slim_roles:
-                    return None
-                dst = run._slots(slim_roles[role])
-                if dst.numel() != src.numel() or bool(((dst < run.num_gates) & (src == gn.num_gates)).any()):
-                    return None
-                seen = out[dst]
-                if bool(((seen >= 0) & (seen != src)).any()):
-                    return None
-                out[dst] = src
-        out = out[:-1]
-        if bool((out < 0).any()) or out.numel() != int(kept[:-1].sum()) or out.unique().numel() != out.numel():
-            return None
-        return out
-
     def _scoring(self, values=()) -> tuple:
         """(network, slots, values on it): the gated network a greedy step scores the current
         subnetwork and ``values`` (full-width 0/1 gate vectors) on. Past the first ``slim_step``
@@ -442,7 +416,12 @@ class FFP(GatedSearcher):
         if self._slim is None or self._slim[0] != entry:
             self._slim = None              # the old one freed before the new one is built
             run = self._slim_at(self.trail[entry]["keep"])
-            slots = self._slot_map(run, self.trail[entry]["keep"]) if isinstance(run, GatedNetwork) else None
+            slots = None
+            if isinstance(run, GatedNetwork):
+                try:
+                    slots = self.gn.slot_map(run, self.trail[entry]["keep"])
+                except ValueError:     # slimming merged or reordered positions: score at full width
+                    pass
             if slots is None:
                 run = None
             else:

@@ -642,6 +642,38 @@ class GatedNetwork(nn.Module):
             v[o + torch.as_tensor(idx, dtype=torch.long)] = 1
         return v
 
+    def slot_map(self, slimmed: "GatedNetwork", kept: torch.Tensor) -> torch.Tensor:
+        """For each gate slot of ``slimmed`` (a gated network of this network's model slimmed to
+        the channels of the 0/1 gate vector ``kept``, :meth:`keep_vector`) the slot of this
+        network it stands for. A slimmed layer keeps its kept positions in order, so every role
+        of every layer the two channel graphs record pairs this network's kept slots with the
+        slimmed one's. Raises ValueError, naming the layer, where they do not pair one to one."""
+        kept = torch.cat([kept.detach().cpu() > 0.5, torch.ones(1, dtype=torch.bool)])
+        if kept.numel() != self.num_gates + 1:
+            raise ValueError(f"kept has {kept.numel() - 1} entries, the network {self.num_gates} gates")
+        out = torch.full((slimmed.num_gates + 1,), -1, dtype=torch.long)
+        for name, (_, roles) in self.graph.records.items():
+            slim_roles = slimmed.graph.records.get(name, (None, {}))[1]
+            for role, classes in roles.items():
+                if role not in slim_roles:
+                    raise ValueError(f"{name} ({role}) is not in the slimmed network's graph")
+                full = self._slots(classes)
+                src, dst = full[kept[full]], slimmed._slots(slim_roles[role])
+                if dst.numel() != src.numel():
+                    raise ValueError(f"{name} ({role}) keeps {src.numel()} channels, the slimmed network "
+                                     f"has {dst.numel()}")
+                if bool(((dst < slimmed.num_gates) != (src < self.num_gates)).any()):
+                    raise ValueError(f"{name} ({role}) is gated in only one of the two networks")
+                seen = out[dst]
+                if bool(((seen >= 0) & (seen != src)).any()):
+                    raise ValueError(f"{name} ({role}) maps a slimmed gate to two of this network's")
+                out[dst] = src
+        out = out[:-1]
+        if bool((out < 0).any()) or out.numel() != int(kept[:-1].sum()) or out.unique().numel() != out.numel():
+            raise ValueError(f"the slimmed network's {slimmed.num_gates} gates do not pair one to one with the "
+                             f"{int(kept[:-1].sum())} kept slots")
+        return out
+
     def export(self, keep: Mapping | None = None) -> nn.Module:
         """A plain slimmed copy of the user's model (its own class, on the CPU, in eval mode)
         equal to this gated network in eval: every site's gate values are folded into the

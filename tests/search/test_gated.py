@@ -174,6 +174,30 @@ def test_binary_gates_equal_slimming_and_exact_cost(resnet20a):
     assert float(gn.expected_params()) == flops.count_params(slimmed)
 
 
+@pytest.mark.parametrize("name", ["cifar_resnet20A", "mobilenet_v2"])
+def test_slot_map_carries_gates_to_the_slimmed_network(name):
+    # The slimmed network's gates read from the full one's through slot_map: both networks
+    # compute the same function (FFP's slimmed scoring and AST's sub-networks rest on it).
+    model, x = zoo.build(name)
+    gn = GatedNetwork(model, x, gate="continuous")
+    keep = zoo.random_keep(gn.graph, 3)
+    kept = gn.keep_vector(keep)
+    with torch.no_grad():
+        gn.gate.copy_(torch.rand(gn.num_gates, generator=torch.Generator().manual_seed(0)).add(0.5) * kept)
+    small = GatedNetwork(slim.apply(model, gn.graph, keep), x, gate="continuous")
+    slots = gn.slot_map(small, kept)
+    assert slots.shape == (small.num_gates,) and bool((kept[slots] == 1).all())
+    assert slots.unique().numel() == small.num_gates == int(kept.sum())
+    with torch.no_grad():
+        small.gate.copy_(gn.gate[slots])
+        gn.eval(), small.eval()
+        assert zoo.max_rel_diff(small(x), gn(x)) <= 1e-5
+    with pytest.raises(ValueError, match=f"{gn.num_gates - 1} entries"):
+        gn.slot_map(small, kept[:-1])
+    with pytest.raises(ValueError, match="keeps .* channels, the slimmed network has"):
+        gn.slot_map(small, torch.ones(gn.num_gates))
+
+
 def test_export_folds_continuous_gates_and_saves(tmp_path, resnet20a):
     model, x, gn = resnet20a
     g = torch.Generator().manual_seed(1)
