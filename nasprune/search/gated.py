@@ -130,16 +130,26 @@ class _GateSite(nn.Module):
         return f"channels={self.index.numel()}, dim={self.dim}"
 
 
-class _FusedSite(GatedConvBNAct2d):
-    """conv -> BN -> act -> gate of the user's own conv and BN modules, in one fused call. The
-    modules stay where they are in the model (their state dict keys unchanged); the site holds
-    references, not copies."""
+class _HeldSite:
+    """What both fused site kinds share: references to the user's modules, not copies (they keep
+    their place in the model and their state dict keys), the activation, and ``index``, the
+    packed gate slot of each channel."""
+
+    def _hold(self, layers: tuple, act: str, index: torch.Tensor) -> None:
+        object.__setattr__(self, "_layers", layers)
+        self.act = act
+        self.register_buffer("index", index, persistent=False)
+
+    def extra_repr(self) -> str:
+        return f"act={self.act!r}, channels={self.index.numel()}"
+
+
+class _FusedSite(_HeldSite, GatedConvBNAct2d):
+    """conv -> BN -> act -> gate of the user's own conv and BN modules, in one fused call."""
 
     def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: str, index: torch.Tensor):
         nn.Module.__init__(self)
-        object.__setattr__(self, "_layers", (conv, bn))
-        self.act = act
-        self.register_buffer("index", index, persistent=False)
+        self._hold((conv, bn), act, index)
 
     conv = property(lambda self: self._layers[0])
     bn = property(lambda self: self._layers[1])
@@ -150,21 +160,16 @@ class _FusedSite(GatedConvBNAct2d):
     def _load_from_state_dict(self, *args, **kwargs):  # no gate of its own to default
         nn.Module._load_from_state_dict(self, *args, **kwargs)
 
-    def extra_repr(self) -> str:
-        return f"act={self.act!r}, channels={self.index.numel()}"
 
-
-class _NormSite(nn.Module):
+class _NormSite(_HeldSite, nn.Module):
     """BatchNorm2d -> act -> gate of a BN that no conv of its own feeds (an identity branch, a
     norm after a concatenation or an add), in one fused call: `channel_stats` and the gate
-    epilogue in place of nn.BatchNorm2d and a stand-alone gate. Holds a reference to the user's
-    BN, which keeps its place, its state dict keys and its own train/eval flag."""
+    epilogue in place of nn.BatchNorm2d and a stand-alone gate. The user's BN keeps its own
+    train/eval flag."""
 
     def __init__(self, bn: nn.BatchNorm2d, act: str, index: torch.Tensor):
-        super().__init__()
-        object.__setattr__(self, "_layers", (bn,))
-        self.act = act
-        self.register_buffer("index", index, persistent=False)
+        nn.Module.__init__(self)
+        self._hold((bn,), act, index)
 
     bn = property(lambda self: self._layers[0])
 
@@ -178,9 +183,6 @@ class _NormSite(nn.Module):
 
     def _describe(self) -> str:
         return f"BatchNorm2d({self.bn.num_features})"
-
-    def extra_repr(self) -> str:
-        return f"act={self.act!r}, channels={self.index.numel()}"
 
 
 class GatedNetwork(nn.Module):
