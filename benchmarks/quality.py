@@ -6,6 +6,7 @@ equal cost? One script for every method.
     python benchmarks/quality.py --method tas --budget gpu --device cuda    # ResNet-56, GPU budget
     python benchmarks/quality.py --study --lrs 0.01 0.02 0.05 --epochs-grid 1 2   # the noise study
     python benchmarks/quality.py --table                    # the README table from the records
+    python benchmarks/quality.py --plot docs/quality.png    # the same as a figure
 
 The protocol (a budget below, versioned by a hash of its settings):
 1. baseline: the pretrained CIFAR ResNet (../shared/data/pretrained) fine-tuned with CE for
@@ -270,11 +271,8 @@ def table(folder=_common.RESULTS) -> str:
     """Markdown table of the latest row of every arm per protocol version and device."""
     lines = ["| protocol | device | arm | accuracy, mean +- std (seeds) | MACs of the baseline | epochs | minutes per seed "
              "| vs uniform | vs L1 |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    latest = {}
-    for r in _records(folder):
-        if r.get("bench") == "quality":
-            latest[(r["protocol_version"], _device_key(r.get("device")), r["arm"])] = r
-    for (ver, device, arm), r in latest.items():
+    latest = [(ver, device, arm, r) for (ver, device), arms in _latest_rows(folder).items() for arm, r in arms.items()]
+    for ver, device, arm, r in latest:
         cmp = r.get("compare", {})
 
         def vs(ctrl):
@@ -290,6 +288,78 @@ def table(folder=_common.RESULTS) -> str:
     return "\n".join(lines)
 
 
+def _latest_rows(folder) -> dict:
+    """{(protocol version, device): {arm: the arm's latest row}}, in the order first recorded."""
+    latest: dict = {}
+    for r in _records(folder):
+        if r.get("bench") == "quality":
+            latest.setdefault((r["protocol_version"], _device_key(r.get("device"))), {})[r["arm"]] = r
+    return latest
+
+
+def plot(folder=_common.RESULTS, path="docs/quality.png") -> list[dict]:
+    """The quality table as a figure, one panel per protocol version and device: every arm's
+    per-seed accuracies and its mean +- std, the uniform and L1 controls as shaded bands (mean
+    +- std) and the baseline as a dashed line; an arm that beats both controls by two standard
+    errors in green, a one-seed screen hollow. Returns what each panel shows, top to bottom:
+    [{"panel", "arms": [(arm, mean, n, beats both)]}]."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = [(key, arms) for key, arms in _latest_rows(folder).items()
+              if any(a not in ("baseline", "uniform", "l1") for a in arms)]
+    if not panels:
+        raise SystemExit(f"no method rows in {Path(folder) / RESULTS}.jsonl to plot")
+    heights = [len(arms) for _, arms in panels]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 1.2 + 0.38 * sum(heights)), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
+    shown = []
+    for ax, ((ver, device), arms) in zip(axes[:, 0], panels):
+        methods = sorted((a for a in arms if a not in ("baseline", "uniform", "l1")),
+                         key=lambda a: arms[a]["acc_mean"])
+        order = methods + [c for c in ("uniform", "l1") if c in arms]
+        for ctrl, color in (("uniform", "tab:orange"), ("l1", "tab:purple")):
+            if ctrl in arms:
+                m, sd = 100 * arms[ctrl]["acc_mean"], 100 * arms[ctrl]["acc_std"]
+                ax.axvspan(m - sd, m + sd, color=color, alpha=0.18, lw=0)
+                ax.axvline(m, color=color, lw=1)
+        if "baseline" in arms:
+            ax.axvline(100 * arms["baseline"]["acc_mean"], color="black", ls="--", lw=1)
+            ax.text(100 * arms["baseline"]["acc_mean"], len(order) - 0.4, " baseline", fontsize=8, va="center")
+        rows = []
+        for y, arm in enumerate(order):
+            r = arms[arm]
+            cmp = r.get("compare", {})
+            beats = bool(cmp) and all(cmp.get(c, {}).get("beats") for c in ("uniform", "l1"))
+            color = {"uniform": "tab:orange", "l1": "tab:purple"}.get(arm, "tab:green" if beats else "tab:gray")
+            accs = [100 * a for a in r["acc"]]
+            ax.scatter(accs, [y] * len(accs), s=14, color=color, alpha=0.6, zorder=3)
+            ax.errorbar(100 * r["acc_mean"], y, xerr=100 * r["acc_std"], fmt="o", ms=7, capsize=3, zorder=4,
+                        color=color, mfc=color if r["acc_n"] > 1 else "white")
+            rows.append((arm, r["acc_mean"], r["acc_n"], beats))
+        ax.set_yticks(range(len(order)))
+        ax.set_yticklabels([f"{a} ({arms[a]['macs_fraction']:.3f} MACs, {arms[a]['acc_n']} seed"
+                            f"{'s' if arms[a]['acc_n'] > 1 else ''})" for a in order], fontsize=8)
+        ax.set_ylim(-0.6, len(order) - 0.2)
+        ax.set_title(f"{next(iter(arms.values()))['protocol']['model']}, protocol {ver}, {device}", fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+        shown.append({"panel": (ver, device), "arms": rows})
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+    axes[0, 0].legend(handles=[Patch(color="tab:orange", alpha=0.5, label="uniform control (mean +- std)"),
+                               Patch(color="tab:purple", alpha=0.5, label="L1 control (mean +- std)"),
+                               Line2D([], [], color="black", ls="--", lw=1, label="baseline"),
+                               Line2D([], [], color="tab:green", marker="o", ls="", label="beats both (2 s.e.)"),
+                               Line2D([], [], color="tab:gray", marker="o", ls="", mfc="white",
+                                      label="one seed (a screen)")],
+                      loc="lower right", fontsize=7, framealpha=0.9)
+    axes[-1, 0].set_xlabel("CIFAR-10 test accuracy (%), each seed and mean +- std")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return shown
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_mutually_exclusive_group(required=True)
@@ -297,6 +367,7 @@ def main(argv=None):
     what.add_argument("--controls", action="store_true", help="the baseline and the two controls' rows")
     what.add_argument("--study", action="store_true", help="the noise study: the uniform control over a grid")
     what.add_argument("--table", action="store_true", help="print the README table of the records")
+    what.add_argument("--plot", metavar="PNG", help="draw the records as a figure (docs/quality.png)")
     p.add_argument("--budget", choices=sorted(BUDGETS), default="cpu")
     p.add_argument("--data", default=str(DATA / "cifar10-jpeg.tar.gz"),
                    help="the CIFAR-10 JPEG copy (default), or 'digits' (the embedded digits: tests)")
@@ -317,6 +388,11 @@ def main(argv=None):
     args, extra = p.parse_known_args(argv)
     if args.table:
         print(table(args.results))
+        return None
+    if args.plot:
+        for panel in plot(args.results, args.plot):
+            print(f"{panel['panel']}: {len(panel['arms'])} arms", flush=True)
+        print(f"wrote {args.plot}")
         return None
     if extra and not args.method:
         p.error(f"unrecognized arguments: {' '.join(extra)}")

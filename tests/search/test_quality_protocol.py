@@ -85,3 +85,31 @@ def test_protocol_versions_and_bad_settings():
     assert quality.version(cpu) != quality.version({**cpu, "finetune_lr": 0.05})
     with pytest.raises(SystemExit):
         quality.main(["--controls", "--set", "no_such_setting", "1"])
+
+
+def test_plot_shows_the_latest_row_of_every_arm_and_which_beat_both(tmp_path):
+    def row(arm, accs, version="v1", device="x86_64 CPU, 2 threads", compare=None):
+        mean = statistics.fmean(accs)
+        return {"bench": "quality", "protocol_version": version, "device": device, "arm": arm, "acc": accs,
+                "acc_mean": mean, "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "acc_n": len(accs),
+                "macs_fraction": 0.5, "epochs": 2, "minutes": [1.0], "protocol": {"model": "resnet20"},
+                "compare": compare or {}}
+    beats = {"uniform": {"beats": True}, "l1": {"beats": True}}
+    loses = {"uniform": {"beats": False}, "l1": {"beats": False}}
+    rows = [row("baseline", [0.87]), row("uniform", [0.82, 0.83, 0.83]), row("l1", [0.84, 0.84, 0.83]),
+            row("dais", [0.80, 0.81, 0.80], compare=loses),
+            row("dais", [0.85, 0.84, 0.85], compare=beats),       # the latest row of an arm is the one shown
+            row("pas --gate-lr 0.05", [0.81], compare={"uniform": {"beats": None}, "l1": {"beats": None}}),
+            row("uniform", [0.70, 0.71], version="v2"),             # controls only: no panel
+            row("uniform", [0.82, 0.83], device="NVIDIA H200"), row("tas", [0.79, 0.80], device="NVIDIA H200",
+                                                                      compare=loses)]
+    (tmp_path / "quality.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "q.png"
+    shown = quality.plot(tmp_path, out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p["panel"] for p in shown] == [("v1", "x86_64 CPU"), ("v1", "NVIDIA H200")]
+    cpu = shown[0]["arms"]   # methods by mean accuracy, then the controls
+    assert [a for a, *_ in cpu] == ["pas --gate-lr 0.05", "dais", "uniform", "l1"]
+    assert cpu[1] == ("dais", pytest.approx(0.8467, abs=1e-4), 3, True)
+    assert cpu[0][2:] == (1, False)
+    assert [a for a, *_ in shown[1]["arms"]] == ["tas", "uniform"]
