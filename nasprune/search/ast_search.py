@@ -593,13 +593,12 @@ class _Subnet:
         self.gn = GatedNetwork(model, s.example_inputs, gate="continuous").to(s.device)
         probe = slim.apply(s._probe, gn.graph, keep, verify=False)
         self.index = {k: v.reshape(-1).round().long() for k, v in probe.state_dict().items() if v.is_floating_point()}
-        try:
-            target_slots = gn.slot_map(self.gn, gn.keep_vector(keep))
+        try:     # the target's slot of each of the sub-network's gates
+            self.slots = gn.slot_map(self.gn, gn.keep_vector(keep)).to(s.device)
         except ValueError as e:
             raise RuntimeError(f"AST: the sub-network's gates have no one-to-one place in the target: {e}") from e
-        self.slots = (torch.arange(self.gn.num_gates, device=s.device), target_slots.to(s.device))
         with torch.no_grad():
-            self.gn.gate[self.slots[0]] = gn.gate.detach()[self.slots[1]]
+            self.gn.gate.copy_(gn.gate.detach()[self.slots])
         weights = [p for n, p in self.gn.named_parameters() if n != "gate"]
         self.w_opt = torch.optim.SGD(weights, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay,
                                      nesterov=s.momentum > 0)
@@ -619,7 +618,7 @@ class _Subnet:
             flat = t.detach().contiguous().view(-1).clone()
             flat.index_copy_(0, index.to(flat.device), mine[key].detach().contiguous().view(-1).to(flat.dtype))
             t.copy_(flat.view(t.shape))
-        gn.gate[self.slots[1]] = self.gn.gate.detach()[self.slots[0]]
+        gn.gate[self.slots] = self.gn.gate.detach()
 
     def state(self) -> dict:
         return {"keep": {str(g): v for g, v in self.keep.items()}, "features": self.features, "actions": self.actions,
