@@ -126,6 +126,46 @@ def step_rows(model_name, per_class, batch, device, pretrained, prune_steps, rou
     return _step_rows_on(s, device, rounds, {"bench": "ffp_step", **_common_row(s, model_name, weights, cifar, batch)})
 
 
+def resume_cap(s, values) -> float:
+    """The speed-up the MACs allow resuming: the full-width network's MACs over the mean MACs a
+    candidate of ``values`` runs from its first changed gate site on (convolutions and linear
+    layers, counted at full width from one traced forward)."""
+    gn = s.gn
+    run = gn._resumable()
+    modules = dict(run.gm.named_modules())
+    macs, hooks = {}, []
+
+    def count(name):
+        def hook(module, inputs, out):
+            layer = module if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)) else getattr(module, "conv", None)
+            if isinstance(layer, torch.nn.Conv2d):
+                k = layer.kernel_size[0] * layer.kernel_size[1]
+                macs[name] = layer.in_channels // layer.groups * layer.out_channels * k * out.shape[2] * out.shape[3]
+            elif isinstance(layer, torch.nn.Linear):
+                macs[name] = layer.in_features * layer.out_features
+        return hook
+    for node in run.nodes:
+        if node.op == "call_module":
+            hooks.append(modules[node.target].register_forward_hook(count(node.target)))
+    example = s.example_inputs if isinstance(s.example_inputs, torch.Tensor) else s.example_inputs[0]
+    was = gn.training
+    try:
+        gn.eval()
+        with torch.no_grad():
+            gn(example[:1].to(s.device))
+    finally:
+        gn.train(was)
+        for h in hooks:
+            h.remove()
+    at = [macs.get(n.target, 0) if n.op == "call_module" else 0 for n in run.nodes]
+    reference, first = gn.gate_vector().detach(), run.first_read.to(s.device)
+    tails = []
+    for v in values:
+        changed = torch.cat([v.to(reference), reference.new_ones(1)]) != reference
+        tails.append(sum(at[int(first[changed].min()):]) if bool(changed.any()) else 0)
+    return sum(at) / max(np.mean(tails), 1)
+
+
 def _step_rows_on(s, device, rounds, common) -> list[dict]:
     """The current step of searcher ``s`` scored every way, checked, timed interleaved."""
     net, slots, _ = s._scoring()               # built (when due) before anything is timed, as the search's step does
@@ -189,6 +229,7 @@ def _step_rows_on(s, device, rounds, common) -> list[dict]:
                                     device, rounds=rounds, reps=1, warmup=1)
     common = {**common, "prune_steps": len(s.trail) - 1, "candidates": len(cands), "groups": [int(s.gn.groups[i]) for i, _ in cands], "cache_mb": cache_mb,
               "macs_ratio": s.current_macs() / s.gn.base_macs, "slim_step": s.slim_step,
+              "resume_cap": resume_cap(s, values),
               "scoring_net": "full width" if slots is None else
               f"slimmed at step {s._slim[0]} ({float(s.gn.expected_macs(s.trail[s._slim[0]]['keep'].double())) / s.gn.base_macs:.3f} of the MACs)",
               "same_pick": len(set(picks.values())) == 1 and first in picks.values()}
@@ -375,7 +416,7 @@ def main():
         else:
             rows = step_rows(args.model, args.per_class, batch, device, Path(args.pretrained_dir),
                              args.prune_steps, args.rounds, cifar)
-            print(_common.table(rows, ["impl", "model", "prune_steps", "macs_ratio", "candidates", "median_ms",
+            print(_common.table(rows, ["impl", "model", "prune_steps", "macs_ratio", "candidates", "resume_cap", "median_ms",
                                        "speedup_vs_full"]), flush=True)
     _common.finish("ffp", device, rows, args)
 

@@ -27,6 +27,7 @@ See docs/ffp.md for every choice, its source and the departures.
 from __future__ import annotations
 
 import math
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -243,6 +244,7 @@ class FFP(GatedSearcher):
         self._caches: list = []            # per search batch, the importance pass's ForwardCache or None
         self.slim_step = float(slim_step) if slim_step else None
         self._slim_reset()
+        self.full_width_scoring = {}       # trail index -> why its slimmed network could not score
         self._sums = torch.zeros(3, dtype=torch.float64, device=self.device)   # tune loss, acc, n
         self.config.update(search_per_class=search_per_class, tune_per_class=tune_per_class, tune_lr=tune_lr,
                            momentum=momentum, weight_decay=weight_decay, search_step=search_step,
@@ -415,15 +417,18 @@ class FFP(GatedSearcher):
             return self.gn, None, values
         if self._slim is None or self._slim[0] != entry:
             self._slim = None              # the old one freed before the new one is built
-            run = self._slim_at(self.trail[entry]["keep"])
+            run, why = self._slim_at(self.trail[entry]["keep"])
             slots = None
-            if isinstance(run, GatedNetwork):
+            if why is None:
                 try:
                     slots = self.gn.slot_map(run, self.trail[entry]["keep"])
-                except ValueError:     # slimming merged or reordered positions: score at full width
-                    pass
-            if slots is None:
+                except ValueError as e:    # slimming merged or reordered positions
+                    why = f"its gates do not map onto the full network's: {e}"
+            if slots is None:          # scored at full width: slower, the same scores; said once
                 run = None
+                self.full_width_scoring[entry] = why
+                warnings.warn(f"FFP: the subnetwork of step {entry} is scored at full width ({why})",
+                              RuntimeWarning, stacklevel=2)
             else:
                 for n, p in run.named_parameters():
                     p.requires_grad_(n == "gate")
@@ -786,8 +791,12 @@ class FFP(GatedSearcher):
 
     def architecture_extra(self, keep, how) -> dict:
         """FFP's keys: ``steps`` (accepted greedy steps), ``trail_losses`` (J of each accepted
-        subnetwork, the unpruned start first)."""
-        return {"steps": max(len(self.trail) - 1, 0), "trail_losses": [float(t["loss"]) for t in self.trail]}
+        subnetwork, the unpruned start first), and ``full_width_scoring`` (step -> why its
+        physically slimmed scoring network could not be used, where one could not)."""
+        extra = {"steps": max(len(self.trail) - 1, 0), "trail_losses": [float(t["loss"]) for t in self.trail]}
+        if self.full_width_scoring:
+            extra["full_width_scoring"] = {int(k): v for k, v in sorted(self.full_width_scoring.items())}
+        return extra
 
     # -- the memory bank
     def bank_entries(self) -> list[int]:
@@ -807,29 +816,31 @@ class FFP(GatedSearcher):
             chosen.append(min(free, key=lambda j: (abs(losses[j] - level), j)))
         return chosen
 
-    def _slim_at(self, values: torch.Tensor) -> nn.Module:
+    def _slim_at(self, values: torch.Tensor) -> tuple[nn.Module, str | None]:
         """The subnetwork of the 0/1 gate vector ``values`` physically slimmed (the export without
         the rescale: the gated network at those gates, to fp32 rounding), on the searcher's
         device, normalising with batch statistics as :meth:`_batch_statistics` does: a gated
         network of the export with every gate open, so that it runs the same fused conv-BN-act
         kernels at the kept widths (a plain export would run unfused BatchNorms, slower on a CPU
-        than the full-width fused masked network). A throwaway: its running statistics move."""
+        than the full-width fused masked network), and None; or, where the export cannot be
+        gated, the plain export and why. A throwaway: its running statistics move."""
         with gates_as(self.gn, values.to(self.device, torch.float32)):
             keep = self.gn.keep("threshold", threshold=0.5)
         net = self.export(keep, rescale=False)
         example = self.example_inputs if isinstance(self.example_inputs, torch.Tensor) else self.example_inputs[0]
+        why = None
         try:
             run = GatedNetwork(net, example.cpu(), gate=self.gate_kind)
             with torch.no_grad():
                 run.gate.fill_(1.0)
-        except Exception:          # noqa: BLE001 - a speed path only: a model it cannot rebuild runs plain
-            run = net
+        except Exception as e:     # noqa: BLE001 - a speed path only: a model it cannot rebuild runs plain
+            run, why = net, f"the export cannot be gated: {type(e).__name__}: {e}"
         run = run.to(self.device).eval()
         for m in [*getattr(run, "sites", {}).values(), *run.modules()] if isinstance(run, GatedNetwork) \
                 else run.modules():
             if isinstance(m, (GatedConvBNAct2d, nn.modules.batchnorm._NormBase)):
                 m.train()
-        return run
+        return run, why
 
     def memory_bank(self, data, batch_size: int = 256) -> MemoryBank:
         """The memory bank over ``data`` (the training set, an ImageDataset, un-augmented): the
@@ -853,7 +864,7 @@ class FFP(GatedSearcher):
                               device=self.device, rank=0, world_size=1) if own else ()
         per_entry = []
         for j in chosen:
-            net = self._slim_at(self.trail[j]["keep"])
+            net = self._slim_at(self.trail[j]["keep"])[0]
             logits = torch.zeros(len(data), self._num_outputs())
             start = 0
             with torch.inference_mode():
@@ -881,7 +892,8 @@ class FFP(GatedSearcher):
     def method_state(self) -> dict:
         return {**super().method_state(), "calls": self.calls, "tune_steps": self.tune_steps,
                 "ensemble": self.ensemble, "ensemble_count": self.ensemble_count,
-                "trail": [{"keep": t["keep"], "loss": float(t["loss"])} for t in self.trail]}
+                "trail": [{"keep": t["keep"], "loss": float(t["loss"])} for t in self.trail],
+                "full_width_scoring": [[int(k), v] for k, v in sorted(self.full_width_scoring.items())]}
 
     def load_method_state(self, state):
         super().load_method_state(state)
@@ -890,4 +902,5 @@ class FFP(GatedSearcher):
         ens = state["ensemble"]
         self.ensemble = None if ens is None else ens.to(self.device)
         self.trail = [{"keep": t["keep"].clone(), "loss": float(t["loss"])} for t in state["trail"]]
+        self.full_width_scoring = {int(k): v for k, v in state.get("full_width_scoring", [])}
         self._slim_reset()                 # replayed from the trail at the next step

@@ -17,7 +17,7 @@ import nasprune
 from nasprune import flops
 from nasprune.data import DeviceLoader, ImageDataset, load_dataset
 from nasprune.models import cifar_resnet20
-from nasprune.search import FFP
+from nasprune.search import FFP, GatedNetwork
 from nasprune.search.ffp import MemoryBank, ckt_loss, kl_t, select_teachers
 from nasprune.search.gated_searcher import gates_as
 from nasprune.train import train
@@ -255,6 +255,32 @@ def test_slimmed_scoring_leaves_the_search_as_the_masked_one(digits, searched):
     assert arch["keep"] == arch_masked["keep"] and len(s.trail) == len(masked.trail)
     assert all(torch.equal(a["keep"], b["keep"]) for a, b in zip(s.trail, masked.trail))
     assert [a["loss"] for a in s.trail] == pytest.approx([b["loss"] for b in masked.trail], rel=1e-6)
+
+
+def test_a_slimmed_network_that_cannot_score_falls_back_to_full_width_said_and_recorded(digits, searched,
+                                                                                      monkeypatch):
+    """Where the slimmed scoring network's gates do not map onto the full network's, the step
+    scores at full width: the same search (as the masked one), a RuntimeWarning once per
+    slimmed entry, and the entries with the reason in the architecture (and its checkpoint)."""
+    _, s, arch = searched(0.3)
+    assert "full_width_scoring" not in arch
+
+    def refuse(self, slimmed, kept):
+        raise ValueError("positions merged (test)")
+    monkeypatch.setattr(GatedNetwork, "slot_map", refuse)
+    torch.manual_seed(0)
+    f = FFP(cifar_resnet20(num_classes=10), 0.3, input_size=SIZE, device="cpu", **SMALL)
+    with pytest.warns(RuntimeWarning, match="scored at full width") as caught:
+        arch_f = f.search(digits[0], epochs=1, batch_size=64)
+    entries = arch_f["full_width_scoring"]
+    assert entries and all("positions merged (test)" in why for why in entries.values())
+    assert len([w for w in caught if "scored at full width" in str(w.message)]) == len(entries)
+    assert arch_f["keep"] == arch["keep"]
+    assert [a["loss"] for a in f.trail] == pytest.approx([b["loss"] for b in s.trail], rel=1e-6)
+    state = f.method_state()
+    again = FFP(cifar_resnet20(num_classes=10), 0.3, input_size=SIZE, device="cpu", **SMALL)
+    again.load_method_state(state)
+    assert again.full_width_scoring == f.full_width_scoring
 
 
 def test_ckt_teacher_choice_and_two_view_loss_equal_the_equations():
