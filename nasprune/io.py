@@ -191,6 +191,15 @@ def load(path, base_model: nn.Module | None = None) -> nn.Module:
 
     model = base_model
     for i, step in enumerate(arch["steps"]):
+        if isinstance(step, dict) and step.get("untie"):      # nasprune.graph.untie, replayed
+            from nasprune.graph.untie import untie
+            try:
+                inputs = [torch.zeros(tuple(shape), dtype=_dtype(dtype, path)) for shape, dtype in step["inputs"]]
+                leaves = list(step.get("leaf_modules", []))
+            except (KeyError, TypeError, ValueError) as exc:
+                raise FormatError(f"{path}: untie step {i} is malformed ({exc})") from exc
+            model = untie(model, tuple(inputs), leaf_modules=leaves)
+            continue
         try:
             inputs = [torch.zeros(tuple(shape), dtype=_dtype(dtype, path)) for shape, dtype in step["inputs"]]
             keep = {int(g): torch.tensor(idx, dtype=torch.long) for g, idx in step["keep"].items()}

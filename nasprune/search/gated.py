@@ -45,6 +45,7 @@ from nasprune.handlers.norm import BatchNormHandler
 from nasprune.nn import gates as gate_params
 from nasprune.nn.gate import apply_gate
 from nasprune.nn.gated_conv import GatedConvBNAct2d, bn_act_gate
+from nasprune.nn.select import ChannelSelect
 
 _GATES = "nasprune_gates"  # the placeholder every rewritten graph takes the gate values through
 
@@ -302,6 +303,8 @@ class GatedNetwork(nn.Module):
             return -1
         if isinstance(m, (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase)):
             return 1
+        if isinstance(m, ChannelSelect):
+            return m.dim
         return None
 
     def _slots(self, classes) -> torch.Tensor:
