@@ -299,7 +299,7 @@ def _pas_build(job):
     a = job.args
     return PaS(job.teacher, a.flops_target, input_size=job.size, flops_tolerance=a.flops_tolerance,
                cost_weight=a.cost_weight, lr=a.search_lr, gate_lr=a.gate_lr, round_to=a.round_to, device=job.device,
-               seed=a.seed)
+               seed=a.seed, placement=a.placement)
 
 
 def _pas_select(job):
@@ -308,6 +308,10 @@ def _pas_select(job):
         job.run.log(f"w > 0.5 keeps {arch['mask_macs'] / arch['base_macs']:.3f} of the MACs, outside "
                     f"{job.args.flops_target:.3f} +- {job.args.flops_tolerance:.3f}; exporting the largest "
                     f"channels by gate weight that fit the target instead")
+    if "tied_macs" in arch:
+        job.run.log(f"untied: the export keeps {arch['macs'] / arch['base_macs']:.3f} of the MACs (its shortcuts "
+                    f"gather); the model's own class would need {arch['tied_macs'] / arch['base_macs']:.3f} to hold "
+                    f"the same channels")
     return arch
 
 
@@ -325,6 +329,12 @@ PAS_METHOD = Method(
                                     help="SGD step of the gates (default: --search-lr; short searches of a few "
                                          "hundred steps need about 0.1)")),
         *(o for o in DAIS_METHOD.options if o.dest == "round_to"),     # the same flag
+        Option(("--placement",), dict(choices=("tied", "untied"), default="tied",
+                                      help="tied: one gate per channel group, a residual stream shares one (the "
+                                           "export is the model's own class); untied: the official post-add gate "
+                                           "of every block, each shortcut through a channel selection (the export "
+                                           "gathers on its shortcuts; RepVGG folds to a plain net with a width per "
+                                           "block) (default tied)")),
     ),
     check_model=lambda name: None, build=_pas_build, select=_pas_select,
     export=lambda job: job.searcher.export())
@@ -767,10 +777,14 @@ def phase_deploy(job):
     import torch
     from nasprune.data import DeviceLoader
     from nasprune.train import evaluate
-    if not callable(getattr(job.pruned, "reparameterize", None)):
+    from nasprune.graph.untie import Untied
+    from nasprune.models import RepVGG, reparameterize
+    folds = callable(getattr(job.pruned, "reparameterize", None)) or \
+        (isinstance(job.pruned, Untied) and isinstance(job.pruned.model, RepVGG))      # PaS --placement untied
+    if not folds:
         return
     pruned = job.pruned.to(job.device).eval()
-    deployed = pruned.reparameterize().eval()
+    deployed = (reparameterize(pruned) if isinstance(pruned, Untied) else pruned.reparameterize()).eval()
     x, _ = next(iter(DeviceLoader(job.test_set, 64, shuffle=False, augment=False, device=job.device)))
     with torch.no_grad():
         ref, out = pruned(x), deployed(x)

@@ -110,10 +110,13 @@ class RepVGGBlock(nn.Module):
         return self.conv if self.deploy else self.conv3x3.conv
 
     @torch.no_grad()
-    def fused(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def fused(self, select=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(3x3 kernel, bias), in float64, of the one conv equal to this block's branches in
         eval mode (BN with its running statistics). Shapes are read from the layers, so a block
-        slimmed by ``nasprune.slim.apply`` fuses to its slimmed widths."""
+        slimmed by ``nasprune.slim.apply`` fuses to its slimmed widths. ``select``: the
+        ChannelSelect an untied RepVGG (``nasprune.graph.untie``) feeds the identity branch
+        through; identity channel j then reads input channel ``select.index[j]`` scaled by
+        ``select.weight[j]`` (a selection kernel instead of the identity kernel)."""
         if self.deploy:
             return self.conv.weight.double(), self.conv.bias.double()
         scale, bias = _bn_affine(self.conv3x3.bn)
@@ -123,12 +126,20 @@ class RepVGGBlock(nn.Module):
         bias = bias + shift
         if self.identity is not None:  # the identity is the 3x3 kernel with 1 at the centre of (c, c)
             c = self.identity.num_features
-            if kernel.shape[:2] != (c, c):
-                raise ValueError(f"identity branch of {c} channels in a block of {tuple(kernel.shape[:2])} "
-                                 f"(out, in) channels; it needs equal widths")
             scale, shift = _bn_affine(self.identity)
-            diagonal = torch.arange(c, device=kernel.device)
-            kernel[diagonal, diagonal, 1, 1] += scale
+            rows = torch.arange(c, device=kernel.device)
+            if select is None:
+                if kernel.shape[:2] != (c, c):
+                    raise ValueError(f"identity branch of {c} channels in a block of {tuple(kernel.shape[:2])} "
+                                     f"(out, in) channels; it needs equal widths")
+                cols = rows
+            else:
+                if (select.out_channels, select.in_channels) != tuple(kernel.shape[:2]) or select.out_channels != c:
+                    raise ValueError(f"identity selection {select.in_channels} -> {select.out_channels} in a block "
+                                     f"of {tuple(kernel.shape[:2])} (out, in) channels")
+                cols = select.index.to(kernel.device)
+                scale = scale * select.weight.to(kernel.device).double()
+            kernel[rows, cols, 1, 1] += scale
             bias = bias + shift
         return kernel, bias
 
@@ -205,16 +216,28 @@ def reparameterize(model: RepVGG) -> RepVGG:
     3x3 conv with bias (BN folded into each branch, the 1x1 kernel zero-padded to 3x3, the
     identity as a 3x3 identity kernel through its BN; summed in float64). Widths are read from
     the layers, so a model slimmed by ``nasprune.slim.apply`` gives its slimmed deploy form.
-    ``model`` is not modified; the result is on its device and dtype and in its train/eval mode."""
+    ``model`` is not modified; the result is on its device and dtype and in its train/eval mode.
+
+    An untied RepVGG (``nasprune.graph.untie(repvgg)``, slimmed or not: PaS's untied placement)
+    folds too: its identity branches read the block input through a ChannelSelect, which
+    becomes a selection kernel, so blocks of a stage that keep different channels give a plain
+    RepVGG whose every block has a width of its own."""
+    from nasprune.graph.untie import Untied
+    selects = {}
+    if isinstance(model, Untied) and isinstance(model.model, RepVGG):
+        selects = _identity_selects(model)
+        model = model.model
     if not isinstance(model, RepVGG):
-        raise TypeError(f"reparameterize expects a nasprune.models.RepVGG, got {type(model).__name__}")
+        raise TypeError(f"reparameterize expects a nasprune.models.RepVGG (or an untied one), got "
+                        f"{type(model).__name__}")
     kw = model.constructor_kwargs
     weight = model.fc.weight
     with torch.device("meta"):  # no initialisation: every tensor is overwritten below
         deployed = RepVGG(kw["config"], model.fc.out_features, kw["cifar"], model.widths(), deploy=True)
     deployed = deployed.to_empty(device=weight.device).to(weight.dtype)
+    names = {id(m): n for n, m in model.named_modules()}
     for src, dst in zip(model.blocks(), deployed.blocks()):
-        kernel, bias = src.fused()
+        kernel, bias = src.fused(selects.get(names[id(src)]))
         dst.conv.weight.copy_(kernel)
         dst.conv.bias.copy_(bias)
     deployed.fc.load_state_dict(model.fc.state_dict())
@@ -242,3 +265,18 @@ def _cifar_builder(config: str):
 
 
 cifar_repvgg_a0, cifar_repvgg_a1, cifar_repvgg_b0 = (_cifar_builder(c) for c in CONFIGS)
+
+
+def _identity_selects(untied) -> dict:
+    """Block name (in the RepVGG) -> the ChannelSelect an untied RepVGG feeds its identity
+    branch through, read from the untied graph (a selection whose one user is the block's
+    ``identity``)."""
+    found = {}
+    for graph in untied._graphs.values():
+        for node in graph.nodes:
+            if node.op != "call_module" or not node.target.startswith("selects.") or len(node.users) != 1:
+                continue
+            user = next(iter(node.users))
+            if user.op == "call_module" and user.target.startswith("model.") and user.target.endswith(".identity"):
+                found[user.target[len("model."):-len(".identity")]] = untied.get_submodule(node.target)
+    return found

@@ -19,10 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nasprune import flops
+from nasprune.graph import trace
+from nasprune.graph.untie import tied_keep, untie
 from nasprune.search.gated_searcher import GatedSearcher, gates_as
 
 THRESHOLD = 0.5          # m = 1[w > 0.5] (methods.md 5.1)
-PLACEMENTS = ("tied",)
+PLACEMENTS = ("tied", "untied")
 
 
 class PaS(GatedSearcher):
@@ -42,7 +45,11 @@ class PaS(GatedSearcher):
     gate_range: (low, high) w is clamped to after every step (None: no clamp); min_width: hold the
         largest w of every channel group at >= ``gate_floor`` (> 0.5) so no group closes.
     placement: "tied", one DBC vector per channel group of the model (a residual stream shares
-        one; the official untied post-add DBC is not built, docs/pas.md).
+        one); "untied", the official post-add DBC of every block: the search runs on
+        ``nasprune.graph.untie(model)`` (each shortcut through a channel selection, so each
+        block's output is a group of its own), the export is that untied network slimmed (its
+        shortcuts gather), and the architecture reports ``tied_macs``, what the model's own class
+        would need to hold the same channels (docs/pas.md).
     seed: data order, dropout. round_to: kept widths rounded down to a multiple (GatedSearcher).
     """
 
@@ -57,10 +64,12 @@ class PaS(GatedSearcher):
                  min_width: bool = True, gate_floor: float = 0.6, placement: str = "tied", device=None,
                  seed: int = 0, round_to: int = 1):
         if placement not in PLACEMENTS:
-            raise NotImplementedError(
-                f"placement {placement!r}: only 'tied' (one gate vector per channel group, exact export) is "
-                f"built; the official untied post-add DBC of a residual stream cannot be exported as a "
-                f"dense slimmed network (docs/pas.md)")
+            raise ValueError(f"placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
+        self.tied_model = None           # untied: the model as given, for tied_macs
+        if placement == "untied":
+            example = torch.zeros(1, in_channels, input_size, input_size) if example_inputs is None \
+                else example_inputs
+            self.tied_model, model = model, untie(model, example)
         if gate_range is not None:
             low, high = map(float, gate_range)
             if not low <= THRESHOLD < high:
@@ -173,9 +182,17 @@ class PaS(GatedSearcher):
             return self.gn.export(keep)
 
     def architecture_extra(self, keep, how) -> dict:
-        """PaS's keys: ``mask_macs`` (MACs of w > 0.5), ``open`` (share of gates with w > 0.5)."""
+        """PaS's keys: ``mask_macs`` (MACs of w > 0.5), ``open`` (share of gates with w > 0.5);
+        untied, ``tied_macs``: the MACs of the model's own class holding every channel the keep
+        holds (each stream channel any block keeps), against which the untied export's MACs are
+        what the post-add placement saves."""
         mask = self.mask().detach()
-        return {"mask_macs": float(self.gn.expected_macs(mask)), "open": float(mask.double().mean())}
+        extra = {"mask_macs": float(self.gn.expected_macs(mask)), "open": float(mask.double().mean())}
+        if self.tied_model is not None:
+            example = self.example_inputs if isinstance(self.example_inputs, torch.Tensor) else self.example_inputs
+            graph = trace(self.tied_model, example)
+            extra["tied_macs"] = int(flops.CostModel(graph).exact(tied_keep(self.gn.graph, graph, keep)))
+        return extra
 
     # -- per-epoch record
     def epoch_metrics(self) -> dict:

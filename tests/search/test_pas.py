@@ -50,6 +50,35 @@ def test_budget_holds_on_digits(digits, target):
         assert arch["macs"] == pytest.approx(arch["mask_macs"])
 
 
+def test_untied_post_add_placement_searches_each_block_and_reports_what_it_saves(digits, tmp_path):
+    """placement="untied" (the official post-add DBC of every block): the search runs on the
+    untied network, whose blocks keep different stream channels; the export (shortcuts
+    gathering) holds the budget and equals the gated network; ``tied_macs`` is what the model's
+    own class needs for those channels (more MACs: what the placement saves); it saves and
+    loads on a fresh model."""
+    train, _ = digits
+    torch.manual_seed(0)
+    model = cifar_resnet20(num_classes=10)
+    s = PaS(model, 0.5, input_size=SIZE, device="cpu", placement="untied", gate_lr=0.1)
+    tied = PaS(model, 0.5, input_size=SIZE, device="cpu")
+    assert len(s.gn.groups) == len(tied.gn.groups) + 9 and s.gn.base_macs == tied.gn.base_macs
+    arch = s.search(train, epochs=3, batch_size=64)
+    net = s.export()
+    x = torch.zeros(1, 3, SIZE, SIZE)
+    base, counted = flops.count(model, x), flops.count(net, x)
+    assert arch["macs"] == counted and abs(counted / base - 0.5) <= 0.03, (counted / base, arch["selected_by"])
+    assert arch["tied_macs"] > arch["macs"]
+    # the blocks of a stage keep different stream channels: some shortcut gathers
+    assert any(sel.gathers for sel in net.selects.values())
+    probe = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    keep, _ = s.keep()
+    s.gn.eval()
+    with torch.no_grad(), gates_as(s.gn, s.gn.keep_vector(keep).float()):
+        assert _rel(s.gn(probe), net(probe)) <= 1e-5
+    check_record_and_round_trip("pas", s.base_model, net, arch, x, probe, tmp_path / "untied.safetensors",
+                                "nasprune.models.cifar_resnet20", {"num_classes": 10})
+
+
 def _hand_keep(gn, w):
     """{group: channels with w > 0.5}, built from the packed gates directly."""
     return {g: torch.nonzero(w[o:o + gn.sizes[g]] > 0.5).flatten() for g, o in gn.offsets.items()}
@@ -207,8 +236,10 @@ def test_search_killed_mid_epoch_resumes_to_the_same_gates_and_weights(digits, t
 
 def test_arguments_are_checked():
     x = torch.zeros(1, 3, 8, 8)
-    with pytest.raises(NotImplementedError, match="untied"):
-        PaS(cifar_resnet20(), 0.5, example_inputs=x, placement="untied")
+    with pytest.raises(ValueError, match="placement must be one of tied, untied"):
+        PaS(cifar_resnet20(), 0.5, example_inputs=x, placement="post-add")
+    with pytest.raises(ValueError, match="no residual shortcut"):
+        PaS(torchvision.models.vgg11_bn(num_classes=10), 0.5, input_size=32, placement="untied")
     with pytest.raises(ValueError, match="fraction of MACs kept"):
         PaS(cifar_resnet20(), 1.5, example_inputs=x)
     with pytest.raises(ValueError, match="gate_floor"):
@@ -218,30 +249,45 @@ def test_arguments_are_checked():
         s.loaders([], [], 4)
 
 
-def test_command_line_searches_a_cifar_repvgg(tmp_path, capsys):
+@pytest.mark.parametrize("placement", ["tied", "untied"])
+def test_command_line_searches_a_cifar_repvgg(tmp_path, capsys, placement):
     """`nasprune search --method pas --model repvgg_a0`: the CIFAR RepVGG-A0 searched, exported
-    within the tolerance of the target, fine-tuned and saved so that nasprune.load rebuilds it."""
+    within the tolerance of the target, fine-tuned and saved so that nasprune.load rebuilds it.
+    Untied (`--placement untied`, one gate per block): the export is the untied network, and
+    its deploy form a plain RepVGG whose blocks of a stage have widths of their own."""
     import json
     from nasprune import cli
-    assert {"cost_weight", "flops_tolerance", "search_lr", "gate_lr"} <= {o.dest for o in cli.METHODS["pas"].options}
+    from nasprune.graph.untie import Untied
+    assert {"cost_weight", "flops_tolerance", "search_lr", "gate_lr", "placement"} <= \
+        {o.dest for o in cli.METHODS["pas"].options}
     out = tmp_path / "run"
     rc = cli.main(["search", "--method", "pas", "--model", "repvgg_a0", "--data", "digits", "--image-size", "16",
                    "--epochs", "1", "--baseline-epochs", "1", "--finetune-epochs", "1", "--batch-size", "128",
-                   "--gate-lr", "0.1", "--out", str(out), "--no-progress", "--device", "cpu"])
+                   "--gate-lr", "0.1", "--out", str(out), "--no-progress", "--device", "cpu",
+                   "--placement", placement])
     assert rc == 0
     arch = json.loads((out / "architecture.json").read_text())
     metrics = json.loads((out / "metrics.json").read_text())
     assert arch["method"] == "pas" and metrics["pruned"]["flops"] == arch["macs"]
     assert abs(arch["macs"] / metrics["baseline"]["flops"] - 0.5) <= 0.03
     loaded = nasprune.load(out / "model.safetensors")
-    assert isinstance(loaded, RepVGG) and flops.count(loaded, torch.zeros(1, 3, SIZE, SIZE)) == arch["macs"]
+    assert flops.count(loaded, torch.zeros(1, 3, SIZE, SIZE)) == arch["macs"]
+    if placement == "untied":
+        assert isinstance(loaded, Untied) and isinstance(loaded.model, RepVGG)
+        assert arch["tied_macs"] > arch["macs"]
+    else:
+        assert isinstance(loaded, RepVGG) and "tied_macs" not in arch
     # the deploy form beside it: plain 3x3 convs with bias, the same function, the same accuracy
     deployed = nasprune.load(out / "deployed.safetensors")
     dep = metrics["deployed"]
     assert isinstance(deployed, RepVGG) and deployed.constructor_kwargs["deploy"]
     assert all(m.kernel_size == (3, 3) and m.bias is not None for m in deployed.modules() if isinstance(m, nn.Conv2d))
     assert not any(isinstance(m, nn.BatchNorm2d) for m in deployed.modules())
-    assert deployed.widths() == loaded.widths() and dep["max_rel_err"] <= 1e-5
+    widths = (loaded.model if placement == "untied" else loaded).widths()
+    assert deployed.widths() == widths and dep["max_rel_err"] <= 1e-5
+    if placement == "untied":                       # some stage's blocks differ in width
+        stages = [[b.out_channels for b in stage] for stage in deployed.stages]
+        assert any(len(set(widths_of)) > 1 for widths_of in stages)
     assert abs(dep["acc"] - metrics["pruned"]["acc"]) <= 0.01
     x = torch.randn(4, 3, SIZE, SIZE)
     with torch.no_grad():
