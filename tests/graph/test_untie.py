@@ -115,12 +115,15 @@ def test_slimmed_untied_network_equals_the_gated_one_counts_its_macs_and_round_t
         size = gn.sizes[gi]
         keep[gi] = torch.randperm(size, generator=g)[:max(1, size // 2)].sort().values
     gn.eval()
-    with torch.no_grad(), gates_as(gn, gn.keep_vector(keep).float()):
+    # continuous values on the kept channels: the export folds them (into a selection's weight too)
+    values = gn.keep_vector(keep).float() * (0.5 + torch.rand(gn.num_gates, generator=g))
+    with torch.no_grad(), gates_as(gn, values):
         reference = gn(x)
         net = gn.export(keep).eval()
         out = net(x)
     assert _rel(reference, out) <= 1e-5
     assert any(s.gathers for s in net.selects.values())
+    assert any(bool((s.weight != 1).any()) for s in net.selects.values())
     assert flops.count(net, x[:1]) == flops.CostModel(gn.graph).exact(keep)
     path = tmp_path / "untied.safetensors"
     nasprune.save(net, path)
