@@ -14,6 +14,10 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from nasprune import flops
+from nasprune.graph import trace
+from nasprune.graph.untie import tied_keep
+from nasprune.graph.untie import untie as untie_model
 from nasprune.nn.gates import GateParam
 from nasprune.search.base import Searcher, keep_architecture
 from nasprune.search.gated import GatedNetwork
@@ -60,13 +64,18 @@ class GatedSearcher(Searcher):
         the model's MACs). gate_init: every raw gate value at the start. round_to: the keep rules
         round every kept width down to a multiple of it (never below one multiple): widths in
         multiples of 8 run faster on CPUs and GPUs than odd ones at the same MACs.
+    untie: search :func:`nasprune.graph.untie` of the model (every residual shortcut through a
+        channel selection, so each block's output is a group with widths and gates of its own;
+        PaS's ``placement="untied"``). The export is then that untied network slimmed, and
+        ``architecture()`` adds ``tied_macs``: the model's own class holding the same channels.
     """
 
     gate_kind = "continuous"
     threshold = 0.5          # the gate value above which the threshold keep keeps a channel
 
     def __init__(self, model: nn.Module, flops_target: float, *, example_inputs, input_size: int, in_channels: int,
-                 flops_tolerance: float, gate_init: float, device, seed: int, round_to: int = 1):
+                 flops_tolerance: float, gate_init: float, device, seed: int, round_to: int = 1,
+                 untie: bool = False):
         if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
             raise ValueError(f"round_to is a channel multiple, an int >= 1; got {round_to!r}")
         if not 0 < flops_target <= 1:
@@ -77,6 +86,9 @@ class GatedSearcher(Searcher):
         if example_inputs is None:
             example_inputs = torch.zeros(1, in_channels, input_size, input_size)
         example = example_inputs if isinstance(example_inputs, torch.Tensor) else example_inputs[0]
+        self.tied_model, self._tied_graph = None, None
+        if untie:                        # every block's output a group of its own (nasprune.graph.untie)
+            self.tied_model, model = model, untie_model(model, example_inputs)
         gn = GatedNetwork(model, example_inputs, gate=self.gate_kind)
         if gn.num_gates == 0:
             raise ValueError(f"{type(model).__name__}: no channel group can be gated "
@@ -93,9 +105,10 @@ class GatedSearcher(Searcher):
         self._sums = torch.zeros(0, dtype=torch.float64, device=self.device)  # a method's running epoch sums
         with seeded(self.seed, self.device):
             self._rng = self._rng_state()
-        self.config = dict(model=type(model).__name__, input_shape=list(example.shape[1:]), num_gates=gn.num_gates,
-                           base_macs=gn.base_macs, flops_target=flops_target, flops_tolerance=flops_tolerance,
-                           gate_init=gate_init, round_to=round_to, seed=seed)
+        self.config = dict(model=type(self.tied_model or model).__name__, input_shape=list(example.shape[1:]),
+                           num_gates=gn.num_gates, base_macs=gn.base_macs, flops_target=flops_target,
+                           flops_tolerance=flops_tolerance, gate_init=gate_init, round_to=round_to, seed=seed,
+                           **({"untie": True} if untie else {}))
 
     # -- the step's randomness
     def _rng_state(self) -> dict:
@@ -182,10 +195,21 @@ class GatedSearcher(Searcher):
             self.method, self._layer_widths(keep), float(gn.expected_macs(vector)), float(gn.expected_params(vector)),
             keep={str(g): idx.tolist() for g, idx in keep.items()}, selected_by=how, base_macs=gn.base_macs,
             base_params=gn.base_params, target_macs=self.flops_target * gn.base_macs,
-            **self.architecture_extra(keep, how))
+            **self.architecture_extra(keep, how), **self._untied_extra(keep))
 
     def architecture_extra(self, keep, how) -> dict:
         return {}
+
+    def _untied_extra(self, keep) -> dict:
+        """Searched untied: ``tied_macs``, the MACs of the model's own class holding every channel
+        ``keep`` holds (each stream channel any block keeps; ``nasprune.graph.untie.tied_keep``):
+        what the per-block widths save beyond a dense export of the user's class."""
+        if self.tied_model is None:
+            return {}
+        if self._tied_graph is None:
+            self._tied_graph = trace(self.tied_model, self.example_inputs)
+        tied = tied_keep(self.gn.graph, self._tied_graph, keep)
+        return {"tied_macs": int(flops.CostModel(self._tied_graph).exact(tied))}
 
     def _layer_widths(self, keep) -> list[dict]:
         """Per conv and linear layer of the model (named as there): its output width and the

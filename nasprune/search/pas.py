@@ -19,9 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nasprune import flops
-from nasprune.graph import trace
-from nasprune.graph.untie import tied_keep, untie
 from nasprune.search.gated_searcher import GatedSearcher, gates_as
 
 THRESHOLD = 0.5          # m = 1[w > 0.5] (methods.md 5.1)
@@ -65,11 +62,6 @@ class PaS(GatedSearcher):
                  seed: int = 0, round_to: int = 1):
         if placement not in PLACEMENTS:
             raise ValueError(f"placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
-        self.tied_model = None           # untied: the model as given, for tied_macs
-        if placement == "untied":
-            example = torch.zeros(1, in_channels, input_size, input_size) if example_inputs is None \
-                else example_inputs
-            self.tied_model, model = model, untie(model, example)
         if gate_range is not None:
             low, high = map(float, gate_range)
             if not low <= THRESHOLD < high:
@@ -80,7 +72,7 @@ class PaS(GatedSearcher):
                              f"got {gate_floor}")
         super().__init__(model, flops_target, example_inputs=example_inputs, input_size=input_size,
                          in_channels=in_channels, flops_tolerance=flops_tolerance, gate_init=gate_init,
-                         device=device, seed=seed, round_to=round_to)
+                         device=device, seed=seed, round_to=round_to, untie=placement == "untied")
         gn = self.gn
         self.cost_weight = float(cost_weight)
         self.gate_range, self.min_width, self.gate_floor = gate_range, bool(min_width), float(gate_floor)
@@ -182,17 +174,10 @@ class PaS(GatedSearcher):
             return self.gn.export(keep)
 
     def architecture_extra(self, keep, how) -> dict:
-        """PaS's keys: ``mask_macs`` (MACs of w > 0.5), ``open`` (share of gates with w > 0.5);
-        untied, ``tied_macs``: the MACs of the model's own class holding every channel the keep
-        holds (each stream channel any block keeps), against which the untied export's MACs are
-        what the post-add placement saves."""
+        """PaS's keys: ``mask_macs`` (MACs of w > 0.5), ``open`` (share of gates with w > 0.5).
+        Untied, the shared searcher adds ``tied_macs``."""
         mask = self.mask().detach()
-        extra = {"mask_macs": float(self.gn.expected_macs(mask)), "open": float(mask.double().mean())}
-        if self.tied_model is not None:
-            example = self.example_inputs if isinstance(self.example_inputs, torch.Tensor) else self.example_inputs
-            graph = trace(self.tied_model, example)
-            extra["tied_macs"] = int(flops.CostModel(graph).exact(tied_keep(self.gn.graph, graph, keep)))
-        return extra
+        return {"mask_macs": float(self.gn.expected_macs(mask)), "open": float(mask.double().mean())}
 
     # -- per-epoch record
     def epoch_metrics(self) -> dict:
