@@ -145,6 +145,7 @@ class ChannelSelectHandler(LayerHandler):
                 m.weight[gone_out.to(m.weight.device)] = 0
             if gone_in is not None and bool(gone_in.any()):
                 m.weight[gone_in.to(m.index.device)[m.index]] = 0
+        m.refresh()
         return None
 
     def macs(self, m, in_width, out_width, in_shape, out_shape):

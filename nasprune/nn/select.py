@@ -19,7 +19,10 @@ class ChannelSelect(nn.Module):
 
     channels: the input (and, unslimmed, the output) channel count. ``index`` (int64) and
     ``weight`` (float) are buffers, not parameters: nothing trains them. ``gathers`` is False
-    while ``index`` is the identity, and the forward then skips the gather.
+    while ``index`` is the identity and ``scales`` while ``weight`` is all ones; the forward
+    skips the gather or the multiply (an identity selection returns its input). Whoever
+    changes the buffers in place calls :meth:`refresh` (the handlers and a gated network's
+    export do; a loaded state dict refreshes itself).
     """
 
     def __init__(self, channels: int, dim: int = 1):
@@ -30,17 +33,18 @@ class ChannelSelect(nn.Module):
         self.in_channels = channels
         self.register_buffer("index", torch.arange(channels))
         self.register_buffer("weight", torch.ones(channels))
-        self.gathers = False
+        self.gathers = self.scales = False
 
     @property
     def out_channels(self) -> int:
         return int(self.index.numel())
 
     def refresh(self) -> None:
-        """Recompute ``gathers`` after ``index`` changed (a handler's slim, a loaded state)."""
+        """Recompute ``gathers`` and ``scales`` after ``index`` or ``weight`` changed."""
         n = self.index.numel()
         self.gathers = not (n == self.in_channels and
                             torch.equal(self.index.cpu(), torch.arange(n)))
+        self.scales = not bool((self.weight == 1).all())
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
@@ -52,9 +56,12 @@ class ChannelSelect(nn.Module):
             raise ValueError(f"ChannelSelect: expected {self.in_channels} channels along dim {self.dim}, "
                              f"got x of shape {tuple(x.shape)}")
         y = x.index_select(d, self.index) if self.gathers else x
+        if not self.scales:
+            return y
         shape = [1] * x.dim()
         shape[d] = -1
         return y * self.weight.to(y.dtype).view(shape)
 
     def extra_repr(self) -> str:
-        return f"{self.in_channels} -> {self.out_channels}, dim={self.dim}" + (", gathers" if self.gathers else "")
+        return f"{self.in_channels} -> {self.out_channels}, dim={self.dim}" + \
+            (", gathers" if self.gathers else "") + (", scales" if self.scales else "")

@@ -711,6 +711,8 @@ class GatedNetwork(nn.Module):
                 for tensor in (m.weight, getattr(m, "bias", None)):
                     if tensor is not None:
                         tensor.mul_(g.to(tensor.dtype).view([-1] + [1] * (tensor.dim() - 1)))
+                if callable(getattr(m, "refresh", None)):      # a layer caching facts about its tensors
+                    m.refresh()
                 return
             consumers = site.consumers
             if None in consumers:

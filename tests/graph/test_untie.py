@@ -73,9 +73,12 @@ def test_models_without_shortcuts_and_bad_arguments_are_refused():
 
 
 def test_channel_select_slim_renumbers_and_zeroes_lost_sources_as_its_mask_does():
-    s = ChannelSelect(6)
-    s.weight.copy_(torch.arange(1.0, 7.0))
     x = torch.randn(2, 6, 3, 3)
+    s = ChannelSelect(6)
+    assert s(x) is x and not s.gathers and not s.scales       # the identity: no pass over x
+    s.weight.copy_(torch.arange(1.0, 7.0))
+    s.refresh()
+    assert s.scales and torch.equal(s(x), x * torch.arange(1.0, 7.0).view(1, -1, 1, 1))
     keep_out, keep_in = torch.tensor([0, 2, 3, 5]), torch.tensor([1, 2, 5])
     masked = ChannelSelect(6)
     masked.weight.copy_(s.weight)
