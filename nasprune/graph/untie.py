@@ -120,6 +120,20 @@ class Untied(nn.Module):
         mode = "train" if self.training or "eval" not in self._graphs else "eval"
         return self._forward_fn(mode)(self, *inputs)
 
+    def select_users(self) -> dict[str, list[str]]:
+        """Name of each selection (under ``selects``) -> the modules of the model it feeds
+        (named as in ``model``; empty where it feeds a function, e.g. the add itself)."""
+        users = {name: [] for name in self.selects}
+        for graph in self._graphs.values():
+            for node in graph.nodes:
+                if node.op == "call_module" and node.target.startswith("selects."):
+                    name = node.target[len("selects."):]
+                    for user in node.users:
+                        if user.op == "call_module" and user.target.startswith("model.") and \
+                                user.target[len("model."):] not in users[name]:
+                            users[name].append(user.target[len("model."):])
+        return users
+
     def extra_repr(self) -> str:
         return f"{len(self.selects)} untied shortcuts"
 

@@ -269,14 +269,9 @@ cifar_repvgg_a0, cifar_repvgg_a1, cifar_repvgg_b0 = (_cifar_builder(c) for c in 
 
 def _identity_selects(untied) -> dict:
     """Block name (in the RepVGG) -> the ChannelSelect an untied RepVGG feeds its identity
-    branch through, read from the untied graph (a selection whose one user is the block's
-    ``identity``)."""
+    branch through (a selection whose one user is the block's ``identity``)."""
     found = {}
-    for graph in untied._graphs.values():
-        for node in graph.nodes:
-            if node.op != "call_module" or not node.target.startswith("selects.") or len(node.users) != 1:
-                continue
-            user = next(iter(node.users))
-            if user.op == "call_module" and user.target.startswith("model.") and user.target.endswith(".identity"):
-                found[user.target[len("model."):-len(".identity")]] = untied.get_submodule(node.target)
+    for name, users in untied.select_users().items():
+        if len(users) == 1 and users[0].endswith(".identity"):
+            found[users[0][:-len(".identity")]] = untied.selects[name]
     return found
