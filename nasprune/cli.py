@@ -237,7 +237,7 @@ def _dais_build(job):
                 flops_margin=a.flops_margin, cost_weight=a.cost_weight, l1_weight=a.l1_weight,
                 tie_weight=a.tie_weight, ties=a.tie or (), min_width=a.min_width, alpha_init=a.alpha_init,
                 temperature=(a.t_start, a.t_end), schedule=a.schedule, lr=a.search_lr, alpha_lr=a.alpha_lr,
-                round_to=a.round_to, device=job.device, seed=a.seed)
+                round_to=a.round_to, device=job.device, seed=a.seed, untie=a.untie)
 
 
 def _dais_select(job):
@@ -291,6 +291,9 @@ DAIS_METHOD = Method(
         Option(("--round-to",), dict(type=_count(1), default=1,
                                      help="round every kept width down to a multiple of this (default 1; 8 gives "
                                           "widths that run faster at the same MACs)")),
+        Option(("--untie",), dict(action="store_true",
+                                  help="search every residual block's output width on its own (each shortcut "
+                                       "through a channel selection; the export gathers on its shortcuts)")),
     ),
     check_model=lambda name: None, build=_dais_build, select=_dais_select, export=_dais_export)
 

@@ -69,6 +69,8 @@ class DAIS(GatedSearcher):
     min(alpha_lr, alpha_step_cap * T), so that one step moves a logit alpha / T by about
     alpha_step_cap at most (None: no cap; it does not bind at the defaults, 3e-4 < 0.01).
     seed: data order, dropout. round_to: kept widths rounded down to a multiple (GatedSearcher).
+    untie: search every block's output width on its own (``nasprune.graph.untie``; GatedSearcher):
+        the export then gathers on its shortcuts, and the architecture reports ``tied_macs``.
     """
 
     method = "dais"
@@ -80,7 +82,7 @@ class DAIS(GatedSearcher):
                  alpha_init: float = 2.0, temperature=(1.0, 1e-2), schedule: str = "exponential",
                  lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4, alpha_lr: float = 3e-4,
                  alpha_betas=(0.5, 0.999), alpha_step_cap: float | None = 1.0, device=None, seed: int = 0,
-                 round_to: int = 1):
+                 round_to: int = 1, untie: bool = False):
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         t_start, t_end = map(float, temperature)
@@ -96,7 +98,7 @@ class DAIS(GatedSearcher):
                              f"with flops_tolerance {flops_tolerance}")
         super().__init__(model, flops_target, example_inputs=example_inputs, input_size=input_size,
                          in_channels=in_channels, flops_tolerance=flops_tolerance, gate_init=alpha_init,
-                         device=device, seed=seed, round_to=round_to)
+                         device=device, seed=seed, round_to=round_to, untie=untie)
         gn = self.gn
         self.flops_margin = float(flops_margin)
         self.cost_weight, self.l1_weight, self.tie_weight = float(cost_weight), float(l1_weight), float(tie_weight)
@@ -126,6 +128,8 @@ class DAIS(GatedSearcher):
         graph, gn = self.gn.graph, self.gn
         slots = []
         for name in (a, b):
+            if self.tied_model is not None and name not in graph.records:
+                name = f"model.{name}"            # untied: the model's layers live under `model`
             roles = graph.records.get(name, (None, {}))[1]
             role = "out" if "out" in roles else "channel" if "channel" in roles else None
             if role is None:

@@ -63,6 +63,33 @@ def test_budget_holds_and_the_annealing_closes_the_gap(digits, name, target):
     assert min(kept.values()) < 0.9 * max(kept.values())        # layers pruned unequally: searched
 
 
+def test_untied_search_holds_the_budget_exports_exactly_and_reports_tied_macs(digits, tmp_path):
+    """untie=True (GatedSearcher, `--untie`): every block's output a group of its own; the budget
+    holds, the export (shortcuts gathering) equals the gated network at its keep, tied_macs is
+    at least the export's MACs, a soft tie names the model's own layers, and the export saves
+    and loads on a fresh model."""
+    train, _ = digits
+    model = _digits_model("resnet20")
+    s = DAIS(model, 0.5, input_size=SIZE, device="cpu", untie=True, tie_weight=1.0,
+             ties=[("layer1.0.conv1", "layer1.1.conv1")], **SHORT)
+    assert len(s.gn.groups) == len(DAIS(model, 0.5, input_size=SIZE, device="cpu").gn.groups) + 9
+    arch = s.search(train, epochs=6, batch_size=64)
+    net = s.export()
+    x = torch.zeros(1, 3, SIZE, SIZE)
+    base, counted = flops.count(model, x), flops.count(net, x)
+    assert arch["macs"] == counted and 0.45 <= counted / base <= 0.5, (counted / base, arch["selected_by"])
+    assert arch["tied_macs"] >= arch["macs"]
+    probe = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    keep, _ = s.keep()
+    s.gn.eval()
+    with torch.no_grad(), gates_as(s.gn, s.gn.keep_vector(keep).float() * s.indicators().detach()):
+        reference = s.gn(probe)
+    with torch.no_grad():
+        assert float((net.eval()(probe) - reference).abs().max() / reference.abs().max()) <= 1e-4
+    check_record_and_round_trip("dais", s.base_model, net, arch, x, probe, tmp_path / "untied.safetensors",
+                                "nasprune.models.cifar_resnet20", {"num_classes": 10})
+
+
 class _Tiny(nn.Module):
     """conv(3->8) bn relu, conv(8->8, stride 2) bn relu, global pool, linear(8->3): two groups."""
 
