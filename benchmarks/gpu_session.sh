@@ -25,7 +25,7 @@
 #   bench_ffp 90 (an FFP fine step's candidate scoring, resumed vs full forwards; never run on a GPU yet),
 #   quality_study 240 (the quality protocol's noise study on the GPU, STUDY_ARGS the grid; carry
 #     gpu-data/, below), quality_dais 200 (DAIS's CPU-budget row on the GPU, controls included),
-#   quality_gpu 540 (QUALITY_METHOD's row at the GPU budget, ResNet-56: a call of its own),
+#   quality_gpu 540 (QUALITY_METHOD's row at the GPU budget, ResNet-56, with QUALITY_ARGS: a call of its own),
 #   ast_cold 300 (AST's cold start; a call of its own), pas_repvgg 420 (PaS's CIFAR RepVGG-A0 row,
 #     trained, searched, fine-tuned, folded; a call of its own),
 #   bench_slim 60 (--gpu-only), bench_scores_compile 90 (the torch.compile baseline,
@@ -166,8 +166,10 @@ step quality_study        240 $PY benchmarks/quality.py --study "${QUALITY[@]}" 
 # A preview of DAIS's row of the CPU budget on the GPU (the controls first, once per protocol).
 step quality_dais         200 $PY benchmarks/quality.py --method dais "${QUALITY[@]}"
 # A method's row at the GPU budget (ResNet-56; the controls first, once per protocol): one call
-# each, e.g. STEPS=quality_gpu QUALITY_METHOD=tas BUDGET_S=560.
-step quality_gpu          540 $PY benchmarks/quality.py --method "${QUALITY_METHOD:-dais}" --budget gpu "${QUALITY[@]}"
+# each, e.g. STEPS=quality_gpu QUALITY_METHOD=tas BUDGET_S=560; QUALITY_ARGS adds the method's
+# own flags (QUALITY_METHOD=dais QUALITY_ARGS=--untie: the best CPU row, session 12).
+# shellcheck disable=SC2086  # QUALITY_ARGS splits into flags on purpose
+step quality_gpu          540 $PY benchmarks/quality.py --method "${QUALITY_METHOD:-dais}" ${QUALITY_ARGS:-} --budget gpu "${QUALITY[@]}"
 # AST's cold start from scratch (issue 17; needs gpu-data/ carried): ResNet-56 re-initialised, a
 # coarse phase of 20 % of a 10-epoch search, then 30 sub-networks trained slimmed, the best within
 # 0.5 of the MACs exported and fine-tuned 5 epochs (CE). The pretrained ResNet-56 is loaded only as
