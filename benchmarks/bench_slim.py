@@ -6,11 +6,17 @@
    the original (target >= 1.6x for ResNet-50), and GPU throughput when a GPU is present
    (--gpu-only: that alone).
 
+3. ``--untied``: what an untied network's shortcut gathers cost (nasprune.graph.untie): the
+   untied CIFAR ResNet-20 / ResNet-56 slimmed to 0.707 of every group's channels, each block
+   keeping the leading channels (identity shortcuts) or channels of its own (every shortcut
+   gathers), the same MACs and widths; CPU eval latency at batch 128, 2 threads, interleaved.
+
 Appends one JSON line per figure to benchmarks/results/slim.jsonl with the device, the torch
 version, the commit and the machine load (other processes distort CPU timings).
 
     python benchmarks/bench_slim.py [--repeats 5] [--latency-iters 20] [--models resnet50,mobilenet_v2]
     python benchmarks/bench_slim.py --skip-pipeline --gpu-only          # GPU throughput only
+    python benchmarks/bench_slim.py --untied                            # 3. only
 """
 from __future__ import annotations
 
@@ -140,6 +146,36 @@ def _gpu_throughput(name, model, slimmed) -> None:
                 "speedup": round(thr["slimmed"] / thr["original"], 3)})
 
 
+def bench_untied(rounds: int = 7) -> None:
+    """3.: the untied network with its blocks' own channels against the leading ones."""
+    from nasprune.graph.untie import untie
+    from nasprune.models import cifar_resnet20, cifar_resnet56
+    x = torch.randn(128, 3, 32, 32)
+    for name, build in (("cifar_resnet20", cifar_resnet20), ("cifar_resnet56", cifar_resnet56)):
+        torch.manual_seed(0)
+        model = build(num_classes=10).eval()
+        untied = untie(model, x[:1]).eval()
+        graph = graph_mod.trace(untied, x[:1])
+        gen = torch.Generator().manual_seed(0)
+        lead, own = {}, {}
+        for group in graph.prunable_groups:
+            n = max(1, round(group.size * 0.707))
+            lead[group.index] = torch.arange(n)
+            own[group.index] = torch.randperm(group.size, generator=gen)[:n].sort().values
+        nets = {"leading channels": slim.apply(untied, graph, lead).eval(),
+                "own channels": slim.apply(untied, graph, own).eval()}
+        macs = {k: flops.count(v, x[:1]) for k, v in nets.items()}
+        assert len(set(macs.values())) == 1, macs
+        with torch.no_grad():
+            times = _common.compare_ms({k: (lambda v=v: v(x)) for k, v in nets.items()}, torch.device("cpu"),
+                                       rounds=rounds, reps=5, warmup=2)
+        for impl, ms in times.items():
+            record({"bench": "untied_gathers", "model": name, "impl": impl, "batch": 128, "median_ms": ms,
+                    "macs_fraction": macs[impl] / flops.count(model, x[:1]),
+                    "gathers": sum(sel.gathers for sel in nets[impl].selects.values()),
+                    "slowdown_vs_leading": ms / times["leading channels"], "threads": torch.get_num_threads()})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
@@ -148,10 +184,14 @@ def main() -> None:
     parser.add_argument("--skip-pipeline", action="store_true")
     parser.add_argument("--gpu-only", action="store_true",
                         help="only the GPU throughput of each model (no CPU latency); needs a GPU")
+    parser.add_argument("--untied", action="store_true", help="3. only: the cost of an untied network's gathers")
     args = parser.parse_args()
     if args.gpu_only and not torch.cuda.is_available():
         parser.error("--gpu-only needs a CUDA GPU")
     torch.manual_seed(0)
+    if args.untied:
+        bench_untied()
+        return
     if not args.skip_pipeline:
         bench_pipeline(args.repeats)
     for name in filter(None, args.models.split(",")):
