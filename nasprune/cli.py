@@ -417,7 +417,7 @@ def _ffp_build(job):
     a = job.args
     return FFP(job.teacher, a.flops_target, input_size=job.size, search_per_class=a.search_per_class,
                tune_per_class=a.tune_per_class, tune_lr=a.tune_lr, search_step=a.search_step,
-               ensemble=a.ensemble == "on", bank_size=a.bank_size, device=job.device, seed=a.seed)
+               ensemble=a.ensemble == "on", bank_size=a.bank_size, device=job.device, seed=a.seed, untie=a.untie)
 
 
 def _ffp_select(job):
@@ -480,6 +480,7 @@ FFP_METHOD = Method(
                                                "KD from the baseline")),
         Option(("--ckt-temperature",), dict(type=_positive_float, default=4.0,
                                             help="T of the CKT loss (default 4; 10 for ImageNet)")),
+        *(o for o in DAIS_METHOD.options if o.dest == "untie"),     # the same flag
     ),
     check_model=lambda name: None, build=_ffp_build, select=_ffp_select, export=_ffp_export,
     finetune=_ffp_finetune)

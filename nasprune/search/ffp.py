@@ -201,6 +201,8 @@ class FFP(GatedSearcher):
         physically slimmed current subnetwork, rebuilt whenever the MACs have fallen by this
         fraction of the model's MACs since it was last built (None or 0: always on the full-width
         masked network). Speed only: the scores equal the masked network's to fp32 rounding.
+    untie: search every residual block's output width on its own (``nasprune.graph.untie``,
+        GatedSearcher): the export gathers on its shortcuts, the architecture adds ``tied_macs``.
     """
 
     method = "ffp"
@@ -210,7 +212,8 @@ class FFP(GatedSearcher):
                  in_channels: int = 3, search_per_class: int = 32, tune_per_class: int = 256, tune_lr: float = 1e-3,
                  momentum: float = 0.9, weight_decay: float = 5e-4, search_step: float = SEARCH_STEP,
                  otsu_trim: float = OTSU_TRIM, ensemble: bool = True, bank_size: int = BANK_SIZE, device=None,
-                 seed: int = 0, cache_bytes: int = 1 << 30, slim_step: float | None = SLIM_STEP):
+                 seed: int = 0, cache_bytes: int = 1 << 30, slim_step: float | None = SLIM_STEP,
+                 untie: bool = False):
         for name, v in (("search_per_class", search_per_class), ("bank_size", bank_size)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -225,7 +228,8 @@ class FFP(GatedSearcher):
         if slim_step is not None and not 0 <= slim_step <= 1:
             raise ValueError(f"slim_step is a fraction of the model's MACs in [0, 1] or None, got {slim_step}")
         super().__init__(model, flops_target, example_inputs=example_inputs, input_size=input_size,
-                         in_channels=in_channels, flops_tolerance=1.0, gate_init=1.0, device=device, seed=seed)
+                         in_channels=in_channels, flops_tolerance=1.0, gate_init=1.0, device=device, seed=seed,
+                         untie=untie)
         del self.config["flops_tolerance"]             # the search's own stop rule: at or under the target
         gn = self.gn
         self.search_per_class, self.tune_per_class = search_per_class, tune_per_class

@@ -283,6 +283,27 @@ def test_a_slimmed_network_that_cannot_score_falls_back_to_full_width_said_and_r
     assert again.full_width_scoring == f.full_width_scoring
 
 
+def test_untied_search_reaches_the_budget_scores_slimmed_and_exports_exactly(digits):
+    """untie=True: every block's output a group of its own; the search ends at or under the
+    target, scores on slimmed untied networks without falling back to full width, and the export
+    (rescale off) equals the gated network at its keep."""
+    import warnings
+    torch.manual_seed(0)
+    s = FFP(cifar_resnet20(num_classes=10), 0.5, input_size=SIZE, device="cpu", untie=True, **SMALL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)         # no full-width fallback
+        arch = s.search(digits[0], epochs=1, batch_size=64)
+    assert "full_width_scoring" not in arch and s._slim is not None and s._slim[1] is not None
+    x = torch.zeros(1, 3, SIZE, SIZE)
+    net = s.export(rescale=False)
+    assert arch["macs"] == flops.count(s.export(), x) <= 0.5 * arch["base_macs"]
+    assert arch["tied_macs"] >= arch["macs"]
+    probe = torch.randn(3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    s.gn.eval()
+    with torch.no_grad(), gates_as(s.gn, s.gn.keep_vector(s.keep()[0]).float()):
+        assert _rel(s.gn(probe), net.eval()(probe)) <= 1e-5
+
+
 def test_ckt_teacher_choice_and_two_view_loss_equal_the_equations():
     """methods-2.md 3.4: per view CE + T KL_T(M || view), M the mean of the bank entries whose
     batch-summed KL_T(best || entry) is below KL_T(best || mean of the views), averaged over views."""
