@@ -65,7 +65,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
-from nasprune import models  # noqa: E402
+from nasprune import flops, models  # noqa: E402
+from nasprune.handlers import handler_for  # noqa: E402
 from nasprune.data import ImageDataset  # noqa: E402
 from nasprune.search import FFP  # noqa: E402
 from nasprune.search.ffp import SLIM_STEP as FFP_SLIM  # noqa: E402
@@ -136,13 +137,13 @@ def resume_cap(s, values) -> float:
     macs, hooks = {}, []
 
     def count(name):
-        def hook(module, inputs, out):
-            layer = module if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)) else getattr(module, "conv", None)
-            if isinstance(layer, torch.nn.Conv2d):
-                k = layer.kernel_size[0] * layer.kernel_size[1]
-                macs[name] = layer.in_channels // layer.groups * layer.out_channels * k * out.shape[2] * out.shape[3]
-            elif isinstance(layer, torch.nn.Linear):
-                macs[name] = layer.in_features * layer.out_features
+        def hook(module, inputs, out):     # a counted layer, or a fused site's conv: its handler's MACs
+            handler = handler_for(module)
+            layer = module if handler is not None and handler.counts else getattr(module, "conv", None)
+            handler = handler_for(layer) if layer is not None else None
+            if handler is not None and handler.counts:
+                widths = flops._widths(handler.counted_module(layer))
+                macs[name] = int(handler.macs(layer, *widths, tuple(inputs[0].shape), tuple(out.shape)))
         return hook
     for node in run.nodes:
         if node.op == "call_module":

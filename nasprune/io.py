@@ -191,22 +191,20 @@ def load(path, base_model: nn.Module | None = None) -> nn.Module:
 
     model = base_model
     for i, step in enumerate(arch["steps"]):
-        if isinstance(step, dict) and step.get("untie"):      # nasprune.graph.untie, replayed
-            from nasprune.graph.untie import untie
-            try:
-                inputs = [torch.zeros(tuple(shape), dtype=_dtype(dtype, path)) for shape, dtype in step["inputs"]]
-                leaves = list(step.get("leaf_modules", []))
-            except (KeyError, TypeError, ValueError) as exc:
-                raise FormatError(f"{path}: untie step {i} is malformed ({exc})") from exc
-            model = untie(model, tuple(inputs), leaf_modules=leaves)
-            continue
+        untied = isinstance(step, dict) and bool(step.get("untie"))    # nasprune.graph.untie, replayed
         try:
             inputs = [torch.zeros(tuple(shape), dtype=_dtype(dtype, path)) for shape, dtype in step["inputs"]]
-            keep = {int(g): torch.tensor(idx, dtype=torch.long) for g, idx in step["keep"].items()}
-            exclude, leaves, mode = step.get("exclude", []), step.get("leaf_modules", []), step.get("mode", "train")
-            fingerprint = step["fingerprint"]
+            leaves = list(step.get("leaf_modules", []))
+            if not untied:
+                keep = {int(g): torch.tensor(idx, dtype=torch.long) for g, idx in step["keep"].items()}
+                exclude, mode = step.get("exclude", []), step.get("mode", "train")
+                fingerprint = step["fingerprint"]
         except (KeyError, TypeError, ValueError) as exc:
-            raise FormatError(f"{path}: slimming step {i} is malformed ({exc})") from exc
+            raise FormatError(f"{path}: {'untie' if untied else 'slimming'} step {i} is malformed ({exc})") from exc
+        if untied:
+            from nasprune.graph.untie import untie
+            model = untie(model, tuple(inputs), leaf_modules=leaves)
+            continue
         graph = trace(model, tuple(inputs), exclude=exclude, leaf_modules=leaves, mode=mode)
         if graph.fingerprint != fingerprint:
             raise FormatError(f"{path}: base_model's channel groups differ from those the file was "

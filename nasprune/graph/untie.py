@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import operator
 
+import numpy as np
 import torch
 from torch import fx, nn
 
@@ -220,8 +221,6 @@ def tied_keep(untied_graph, graph, keep) -> dict:
     of what the untied groups it was cut into keep (a stream channel stays if any block keeps
     it). ``slim.apply(model, graph, tied_keep(...))`` is the model's own class at the fewest
     channels that hold the untied keep's; the difference in MACs is what untying saves."""
-    import numpy as np
-
     from nasprune.handlers.keep import normalise, removed_classes
     removed = removed_classes(untied_graph, normalise(untied_graph, keep))
     kept = [np.zeros(g.size, dtype=bool) for g in graph.groups]

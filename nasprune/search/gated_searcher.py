@@ -105,7 +105,7 @@ class GatedSearcher(Searcher):
         self._sums = torch.zeros(0, dtype=torch.float64, device=self.device)  # a method's running epoch sums
         with seeded(self.seed, self.device):
             self._rng = self._rng_state()
-        self.config = dict(model=type(self.tied_model or model).__name__, input_shape=list(example.shape[1:]),
+        self.config = dict(model=type(model if self.tied_model is None else self.tied_model).__name__, input_shape=list(example.shape[1:]),
                            num_gates=gn.num_gates, base_macs=gn.base_macs, flops_target=flops_target,
                            flops_tolerance=flops_tolerance, gate_init=gate_init, round_to=round_to, seed=seed,
                            **({"untie": True} if untie else {}))
