@@ -14,20 +14,24 @@
 namespace nasprune::cpu {
 namespace {
 
-// Channels c0..c1 of an (outer, C, inner) tensor: each row in cache-sized blocks.
+// Channels c0..c1 of an (outer, C, inner) tensor. A block is the same channel's runs of
+// kBlock / inner consecutive rows (short rows: one merge per block, not per row), or a kBlock
+// piece of one long row.
 template <typename T>
 NASPRUNE_SIMD void stats_channels(const T* z, const ChannelView& v, int64_t c0, int64_t c1,
                                   float* mean, float* var) {
+  const int64_t L = v.inner, stride = v.channels * L;
+  const int64_t rows = std::max<int64_t>(1, kBlock / L), piece = std::min(L, kBlock);
   for (int64_t c = c0; c < c1; ++c) {
     Welford w;
-    for (int64_t o = 0; o < v.outer; ++o) {
-      const T* row = z + (o * v.channels + c) * v.inner;
-      for (int64_t i = 0; i < v.inner; i += kBlock) {
-        const int64_t len = std::min(kBlock, v.inner - i);
+    for (int64_t o = 0; o < v.outer; o += rows) {
+      const int64_t n = std::min(rows, v.outer - o);
+      for (int64_t i = 0; i < L; i += piece) {
+        const int64_t len = std::min(piece, L - i);
         double bmean;
         float bm2;
-        block_moments(row + i, len, bmean, bm2);
-        w.merge(len, bmean, bm2);
+        block_moments(z + (o * v.channels + c) * L + i, stride, n, len, bmean, bm2);
+        w.merge(n * len, bmean, bm2);
       }
     }
     mean[c] = w.mean;

@@ -44,24 +44,54 @@ struct Welford {
   void merge(const Welford& o) { merge(o.n, o.mean, o.m2); }
 };
 
-// Two sweeps over a short contiguous run (the second from cache): its mean and M2. The second
-// sweep also sums the deviations, which corrects the fp32 rounding of the first-sweep mean
-// (the corrected two-pass algorithm), so block means are exact enough for Chan's merge.
-template <typename T>
-inline void block_moments(const T* x, int64_t len, double& mean, float& m2) {
-  float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < len; ++i) s += to_float(x[i]);
-  const float mu = s / static_cast<float>(len);
-  float q = 0.f, r = 0.f;
-#pragma omp simd reduction(+ : q, r)
-  for (int64_t i = 0; i < len; ++i) {
-    const float d = to_float(x[i]) - mu;
-    q += d * d;
-    r += d;
+// Lane accumulators: a sweep adds element i of a run into lane i % kLanes, so a short run (a
+// small feature map: 8x8 is 64 values) costs no horizontal sum of its own, and a block of many
+// runs is summed across lanes once. The lanes are a local array, which the compiler keeps in
+// vector registers.
+constexpr int64_t kLanes = 16;
+
+// f(i, j) for element i of a run of `len`, j = its lane; whole vectors of lanes, then the tail.
+template <typename F>
+inline void for_lanes(int64_t len, F&& f) {
+  int64_t i = 0;
+  for (; i + kLanes <= len; i += kLanes) {
+#pragma omp simd
+    for (int64_t j = 0; j < kLanes; ++j) f(i + j, j);
   }
-  mean = static_cast<double>(mu) + static_cast<double>(r) / len;  // fp32 would round it to ulp(mu)
-  m2 = q - r * r / static_cast<float>(len);
+  for (int64_t j = 0; i + j < len; ++j) f(i + j, j);
+}
+
+template <typename A>
+inline A lane_sum(const float* lanes) {
+  A total = 0;
+  for (int64_t j = 0; j < kLanes; ++j) total += lanes[j];
+  return total;
+}
+
+// Mean and M2 of a block of `rows` runs of `len` values, run r at x + r * stride, in two sweeps
+// (the second from cache). The second also sums the deviations, which corrects the fp32 rounding
+// of the first sweep's mean (the corrected two-pass algorithm), so block means are exact enough
+// for Chan's merge.
+template <typename T>
+inline void block_moments(const T* x, int64_t stride, int64_t rows, int64_t len, double& mean,
+                          float& m2) {
+  float s[kLanes] = {}, q[kLanes] = {}, r[kLanes] = {};
+  for (int64_t k = 0; k < rows; ++k) {
+    const T* run = x + k * stride;
+    for_lanes(len, [&](int64_t i, int64_t j) { s[j] += to_float(run[i]); });
+  }
+  const float n = static_cast<float>(rows * len), mu = lane_sum<float>(s) / n;
+  for (int64_t k = 0; k < rows; ++k) {
+    const T* run = x + k * stride;
+    for_lanes(len, [&](int64_t i, int64_t j) {
+      const float d = to_float(run[i]) - mu;
+      q[j] += d * d;
+      r[j] += d;
+    });
+  }
+  const float dev = lane_sum<float>(r);
+  mean = static_cast<double>(mu) + static_cast<double>(dev) / n;  // fp32 would round it to ulp(mu)
+  m2 = lane_sum<float>(q) - dev * dev / n;
 }
 
 // Channels-last loops run over the C channels of one position at a time. For small C the trip
