@@ -61,9 +61,8 @@ inline void for_lanes(int64_t len, F&& f) {
   for (int64_t j = 0; i + j < len; ++j) f(i + j, j);
 }
 
-template <typename A>
-inline A lane_sum(const float* lanes) {
-  A total = 0;
+inline float lane_sum(const float* lanes) {
+  float total = 0.f;
   for (int64_t j = 0; j < kLanes; ++j) total += lanes[j];
   return total;
 }
@@ -80,7 +79,7 @@ inline void block_moments(const T* x, int64_t stride, int64_t rows, int64_t len,
     const T* run = x + k * stride;
     for_lanes(len, [&](int64_t i, int64_t j) { s[j] += to_float(run[i]); });
   }
-  const float n = static_cast<float>(rows * len), mu = lane_sum<float>(s) / n;
+  const float n = static_cast<float>(rows * len), mu = lane_sum(s) / n;
   for (int64_t k = 0; k < rows; ++k) {
     const T* run = x + k * stride;
     for_lanes(len, [&](int64_t i, int64_t j) {
@@ -89,9 +88,9 @@ inline void block_moments(const T* x, int64_t stride, int64_t rows, int64_t len,
       r[j] += d;
     });
   }
-  const float dev = lane_sum<float>(r);
+  const float dev = lane_sum(r);
   mean = static_cast<double>(mu) + static_cast<double>(dev) / n;  // fp32 would round it to ulp(mu)
-  m2 = lane_sum<float>(q) - dev * dev / n;
+  m2 = lane_sum(q) - dev * dev / n;
 }
 
 // Channels-last loops run over the C channels of one position at a time. For small C the trip
