@@ -46,54 +46,66 @@ void stats_channels_first(const T* z, const ChannelView& v, float* mean, float* 
   });
 }
 
-// Blocks b0..b1 of `rows` positions of a channels-last tensor, merged into acc (C entries);
-// Fixed: C known at compile time (with_fixed_channels), else 0.
+// The second sweep's terms: squared deviations from the block mean, and the deviations, which
+// correct the rounding of that mean (as in block_moments).
+inline void deviation(float x, float mu, float& q, float& r) {
+  const float d = x - mu;
+  q += d * d;
+  r += d;
+}
+
+// Blocks b0..b1 of a channels-last tensor (`total` values, blocks of whole periods), each
+// reduced twice, per period element, and merged into acc (C entries) per channel; Fixed: the
+// period length as a constant (with_period_length), else 0.
 template <typename T, int64_t Fixed>
-NASPRUNE_SIMD void stats_positions(const T* z, const ChannelView& v, int64_t rows, int64_t b0,
-                                   int64_t b1, Welford* acc) {
-  const int64_t C = Fixed ? Fixed : v.channels;
-  std::vector<float> s(C), q(C), r(C);
+NASPRUNE_SIMD void stats_periods(const T* z, const Period& per, int64_t total, int64_t b0,
+                                 int64_t b1, Welford* acc) {
+  const int64_t L = Fixed ? Fixed : per.length, C = per.channels, block = per.block();
+  std::vector<float> s(L), q(L), r(L), mu(L), mean(C);
+  std::vector<double> sc(C), qc(C), rc(C);
+  float *sp = s.data(), *qp = q.data(), *rp = r.data();
+  float* mp = mu.data();
   for (int64_t b = b0; b < b1; ++b) {
-    const int64_t p0 = b * rows, len = std::min(rows, v.outer - p0);
+    const int64_t e0 = b * block, e1 = std::min(total, e0 + block);
+    const double n = static_cast<double>((e1 - e0) / C);  // positions: one value per channel each
     std::fill(s.begin(), s.end(), 0.f);
+    int64_t p = e0;
+    for (; p + L <= e1; p += L) {
+#pragma omp simd
+      for (int64_t j = 0; j < L; ++j) sp[j] += to_float(z[p + j]);
+    }
+    for (int64_t j = 0; p + j < e1; ++j) sp[j] += to_float(z[p + j]);
+    std::fill(sc.begin(), sc.end(), 0.0);
+    per.fold(sp, sc.data());
+    for (int64_t c = 0; c < C; ++c) mean[c] = static_cast<float>(sc[c] / n);
+    per.spread(mean.data(), mu.data());
     std::fill(q.begin(), q.end(), 0.f);
     std::fill(r.begin(), r.end(), 0.f);
-    for (int64_t p = p0; p < p0 + len; ++p) {
-      const T* x = z + p * C;
-      float* sp = s.data();
+    for (p = e0; p + L <= e1; p += L) {
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) sp[c] += to_float(x[c]);
+      for (int64_t j = 0; j < L; ++j) deviation(to_float(z[p + j]), mp[j], qp[j], rp[j]);
     }
-    const float inv = 1.f / static_cast<float>(len);
-    for (int64_t c = 0; c < C; ++c) s[c] *= inv;
-    for (int64_t p = p0; p < p0 + len; ++p) {
-      const T* x = z + p * C;
-      const float* mp = s.data();
-      float *qp = q.data(), *rp = r.data();
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        const float d = to_float(x[c]) - mp[c];
-        qp[c] += d * d;
-        rp[c] += d;  // corrects the rounding of the block mean, as in block_moments
-      }
-    }
+    for (int64_t j = 0; p + j < e1; ++j) deviation(to_float(z[p + j]), mp[j], qp[j], rp[j]);
+    std::fill(qc.begin(), qc.end(), 0.0);
+    std::fill(rc.begin(), rc.end(), 0.0);
+    per.fold(qp, qc.data());
+    per.fold(rp, rc.data());
     for (int64_t c = 0; c < C; ++c)
-      acc[c].merge(len, static_cast<double>(s[c]) + static_cast<double>(r[c]) * inv,
-                   q[c] - r[c] * r[c] * inv);
+      acc[c].merge(n, static_cast<double>(mean[c]) + rc[c] / n, qc[c] - rc[c] * rc[c] / n);
   }
 }
 
 template <typename T>
 void stats_channels_last(const T* z, const ChannelView& v, float* mean, float* var) {
-  const int64_t C = v.channels;
-  const int64_t rows = std::max<int64_t>(1, kBlock / C);  // positions per block
-  const int64_t blocks = (v.outer + rows - 1) / rows;
+  const int64_t C = v.channels, total = v.outer * C;
+  const Period per(C);
+  const int64_t blocks = (total + per.block() - 1) / per.block();
   const int threads = at::get_num_threads();
   std::vector<Welford> partial(static_cast<size_t>(threads) * C);
-  with_fixed_channels(C, [&](auto fixed) {
+  with_period_length(per.length, [&](auto fixed) {
     at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-      stats_positions<T, decltype(fixed)::value>(
-          z, v, rows, b0, b1, partial.data() + static_cast<int64_t>(at::get_thread_num()) * C);
+      stats_periods<T, decltype(fixed)::value>(
+          z, per, total, b0, b1, partial.data() + static_cast<int64_t>(at::get_thread_num()) * C);
     });
   });
   for (int64_t c = 0; c < C; ++c) {

@@ -44,29 +44,41 @@ NASPRUNE_SIMD void forward_rows(const T* z, T* y, const ChannelView& zv, int64_t
   }
 }
 
-// Positions q0..q1 of a channels-last tensor (all channels of a position contiguous); Fixed:
-// the channel count known at compile time when the map is the identity (with_fixed_channels).
+// Channels last, identity map: one output value from z's, the constants of its channel.
+template <typename T, bool Relu>
+inline T forward_value(float zi, float a, float b, float g) {
+  float u = a * zi + b;
+  if (Relu) u = u > 0.f ? u : 0.f;
+  return g == 0.f ? T(0) : static_cast<T>(g * u);
+}
+
+// Channels last, identity map: the values [e0, e1) (whole periods from e0), the constants
+// spread over a period (a, b, g); Fixed: the period length as a constant, else 0.
 template <typename T, bool Relu, int64_t Fixed>
-NASPRUNE_SIMD void forward_positions(const T* z, T* y, const ChannelView& zv, int64_t out_c_in,
-                                     const Params& p, bool identity_map, int64_t q0, int64_t q1) {
-  const int64_t K = Fixed ? Fixed : zv.channels, out_c = Fixed ? Fixed : out_c_in;
+NASPRUNE_SIMD void forward_periods(const T* z, T* y, int64_t length, const float* a,
+                                   const float* b, const float* g, int64_t e0, int64_t e1) {
+  const int64_t L = Fixed ? Fixed : length;
+  int64_t p = e0;
+  for (; p + L <= e1; p += L) {
+#pragma omp simd
+    for (int64_t j = 0; j < L; ++j) y[p + j] = forward_value<T, Relu>(to_float(z[p + j]), a[j], b[j], g[j]);
+  }
+  for (int64_t j = 0; p + j < e1; ++j) y[p + j] = forward_value<T, Relu>(to_float(z[p + j]), a[j], b[j], g[j]);
+}
+
+// Channels last through a source map: positions q0..q1, output channel c from z channel src[c].
+template <typename T, bool Relu>
+NASPRUNE_SIMD void forward_positions(const T* z, T* y, const ChannelView& zv, int64_t out_c,
+                                     const Params& p, int64_t q0, int64_t q1) {
+  const int64_t K = zv.channels;
   for (int64_t q = q0; q < q1; ++q) {
     const T* zr = z + q * K;
     T* yr = y + q * out_c;
-    if (identity_map) {
-#pragma omp simd
-      for (int64_t c = 0; c < out_c; ++c) {
-        float u = p.a[c] * to_float(zr[c]) + p.b[c];
-        if (Relu) u = u > 0.f ? u : 0.f;
-        yr[c] = p.g[c] == 0.f ? T(0) : static_cast<T>(p.g[c] * u);
-      }
-    } else {
-      for (int64_t c = 0; c < out_c; ++c) {
-        const int64_t s = p.src[c];
-        float u = s < 0 ? 0.f : p.a[c] * to_float(zr[s]) + p.b[c];
-        if (Relu) u = u > 0.f ? u : 0.f;
-        yr[c] = s < 0 || p.g[c] == 0.f ? T(0) : static_cast<T>(p.g[c] * u);
-      }
+    for (int64_t c = 0; c < out_c; ++c) {
+      const int64_t s = p.src[c];
+      float u = s < 0 ? 0.f : p.a[c] * to_float(zr[s]) + p.b[c];
+      if (Relu) u = u > 0.f ? u : 0.f;
+      yr[c] = s < 0 || p.g[c] == 0.f ? T(0) : static_cast<T>(p.g[c] * u);
     }
   }
 }
@@ -82,10 +94,19 @@ void forward_channels_first(const T* z, T* y, const ChannelView& zv, int64_t out
 template <typename T, bool Relu>
 void forward_channels_last(const T* z, T* y, const ChannelView& zv, int64_t out_c,
                            const Params& p, bool identity_map) {
-  const bool fixed_ok = identity_map && out_c == zv.channels;
-  with_fixed_channels(fixed_ok ? out_c : 0, [&](auto fixed) {
+  if (!identity_map) {
     at::parallel_for(0, zv.outer, 64, [&](int64_t q0, int64_t q1) {
-      forward_positions<T, Relu, decltype(fixed)::value>(z, y, zv, out_c, p, identity_map, q0, q1);
+      forward_positions<T, Relu>(z, y, zv, out_c, p, q0, q1);
+    });
+    return;
+  }
+  const Period per(out_c);
+  const std::vector<float> a = per.spread(p.a), b = per.spread(p.b), g = per.spread(p.g);
+  const int64_t total = zv.outer * out_c, block = per.block();
+  with_period_length(per.length, [&](auto fixed) {
+    at::parallel_for(0, (total + block - 1) / block, 1, [&](int64_t b0, int64_t b1) {
+      forward_periods<T, Relu, decltype(fixed)::value>(z, y, per.length, a.data(), b.data(), g.data(),
+                                                       b0 * block, std::min(total, b1 * block));
     });
   });
 }
@@ -176,23 +197,78 @@ void backward_channels_first(const T* dy, const T* z, T* dz, const ChannelView& 
   });
 }
 
-// Channels last: the per-channel constants as one array each, so the loop over the K contiguous
-// channels of a position loads them as vectors.
+// Channels last: the per-channel constants as one array each, so a loop over contiguous
+// channels loads them as vectors (per z channel, or spread over a period).
 struct CoefColumns {
   std::vector<float> a, b, g, alpha, beta;
   explicit CoefColumns(int64_t K) : a(K), b(K), g(K), alpha(K, 0.f), beta(K, 0.f) {}
+  CoefColumns spread(const Period& per) const {
+    CoefColumns out(0);
+    out.a = per.spread(a.data()), out.b = per.spread(b.data()), out.g = per.spread(g.data());
+    out.alpha = per.spread(alpha.data()), out.beta = per.spread(beta.data());
+    return out;
+  }
 };
 
-// One sweep over position blocks b0..b1, each thread summing into its own partials; with batch
-// statistics a second sweep writes dz. Indexed: dy holds out_c channels, z channel k is index[k].
-// Fixed: K known at compile time (with_fixed_channels; not indexed), else 0.
-template <typename T, bool Relu, bool Reduce, bool Write, bool Indexed, int64_t Fixed>
-NASPRUNE_SIMD void sweep_blocks(const T* dy, const T* z, T* dz, const ChannelView& zv,
-                                int64_t out_c_in, const CoefColumns& cf, const int64_t* index,
-                                int64_t rows, int64_t b0, int64_t b1, double* acc) {
-  const int64_t K = Fixed ? Fixed : zv.channels, out_c = Fixed ? Fixed : out_c_in;
-  const float *ca = cf.a.data(), *cb = cf.b.data(), *cg = cf.g.data();
-  const float *calpha = cf.alpha.data(), *cbeta = cf.beta.data();
+// One element of the channels-last backward: the sums into (pg, pb, pa)[j], dz written; the
+// constants of its channel at j of (a, b, g, alpha, beta).
+template <typename T, bool Relu, bool Reduce, bool Write>
+inline void backward_element(float zi, float d, T* dz, const float* const* k, int64_t j,
+                             float* pg, float* pb, float* pa) {
+  const float a = k[0][j], u = a * zi + k[1][j];
+  const float on = !Relu || u > 0.f ? 1.f : 0.f;
+  const float du = d * k[2][j] * on;
+  if (Reduce) {
+    pg[j] += d * u * on;
+    pb[j] += du;
+    pa[j] += du * zi;
+  }
+  if (Write) *dz = static_cast<T>(du * a + k[3][j] + k[4][j] * zi);
+}
+
+// Not indexed: blocks b0..b1 of whole periods (dy and z alike), the constants spread over a
+// period; per thread, sums per period element folded into acc (dgate, dshift, dscale: K each)
+// once per block. Fixed: the period length as a constant, else 0.
+template <typename T, bool Relu, bool Reduce, bool Write, int64_t Fixed>
+NASPRUNE_SIMD void sweep_periods(const T* dy, const T* z, T* dz, const Period& per, int64_t total,
+                                 const CoefColumns& k, int64_t b0, int64_t b1, double* acc) {
+  const int64_t L = Fixed ? Fixed : per.length, block = per.block(), K = per.channels;
+  const float* const cols[5] = {k.a.data(), k.b.data(), k.g.data(), k.alpha.data(), k.beta.data()};
+  std::vector<float> tg(L), tb(L), ta(L);
+  float *pg = tg.data(), *pb = tb.data(), *pa = ta.data();
+  for (int64_t blk = b0; blk < b1; ++blk) {
+    const int64_t e0 = blk * block, e1 = std::min(total, e0 + block);
+    if (Reduce) {
+      std::fill(tg.begin(), tg.end(), 0.f);
+      std::fill(tb.begin(), tb.end(), 0.f);
+      std::fill(ta.begin(), ta.end(), 0.f);
+    }
+    int64_t p = e0;
+    for (; p + L <= e1; p += L) {
+#pragma omp simd
+      for (int64_t j = 0; j < L; ++j)
+        backward_element<T, Relu, Reduce, Write>(to_float(z[p + j]), to_float(dy[p + j]), dz + p + j,
+                                                 cols, j, pg, pb, pa);
+    }
+    for (int64_t j = 0; p + j < e1; ++j)
+      backward_element<T, Relu, Reduce, Write>(to_float(z[p + j]), to_float(dy[p + j]), dz + p + j,
+                                               cols, j, pg, pb, pa);
+    if (Reduce) {
+      per.fold(pg, acc);
+      per.fold(pb, acc + K);
+      per.fold(pa, acc + 2 * K);
+    }
+  }
+}
+
+// Indexed (dy holds out_c channels, z channel k feeds index[k]): positions in blocks b0..b1 of
+// `rows`, each thread summing per channel into acc (dgate, dshift, dscale: K each).
+template <typename T, bool Relu, bool Reduce, bool Write>
+NASPRUNE_SIMD void sweep_indexed(const T* dy, const T* z, T* dz, const ChannelView& zv,
+                                 int64_t out_c, const CoefColumns& k, const int64_t* index,
+                                 int64_t rows, int64_t b0, int64_t b1, double* acc) {
+  const int64_t K = zv.channels;
+  const float* const cols[5] = {k.a.data(), k.b.data(), k.g.data(), k.alpha.data(), k.beta.data()};
   std::vector<float> tg(K), tb(K), ta(K);
   float *pg = tg.data(), *pb = tb.data(), *pa = ta.data();
   for (int64_t blk = b0; blk < b1; ++blk) {
@@ -204,26 +280,12 @@ NASPRUNE_SIMD void sweep_blocks(const T* dy, const T* z, T* dz, const ChannelVie
       const T* zr = z + q * K;
       T* dzr = dz + q * K;
       const T* dyr = dy + q * out_c;
-#pragma omp simd
-      for (int64_t k = 0; k < K; ++k) {
-        const float zi = to_float(zr[k]), d = to_float(dyr[Indexed ? index[k] : k]);
-        const float u = ca[k] * zi + cb[k];
-        const float on = !Relu || u > 0.f ? 1.f : 0.f;
-        const float du = d * cg[k] * on;
-        if (Reduce) {
-          pg[k] += d * u * on;
-          pb[k] += du;
-          pa[k] += du * zi;
-        }
-        if (Write) dzr[k] = static_cast<T>(du * ca[k] + calpha[k] + cbeta[k] * zi);
-      }
+      for (int64_t j = 0; j < K; ++j)
+        backward_element<T, Relu, Reduce, Write>(to_float(zr[j]), to_float(dyr[index[j]]), dzr + j,
+                                                 cols, j, pg, pb, pa);
     }
     if (Reduce)
-      for (int64_t k = 0; k < K; ++k) {
-        acc[3 * k] += tg[k];
-        acc[3 * k + 1] += tb[k];
-        acc[3 * k + 2] += ta[k];
-      }
+      for (int64_t j = 0; j < K; ++j) acc[j] += tg[j], acc[K + j] += tb[j], acc[2 * K + j] += ta[j];
   }
 }
 
@@ -232,19 +294,22 @@ void sweep_channels_last(const T* dy, const T* z, T* dz, const ChannelView& zv, 
                          const CoefColumns& coef, const int64_t* index,
                          std::vector<double>& partial) {
   const int64_t K = zv.channels;
-  const int64_t rows = std::max<int64_t>(1, kBlock / K);
-  const int64_t blocks = (zv.outer + rows - 1) / rows;
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    double* acc = Reduce ? partial.data() + static_cast<int64_t>(at::get_thread_num()) * 3 * K
-                         : nullptr;
-    if (index)
-      sweep_blocks<T, Relu, Reduce, Write, true, 0>(dy, z, dz, zv, out_c, coef, index, rows, b0,
-                                                    b1, acc);
-    else
-      with_fixed_channels(out_c == K ? K : 0, [&](auto fixed) {
-        sweep_blocks<T, Relu, Reduce, Write, false, decltype(fixed)::value>(
-            dy, z, dz, zv, out_c, coef, index, rows, b0, b1, acc);
-      });
+  const auto acc = [&]() { return partial.data() + static_cast<int64_t>(at::get_thread_num()) * 3 * K; };
+  if (index) {
+    const int64_t rows = std::max<int64_t>(1, kBlock / K);
+    at::parallel_for(0, (zv.outer + rows - 1) / rows, 1, [&](int64_t b0, int64_t b1) {
+      sweep_indexed<T, Relu, Reduce, Write>(dy, z, dz, zv, out_c, coef, index, rows, b0, b1, acc());
+    });
+    return;
+  }
+  const Period per(K);
+  const CoefColumns spread = coef.spread(per);
+  const int64_t total = zv.outer * K, block = per.block();
+  with_period_length(per.length, [&](auto fixed) {
+    at::parallel_for(0, (total + block - 1) / block, 1, [&](int64_t b0, int64_t b1) {
+      sweep_periods<T, Relu, Reduce, Write, decltype(fixed)::value>(dy, z, dz, per, total, spread, b0,
+                                                                    b1, acc());
+    });
   });
 }
 
@@ -254,7 +319,7 @@ void backward_channels_last(const T* dy, const T* z, T* dz, const ChannelView& z
                             const BatchStats& bs, float* da, float* db, float* dg) {
   const int64_t K = zv.channels;
   const int threads = at::get_num_threads();
-  std::vector<double> partial(static_cast<size_t>(threads) * 3 * K, 0.0);
+  std::vector<double> partial(static_cast<size_t>(threads) * 3 * K, 0.0);  // [thread][3][K]
   CoefColumns coef(K);
   for (int64_t k = 0; k < K; ++k) {
     const int64_t c = index ? index[k] : k;
@@ -267,7 +332,7 @@ void backward_channels_last(const T* dy, const T* z, T* dz, const ChannelView& z
   for (int64_t k = 0; k < K; ++k) {
     double sums[3] = {0, 0, 0};
     for (int t = 0; t < threads; ++t)
-      for (int j = 0; j < 3; ++j) sums[j] += partial[(static_cast<size_t>(t) * K + k) * 3 + j];
+      for (int j = 0; j < 3; ++j) sums[j] += partial[(static_cast<size_t>(t) * 3 + j) * K + k];
     const int64_t c = index ? index[k] : k;
     dg[c] = sums[0], db[c] = sums[1], da[c] = sums[2];
     if (bs.on()) {

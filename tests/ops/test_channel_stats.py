@@ -9,9 +9,10 @@ from nasprune import ops
 from nasprune.ops import reference
 from tests.conftest import make_layout
 
-# (.., 8 | 16 | 24 | 32, ..): the channel counts the channels-last kernel compiles as constants
+# (.., 8 | 16 | 24 | 32, ..): the channels-last kernel compiles their periods as constants;
+# (5, 11, 20, 19) and (3, 16, 30, 31) span several channels-last blocks and end in a partial period
 SHAPES = [(2, 3, 5, 7), (1, 1, 1, 2), (7, 5, 1, 1), (4, 16, 8, 8), (3, 8, 5, 3), (2, 24, 3, 5), (2, 32, 4, 3),
-          (1, 2, 70, 40), (3, 11, 7, 9), (3, 48, 3, 3), (9, 6), (2, 3, 9),
+          (1, 2, 70, 40), (3, 11, 7, 9), (3, 48, 3, 3), (5, 11, 20, 19), (3, 16, 30, 31), (9, 6), (2, 3, 9),
           (300, 3, 2, 2)]
 
 
@@ -31,8 +32,9 @@ def test_matches_fp64_statistics(shape, dtype, layout):
     torch.testing.assert_close(var.double(), e_var, atol=1e-6, rtol=1e-5)
 
 
-# (16, 8, 32, 32): blocks of two rows; (600, 4, 3, 3): blocks of 227 short rows and a shorter last one
-@pytest.mark.parametrize("shape", [(16, 8, 32, 32), (600, 4, 3, 3)])
+# (16, 8, 32, 32): blocks of two rows; (600, 4, 3, 3): blocks of 227 short rows and a shorter last
+# one; channels last, (5, 11, 20, 19): two blocks of periods, the last partial
+@pytest.mark.parametrize("shape", [(16, 8, 32, 32), (600, 4, 3, 3), (5, 11, 20, 19)])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_stable_for_large_means(shape, layout):
     # E[x^2] - E[x]^2 in fp32 loses every digit here; torch.var_mean does not, nor may we.

@@ -7,9 +7,11 @@ from nasprune import ops
 from nasprune.ops import reference
 from tests.conftest import TOLERANCE, make_layout
 
-# (.., 8 | 16 | 24 | 32, ..): the channel counts the channels-last kernels compile as constants
+# (.., 8 | 16 | 24 | 32, ..): the channels-last kernels compile their periods (64, 96 values) as
+# constants; (5, 11, 20, 19) and (3, 16, 30, 31) span several channels-last blocks and end in a
+# partial period
 SHAPES = [(2, 3, 5, 7), (1, 1, 1, 1), (3, 5, 1, 1), (0, 4, 3, 3), (4, 16, 8, 8), (3, 8, 5, 3), (2, 24, 3, 5),
-          (2, 32, 4, 3), (1, 2, 70, 40), (3, 11, 7, 9), (3, 48, 3, 3),
+          (2, 32, 4, 3), (1, 2, 70, 40), (3, 11, 7, 9), (3, 48, 3, 3), (5, 11, 20, 19), (3, 16, 30, 31),
           (5, 6), (2, 3, 9)]
 
 
@@ -143,12 +145,13 @@ def test_backward_rejects_mismatched_dy():
         ops.gate_epilogue_backward(torch.randn(2, 4, 3, 3).half(), z, p, p, p, "relu")
 
 
+@pytest.mark.parametrize("shape", [(6, 8, 5, 3), (5, 11, 20, 19)])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
 @pytest.mark.parametrize("scatter", [False, True])
 @pytest.mark.parametrize("act", ["identity", "relu"])
-def test_batch_statistics_backward_equals_autograd_of_batch_norm(layout, scatter, act):
+def test_batch_statistics_backward_equals_autograd_of_batch_norm(shape, layout, scatter, act):
     # With mean/invstd, the backward must equal autograd through batch norm's own statistics.
-    z, _, _, gate, index = _inputs((6, 8, 5, 3), torch.float32, layout, scatter)
+    z, _, _, gate, index = _inputs(shape, torch.float32, layout, scatter)
     c = gate.shape[0]
     weight, bias = torch.rand(c) + 0.5, torch.randn(c)
     var, mean = torch.var_mean(z, dim=(0, 2, 3), correction=0)
