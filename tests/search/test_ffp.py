@@ -206,8 +206,12 @@ def test_slimmed_scoring_network_scores_as_the_masked_full_width():
     of a trail entry (the channels removed since then masked): its importance, mapped back to
     the full width, and its candidate scores (cached, resumed, the best) equal the full-width
     masked network's to fp32 rounding; a vector that keeps a channel the entry lacks is scored
-    on the full width, the slimmed network's caches left unused."""
-    torch.manual_seed(0)
+    on the full width, the slimmed network's caches left unused. Seed 1: with seed 0 one
+    pre-activation lies 4e-7 from a ReLU's kink (about 1e-6 of its terms), and the two networks'
+    batch statistics, summed in width-dependent orders, differ by an ulp and put it on different
+    sides; batch norm over a 32-value batch then spreads that element's gradient to every score
+    before it (3 % at most). Seeds 1 to 5 agree to 1.1e-5."""
+    torch.manual_seed(1)
     s = FFP(cifar_resnet20(num_classes=4), 0.5, input_size=8, device="cpu", search_per_class=5, tune_per_class=0,
             slim_step=0.15)
     s.loaders(_dataset(5, 4, 8), None, 8)             # 20 search images: batches of 8, 8, 4
