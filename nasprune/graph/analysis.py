@@ -223,6 +223,8 @@ def _build(ctx: TraceContext, walker: _Walker, model_class: str) -> ChannelGraph
     first_seen = {}
     for order, (_, _, produced) in enumerate(ctx.producers):
         cls = np.unique(roots[produced])
+        if not len(cls):    # a producer of no channels (a channel pad of width 0 in a slimmed net)
+            continue
         for c in cls.tolist():
             first_seen.setdefault(c, order)
         a = comp_find(int(cls[0]))

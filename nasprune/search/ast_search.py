@@ -112,7 +112,8 @@ class AST(GatedSearcher):
     teacher: robust mode, a trained model whose logits train every sub-network (and the coarse
         phase) by KD: (1 - kd_lambda) CE + kd_lambda T^2 KL at kd_temperature.
     round_to: every sampled width (and the budget keep's) rounded down to a multiple of it, never
-        below one multiple (GatedSearcher's rule); the rounding lowers the sampled cost.
+        below one multiple, at every layer (GatedSearcher's rule); the rounding mostly lowers the
+        sampled cost.
     seed: weight initialisation (cold), alpha, noise, actions, data order, dropout.
     """
 

@@ -568,7 +568,9 @@ class GatedNetwork(nn.Module):
         "topk": the k largest gates of each group (k an int, a fraction of the group, or a
         {group: int} dict); "budget": the largest gates over all groups, as many as fit in
         ``macs`` (or ``params``), an absolute count or a fraction (<= 1) of the unpruned model's.
-        round_to: kept widths rounded to a multiple (down, but never below one multiple).
+        round_to: kept widths rounded to a multiple (down, but never below one multiple), the
+        group's and then every member layer's (a residual stream's layers hold different parts
+        of its group: :func:`_round_members`).
         Every member layer keeps at least one channel of a group it holds part of.
         """
         values = self.gate_fn(self.gate).detach().float().cpu()
@@ -595,11 +597,14 @@ class GatedNetwork(nn.Module):
             n = min(max(int(counts[g]), 1), size)
             if round_to > 1 and n < size:
                 n = min(size, max(round_to, n - n % round_to))
-            chosen = set(torch.argsort(v, descending=True, stable=True)[:n].tolist())
-            for m in self.graph.groups[g].members:
-                held = m.index_map.channels
+            order = torch.argsort(v, descending=True, stable=True).tolist()
+            chosen = set(order[:n])
+            members = [m.index_map.channels for m in self.graph.groups[g].members]
+            for held in members:
                 if not chosen.intersection(held.tolist()):
                     chosen.add(int(held[int(torch.argmax(v[held]))]))
+            if round_to > 1:
+                _round_members(chosen, [held.tolist() for held in members], order, round_to)
             if len(chosen) < size:
                 keep[g] = torch.tensor(sorted(chosen), dtype=torch.long)
         return keep
@@ -742,6 +747,31 @@ class GatedNetwork(nn.Module):
 
 
 _IN_PLACE_FUNCS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.iand, operator.ior}
+
+
+def _round_members(chosen: set, members: list[list[int]], order: list[int], round_to: int) -> None:
+    """Makes every member layer's kept width (its held channels in ``chosen``) a multiple of
+    ``round_to``, at least one multiple, or all it holds. Without this a group whose members hold
+    different parts of it (a residual stream through stages of 16, 32 and 64 channels) leaves
+    layers at widths the rounding was meant to avoid (11 of the first stage's 16 at round_to 16).
+    Members go narrowest first; channels a narrower member holds are settled and not touched
+    again. A member rounds down by dropping its worst unsettled chosen channels (last in
+    ``order``) where that leaves at least one multiple, else up by taking its best unsettled
+    free ones (first in ``order``); a member whose unsettled channels cannot do either (not
+    nested in the narrower ones' parts) keeps its width."""
+    rank = {c: i for i, c in enumerate(order)}
+    settled: set = set()
+    for held in sorted({tuple(sorted(h)) for h in members}, key=len):
+        kept = [c for c in held if c in chosen]
+        extra = len(kept) % round_to
+        if extra and len(kept) < len(held):
+            loose = sorted((c for c in kept if c not in settled), key=rank.__getitem__)
+            free = sorted((c for c in held if c not in chosen and c not in settled), key=rank.__getitem__)
+            if len(kept) - extra >= round_to and len(loose) >= extra:
+                chosen.difference_update(loose[len(loose) - extra:])
+            elif len(free) >= min(round_to - extra, len(held) - len(kept)):
+                chosen.update(free[:round_to - extra])
+        settled.update(held)
 
 
 def _in_place(node: fx.Node, modules: dict) -> bool:

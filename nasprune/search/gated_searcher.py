@@ -62,8 +62,9 @@ class GatedSearcher(Searcher):
         the MACs depend on it. flops_target: fraction of the model's MACs to keep, in (0, 1].
     flops_tolerance: the width of the band the threshold keep's MACs must land in (fraction of
         the model's MACs). gate_init: every raw gate value at the start. round_to: the keep rules
-        round every kept width down to a multiple of it (never below one multiple): widths in
-        multiples of 8 run faster on CPUs and GPUs than odd ones at the same MACs.
+        round every kept width down to a multiple of it (never below one multiple), at every
+        layer of a group (:meth:`GatedNetwork.keep`): widths in multiples of 8 run faster on CPUs
+        and GPUs than odd ones at the same MACs.
     untie: search :func:`nasprune.graph.untie` of the model (every residual shortcut through a
         channel selection, so each block's output is a group with widths and gates of its own;
         PaS's ``placement="untied"``). The export is then that untied network slimmed, and

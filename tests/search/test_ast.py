@@ -75,8 +75,8 @@ def test_sampling_keeps_the_smallest_mass_set():
 
 def test_round_to_rounds_the_sampled_widths_down():
     """Warm start, no noise: every group's mass count is ceil(theta * width); round_to=8 takes it
-    down to a multiple of 8 (at least 8). Only the keep rule's one channel per member layer (the
-    option-A shortcuts hold part of a group) may add to it."""
+    down to a multiple of 8 (at least 8). Only the member rules (the option-A shortcuts hold part
+    of a group: each member layer keeps a channel, and a multiple of round_to) may move it."""
     widths, costs = {}, {}
     for r in (1, 8):
         s = AST(cifar_resnet20(), 0.5, input_size=SIZE, device="cpu", start="warm", noise=0.0, round_to=r)

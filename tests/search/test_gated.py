@@ -246,6 +246,36 @@ def test_keep_rules(resnet20a, round_to):
         slim.apply(model, gn.graph, budget)  # every member keeps a channel: the keep set is valid
 
 
+@pytest.mark.parametrize("round_to", [8, 16])
+def test_round_to_holds_at_every_layer_of_a_stream(resnet20a, round_to):
+    """The option-A residual stream is one group whose layers hold 16, 32 and 64 of its channels:
+    with round_to every layer of it keeps a multiple (or all it holds), not only the group; the
+    slimmed network (whose stage-2 shortcut may now pad no channels at all) traces, gates and
+    computes as the masked one."""
+    model, x, gn = resnet20a
+    g = torch.Generator().manual_seed(3)
+    for trial in range(4):
+        gn.set_gates({gi: torch.rand(gn.sizes[gi], generator=g) for gi in gn.groups})
+        for keep in (gn.keep("topk", k=0.4 + 0.1 * trial, round_to=round_to),
+                     gn.keep("budget", macs=0.5, round_to=round_to)):
+            for gi, idx in keep.items():
+                chosen = set(idx.tolist())
+                for m in gn.graph.groups[gi].members:
+                    held = m.index_map.channels.tolist()
+                    kept = len(chosen.intersection(held))
+                    assert kept % round_to == 0 or kept == len(held), (gi, len(held), kept)
+            slimmed = slim.apply(model, gn.graph, keep)
+            widths = {mm.out_channels for mm in slimmed.modules() if isinstance(mm, nn.Conv2d)}
+            assert all(w % round_to == 0 for w in widths), widths
+            sub = GatedNetwork(slimmed, x)
+            _binary(gn, keep)
+            gn.eval(), sub.eval(), model.eval()
+            with torch.no_grad():
+                want = gn(x)
+                assert torch.allclose(sub(x), want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    gn.set_gates({gi: torch.ones(gn.sizes[gi]) for gi in gn.groups})
+
+
 def test_layernorm_groups_are_reported_not_gated():
     model = torchvision.models.convnext_tiny(num_classes=10)
     gn = GatedNetwork(model, torch.zeros(1, 3, 32, 32))
