@@ -600,11 +600,15 @@ class GatedNetwork(nn.Module):
             order = torch.argsort(v, descending=True, stable=True).tolist()
             chosen = set(order[:n])
             members = [m.index_map.channels for m in self.graph.groups[g].members]
-            for held in members:
-                if not chosen.intersection(held.tolist()):
-                    chosen.add(int(held[int(torch.argmax(v[held]))]))
+
+            def one_each():
+                for held in members:
+                    if not chosen.intersection(held.tolist()):
+                        chosen.add(int(held[int(torch.argmax(v[held]))]))
+            one_each()
             if round_to > 1:
                 _round_members(chosen, [held.tolist() for held in members], order, round_to)
+                one_each()     # a member that could not round and lost its last channel to another
             if len(chosen) < size:
                 keep[g] = torch.tensor(sorted(chosen), dtype=torch.long)
         return keep
@@ -761,10 +765,10 @@ def _round_members(chosen: set, members: list[list[int]], order: list[int], roun
     nested in the narrower ones' parts) keeps its width."""
     rank = {c: i for i, c in enumerate(order)}
     settled: set = set()
-    for held in sorted({tuple(sorted(h)) for h in members}, key=len):
+    for held in sorted({tuple(sorted(h)) for h in members}, key=lambda h: (len(h), h)):
         kept = [c for c in held if c in chosen]
         extra = len(kept) % round_to
-        if extra and len(kept) < len(held):
+        if (extra or not kept) and len(kept) < len(held):      # none kept: up to one multiple
             loose = sorted((c for c in kept if c not in settled), key=rank.__getitem__)
             free = sorted((c for c in held if c not in chosen and c not in settled), key=rank.__getitem__)
             if len(kept) - extra >= round_to and len(loose) >= extra:
