@@ -600,15 +600,10 @@ class GatedNetwork(nn.Module):
             order = torch.argsort(v, descending=True, stable=True).tolist()
             chosen = set(order[:n])
             members = [m.index_map.channels for m in self.graph.groups[g].members]
-
-            def one_each():
-                for held in members:
-                    if not chosen.intersection(held.tolist()):
-                        chosen.add(int(held[int(torch.argmax(v[held]))]))
-            one_each()
+            _one_each(chosen, members, v)
             if round_to > 1:
                 _round_members(chosen, [held.tolist() for held in members], order, round_to)
-                one_each()     # a member that could not round and lost its last channel to another
+                _one_each(chosen, members, v)   # a member that lost its last channel to another's rounding
             if len(chosen) < size:
                 keep[g] = torch.tensor(sorted(chosen), dtype=torch.long)
         return keep
@@ -751,6 +746,13 @@ class GatedNetwork(nn.Module):
 
 
 _IN_PLACE_FUNCS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.iand, operator.ior}
+
+
+def _one_each(chosen: set, members: list[torch.Tensor], values: torch.Tensor) -> None:
+    """Every member layer keeps at least one channel of the group: its largest gate if none."""
+    for held in members:
+        if not chosen.intersection(held.tolist()):
+            chosen.add(int(held[int(torch.argmax(values[held]))]))
 
 
 def _round_members(chosen: set, members: list[list[int]], order: list[int], round_to: int) -> None:
