@@ -46,6 +46,7 @@ from nasprune.nn import gates as gate_params
 from nasprune.nn.gate import apply_gate
 from nasprune.nn.gated_conv import GatedConvBNAct2d, bn_act_gate
 from nasprune.nn.select import ChannelSelect
+from nasprune.slim.uniform import group_keep
 
 _GATES = "nasprune_gates"  # the placeholder every rewritten graph takes the gate values through
 
@@ -570,7 +571,7 @@ class GatedNetwork(nn.Module):
         ``macs`` (or ``params``), an absolute count or a fraction (<= 1) of the unpruned model's.
         round_to: kept widths rounded to a multiple (down, but never below one multiple), the
         group's and then every member layer's (a residual stream's layers hold different parts
-        of its group: :func:`_round_members`).
+        of its group: :func:`nasprune.slim.uniform.group_keep`).
         Every member layer keeps at least one channel of a group it holds part of.
         """
         values = self.gate_fn(self.gate).detach().float().cpu()
@@ -597,13 +598,8 @@ class GatedNetwork(nn.Module):
             n = min(max(int(counts[g]), 1), size)
             if round_to > 1 and n < size:
                 n = min(size, max(round_to, n - n % round_to))
-            order = torch.argsort(v, descending=True, stable=True).tolist()
-            chosen = set(order[:n])
-            members = [m.index_map.channels for m in self.graph.groups[g].members]
-            _one_each(chosen, members, v)
-            if round_to > 1:
-                _round_members(chosen, [held.tolist() for held in members], order, round_to)
-                _one_each(chosen, members, v)   # a member that lost its last channel to another's rounding
+            ranked = torch.argsort(v, descending=True, stable=True).tolist()
+            chosen = group_keep(self.graph.groups[g], n, ranked, round_to)
             if len(chosen) < size:
                 keep[g] = torch.tensor(sorted(chosen), dtype=torch.long)
         return keep
@@ -746,38 +742,6 @@ class GatedNetwork(nn.Module):
 
 
 _IN_PLACE_FUNCS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.iand, operator.ior}
-
-
-def _one_each(chosen: set, members: list[torch.Tensor], values: torch.Tensor) -> None:
-    """Every member layer keeps at least one channel of the group: its largest gate if none."""
-    for held in members:
-        if not chosen.intersection(held.tolist()):
-            chosen.add(int(held[int(torch.argmax(values[held]))]))
-
-
-def _round_members(chosen: set, members: list[list[int]], order: list[int], round_to: int) -> None:
-    """Makes every member layer's kept width (its held channels in ``chosen``) a multiple of
-    ``round_to``, at least one multiple, or all it holds. Without this a group whose members hold
-    different parts of it (a residual stream through stages of 16, 32 and 64 channels) leaves
-    layers at widths the rounding was meant to avoid (11 of the first stage's 16 at round_to 16).
-    Members go narrowest first; channels a narrower member holds are settled and not touched
-    again. A member rounds down by dropping its worst unsettled chosen channels (last in
-    ``order``) where that leaves at least one multiple, else up by taking its best unsettled
-    free ones (first in ``order``); a member whose unsettled channels cannot do either (not
-    nested in the narrower ones' parts) keeps its width."""
-    rank = {c: i for i, c in enumerate(order)}
-    settled: set = set()
-    for held in sorted({tuple(sorted(h)) for h in members}, key=lambda h: (len(h), h)):
-        kept = [c for c in held if c in chosen]
-        extra = len(kept) % round_to
-        if (extra or not kept) and len(kept) < len(held):      # none kept: up to one multiple
-            loose = sorted((c for c in kept if c not in settled), key=rank.__getitem__)
-            free = sorted((c for c in held if c not in chosen and c not in settled), key=rank.__getitem__)
-            if len(kept) - extra >= round_to and len(loose) >= extra:
-                chosen.difference_update(loose[len(loose) - extra:])
-            elif len(free) >= min(round_to - extra, len(held) - len(kept)):
-                chosen.update(free[:round_to - extra])
-        settled.update(held)
 
 
 def _in_place(node: fx.Node, modules: dict) -> bool:

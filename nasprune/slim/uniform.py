@@ -15,18 +15,59 @@ def _counts(graph, keep_ratio: float, round_to: int) -> dict[int, int]:
     return counts
 
 
-def _leading(graph, counts: dict[int, int], order=None) -> dict[int, torch.Tensor]:
-    """The first ``counts[g]`` channels of every prunable group in ``order[g]`` (default: the
-    leading channels), plus the first in that order of any member they would empty; groups kept
-    whole are left out."""
+def group_keep(group, n: int, ranked: list[int], round_to: int = 1) -> set[int]:
+    """The channels one group keeps: the first ``n`` in ``ranked`` (its channels best first),
+    plus the first in that order of any member layer they would empty, and with ``round_to`` > 1
+    every member layer's width a multiple (:func:`_round_members`). The keep rule of the uniform
+    controls and of every gate-based search (``GatedNetwork.keep``)."""
+    chosen = set(ranked[:n])
+    members = [m.index_map.channels.tolist() for m in group.members]
+    _one_each(chosen, members, ranked)
+    if round_to > 1:
+        _round_members(chosen, members, ranked, round_to)
+        _one_each(chosen, members, ranked)   # a member that lost its last channel to another's rounding
+    return chosen
+
+
+def _one_each(chosen: set, members: list[list[int]], ranked: list[int]) -> None:
+    for held in members:
+        if not chosen.intersection(held):
+            inside = set(held)
+            chosen.add(next(c for c in ranked if c in inside))
+
+
+def _round_members(chosen: set, members: list[list[int]], order: list[int], round_to: int) -> None:
+    """Makes every member layer's kept width (its held channels in ``chosen``) a multiple of
+    ``round_to``, at least one multiple, or all it holds. Without this a group whose members hold
+    different parts of it (a residual stream through stages of 16, 32 and 64 channels) leaves
+    layers at widths the rounding was meant to avoid (11 of the first stage's 16 at round_to 16).
+    Members go narrowest first; channels a narrower member holds are settled and not touched
+    again. A member rounds down by dropping its worst unsettled chosen channels (last in
+    ``order``) where that leaves at least one multiple, else up by taking its best unsettled
+    free ones (first in ``order``); a member whose unsettled channels cannot do either (not
+    nested in the narrower ones' parts) keeps its width."""
+    rank = {c: i for i, c in enumerate(order)}
+    settled: set = set()
+    for held in sorted({tuple(sorted(h)) for h in members}, key=lambda h: (len(h), h)):
+        kept = [c for c in held if c in chosen]
+        extra = len(kept) % round_to
+        if (extra or not kept) and len(kept) < len(held):      # none kept: up to one multiple
+            loose = sorted((c for c in kept if c not in settled), key=rank.__getitem__)
+            free = sorted((c for c in held if c not in chosen and c not in settled), key=rank.__getitem__)
+            if len(kept) - extra >= round_to and len(loose) >= extra:
+                chosen.difference_update(loose[len(loose) - extra:])
+            elif len(free) >= min(round_to - extra, len(held) - len(kept)):
+                chosen.update(free[:round_to - extra])
+        settled.update(held)
+
+
+def _leading(graph, counts: dict[int, int], order=None, round_to: int = 1) -> dict[int, torch.Tensor]:
+    """:func:`group_keep` of every prunable group: its first ``counts[g]`` channels in
+    ``order[g]`` (default: the leading channels); groups kept whole are left out."""
     keep = {}
     for g in graph.prunable_groups:
         ranked = order[g.index].tolist() if order is not None and g.index in order else list(range(g.size))
-        chosen = set(ranked[:counts[g.index]])
-        for m in g.members:
-            held = set(m.index_map.channels.tolist())
-            if not chosen & held:
-                chosen.add(next(c for c in ranked if c in held))
+        chosen = group_keep(g, counts[g.index], ranked, round_to)
         if len(chosen) < g.size:
             keep[g.index] = torch.tensor(sorted(chosen), dtype=torch.long)
     return keep
@@ -47,7 +88,8 @@ def uniform_keep(graph, keep_ratio: float, round_to: int = 1, order=None) -> dic
     L1 norm: the classic per-layer magnitude rule at one ratio); the first channels in that
     order are kept instead of the leading ones. A group whose members hold only some of its
     channels (the nested residual stream of an option-A ResNet) also keeps the first channel
-    (in order) of any member the prefix would empty.
+    (in order) of any member the prefix would empty, and with ``round_to`` each such member
+    layer's width is rounded too (:func:`group_keep`).
     """
     _check(keep_ratio, round_to)
     return _leading(graph, _counts(graph, keep_ratio, round_to), order)

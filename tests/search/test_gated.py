@@ -280,7 +280,7 @@ def test_round_members_on_random_chains():
     """`_round_members` on random nested members (a chain, as a residual stream's layers are):
     every member ends at a multiple of round_to, at least one, or at its full width."""
     import random
-    from nasprune.search.gated import _round_members
+    from nasprune.slim.uniform import _round_members
     rng = random.Random(0)
     for _ in range(2000):
         size, r = rng.randint(2, 40), rng.choice([2, 4, 8])
