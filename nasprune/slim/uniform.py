@@ -92,7 +92,7 @@ def uniform_keep(graph, keep_ratio: float, round_to: int = 1, order=None) -> dic
     layer's width is rounded too (:func:`group_keep`).
     """
     _check(keep_ratio, round_to)
-    return _leading(graph, _counts(graph, keep_ratio, round_to), order)
+    return _leading(graph, _counts(graph, keep_ratio, round_to), order, round_to)
 
 
 def uniform(model: nn.Module, example_inputs, keep_ratio: float, *, round_to: int = 1, **trace_kwargs) -> nn.Module:
@@ -126,13 +126,13 @@ def uniform_keep_at(graph, flops_target: float, *, round_to: int = 1, cost=None,
     target = flops_target * cost.total()
 
     def macs(counts):
-        return cost.exact(_leading(graph, counts, order))
+        return cost.exact(_leading(graph, counts, order, round_to))
 
     lo, hi = 1e-6, 1.0  # macs(lo) <= target < macs(hi), unless the target lies outside them
     if macs(_counts(graph, hi, round_to)) <= target:
-        return _leading(graph, _counts(graph, hi, round_to), order), hi
+        return _leading(graph, _counts(graph, hi, round_to), order, round_to), hi
     if macs(_counts(graph, lo, round_to)) > target:
-        return _leading(graph, _counts(graph, lo, round_to), order), lo
+        return _leading(graph, _counts(graph, lo, round_to), order, round_to), lo
     for _ in range(40):  # the ratio to 1e-12: far below one channel of any group
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if macs(_counts(graph, mid, round_to)) <= target else (lo, mid)
@@ -142,7 +142,7 @@ def uniform_keep_at(graph, flops_target: float, *, round_to: int = 1, cost=None,
         counts[g] = above[g]
         m = macs(counts)
         best = min(best, (abs(m - target), m, dict(counts)), key=lambda b: b[:2])
-    return _leading(graph, best[2], order), lo
+    return _leading(graph, best[2], order, round_to), lo
 
 
 def uniform_at(model: nn.Module, example_inputs, flops_target: float, *, round_to: int = 1,

@@ -111,6 +111,18 @@ def test_uniform_keeps_the_leading_channels(resnet20a):
     assert all(len(v) % 8 == 0 for v in S.uniform_keep(graph, 0.7, round_to=8).values())
 
 
+@pytest.mark.parametrize("round_to", [8, 16])
+def test_uniform_rounds_every_layer_of_the_stream(resnet20a, round_to):
+    """round_to holds at each layer of the option-A stream (16, 32 and 64 of one group), for the
+    uniform keep at several ratios and at a MACs target, not only for the group's count."""
+    model, x, graph = resnet20a
+    keeps = [S.uniform_keep(graph, r, round_to=round_to) for r in (0.4, 0.6, 0.7)]
+    keeps.append(S.uniform_keep_at(graph, 0.5, round_to=round_to)[0])
+    for keep in keeps:
+        widths = {m.out_channels for m in S.apply(model, graph, keep).modules() if isinstance(m, nn.Conv2d)}
+        assert all(w % round_to == 0 for w in widths), widths
+
+
 def test_uniform_keeps_every_layer_of_a_nested_group_alive(resnet20a):
     model, x, graph = resnet20a
     slim = S.apply(model, graph, S.uniform_keep(graph, 0.1))
