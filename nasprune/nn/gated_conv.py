@@ -148,6 +148,79 @@ def _sparse_ok(conv: nn.Conv2d) -> bool:
     return conv.groups == 1 or depthwise
 
 
+def skip_closed_ok(conv: nn.Conv2d) -> bool:
+    """Whether :func:`skip_closed_conv` takes this conv: a dense 2-D conv with zero padding given
+    as numbers."""
+    return conv.groups == 1 and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+
+
+def skip_closed_conv(conv: nn.Conv2d, x: Tensor, in_open: Tensor | None,
+                     out_open: Tensor | None) -> Tensor:
+    """conv(x) without bias, for an `x` whose input channels outside `in_open` are zero and whose
+    output gradient will be zero outside `out_open` (the channels binary gates close; None: all
+    open). The forward convolves the open input channels into every output channel (a closed
+    output still needs its values: a straight-through gate's gradient reads them); the backward
+    takes the input gradient from the open output channels and the weight gradient on open
+    outputs x open inputs, zero elsewhere. Every product skipped has a zero factor, so the values
+    are the dense conv's up to the order of summation. Indices sorted, distinct, in range;
+    `skip_closed_ok(conv)` must hold."""
+    return _SkipClosed.apply(x, conv.weight, in_open, out_open, conv.stride, conv.padding,
+                             conv.dilation)
+
+
+def gather_channels(x: Tensor, index: Tensor) -> Tensor:
+    """x[:, index] of a 4-D tensor in its own memory format, in one pass (index_select along the
+    channels of a channels-last tensor would return NCHW)."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        n, _, h, w = x.shape
+        nhwc = x.permute(0, 2, 3, 1)
+        return torch.gather(nhwc, 3, index.view(1, 1, 1, -1).expand(n, h, w, -1)).permute(0, 3, 1, 2)
+    return x.index_select(1, index)
+
+
+class _SkipClosed(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, in_open, out_open, stride, padding, dilation):
+        xa = x if in_open is None else gather_channels(x, in_open)
+        wa = weight if in_open is None else _like(weight.index_select(1, in_open), weight)
+        ctx.save_for_backward(x, xa, weight, in_open, out_open)
+        ctx.conv = (stride, padding, dilation)
+        return F.conv2d(xa, wa, None, stride, padding, dilation)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dz):
+        x, xa, weight, in_open, out_open = ctx.saved_tensors
+        stride, padding, dilation = ctx.conv
+        conv_args = (None, stride, padding, dilation, False, [0] * len(stride), 1)
+        dz = dz.contiguous(memory_format=_format(xa))
+        dza = dz if out_open is None else gather_channels(dz, out_open)
+        wo = weight if out_open is None else _like(weight.index_select(0, out_open), weight)
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.ops.aten.convolution_backward(dza, x, wo, *conv_args, (True, False, False))[0]
+        if ctx.needs_input_grad[1]:
+            woa = wo if in_open is None else _like(wo.index_select(1, in_open), weight)
+            dwa = torch.ops.aten.convolution_backward(dza, xa, woa, *conv_args, (False, True, False))[1]
+            dw = dwa if in_open is None and out_open is None else torch.zeros_like(weight)
+            if in_open is not None and out_open is not None:
+                dw.index_put_((out_open.view(-1, 1), in_open.view(1, -1)), dwa)
+            elif out_open is not None:
+                dw.index_copy_(0, out_open, dwa)
+            elif in_open is not None:
+                dw.index_copy_(1, in_open, dwa)
+        return dx, dw, None, None, None, None, None
+
+
+def _format(t: Tensor) -> torch.memory_format:
+    cl = t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if cl else torch.contiguous_format
+
+
+def _like(t: Tensor, ref: Tensor) -> Tensor:
+    return t.contiguous(memory_format=_format(ref))
+
+
 class GatedConv2d(_Gated, nn.Conv2d):
     """nn.Conv2d with a per-output-channel gate: y[:, c] = g[c] * (conv(x)[:, c] + bias[c]).
 
@@ -216,12 +289,19 @@ class GatedConvBNAct2d(_Gated, nn.Module):
         g = self._gate_for_forward()
         return self.fused_forward(x, g, self.active_index() if _sparse_ok(self.conv) else None)
 
-    def fused_forward(self, x: Tensor, g: Tensor, index: Tensor | None = None) -> Tensor:
+    def fused_forward(self, x: Tensor, g: Tensor, index: Tensor | None = None,
+                      skip: tuple[Tensor | None, Tensor | None] | None = None) -> Tensor:
         """`g * act(bn(conv(x)))` for gate values `g` given by the caller (a gated network
-        gathers them from one packed vector); `index`: the open channels to convolve, or None."""
+        gathers them from one packed vector); `index`: the open channels to convolve, or None.
+        `skip`: (in_open, out_open) of :func:`skip_closed_conv`, where the caller knows which
+        input channels are zero and `g` is 0 at every output channel outside out_open (the
+        epilogue's backward then gives those channels a zero gradient)."""
         conv = self.conv
         self._check_input(x, conv.in_channels, conv.weight)
-        z = _convolve(conv, x, index)  # the conv bias is folded into the BN shift
+        if skip is not None and index is None:
+            z = skip_closed_conv(conv, x, *skip)
+        else:
+            z = _convolve(conv, x, index)  # the conv bias is folded into the BN shift
         return bn_act_gate(self.bn, z, g, self.act, self.training, index, conv.bias, self._describe)
 
 

@@ -44,7 +44,7 @@ from nasprune.handlers.layers import ConvHandler, LinearHandler
 from nasprune.handlers.norm import BatchNormHandler
 from nasprune.nn import gates as gate_params
 from nasprune.nn.gate import apply_gate
-from nasprune.nn.gated_conv import GatedConvBNAct2d, bn_act_gate
+from nasprune.nn.gated_conv import GatedConvBNAct2d, bn_act_gate, skip_closed_ok
 from nasprune.nn.select import ChannelSelect
 from nasprune.slim.uniform import group_keep
 
@@ -146,18 +146,61 @@ class _HeldSite:
         return f"act={self.act!r}, channels={self.index.numel()}"
 
 
-class _FusedSite(_HeldSite, GatedConvBNAct2d):
-    """conv -> BN -> act -> gate of the user's own conv and BN modules, in one fused call."""
+# Open channels a skipping conv convolves are padded up to a multiple of this with closed ones:
+# oneDNN runs a conv of 23 or 47 channels slower per MAC than one of 32 or 48 (docs/gated.md).
+SKIP_MULTIPLE = 16
 
-    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: str, index: torch.Tensor):
+
+class _OpenChannels:
+    """The binary gate values of the forward being run, on the host (None outside such a
+    forward): GatedNetwork.forward sets them, each fused site reads the open channels of its
+    conv's output and input from them (one copy to the host per forward, not one per layer)."""
+
+    def __init__(self):
+        self.values: np.ndarray | None = None
+
+    def index(self, slots: np.ndarray | None, device) -> torch.Tensor | None:
+        """Sorted indices of the open channels among ``slots``, padded with closed ones up to a
+        multiple of SKIP_MULTIPLE (at least one multiple); None when that leaves none closed."""
+        if slots is None:
+            return None
+        open_ = self.values[slots] != 0
+        n, c = int(open_.sum()), len(slots)
+        k = max(SKIP_MULTIPLE, -(-n // SKIP_MULTIPLE) * SKIP_MULTIPLE)
+        if k >= c:
+            return None
+        chosen = open_.copy()
+        chosen[np.flatnonzero(~open_)[:k - n]] = True
+        return torch.from_numpy(np.flatnonzero(chosen)).to(device)
+
+
+class _FusedSite(_HeldSite, GatedConvBNAct2d):
+    """conv -> BN -> act -> gate of the user's own conv and BN modules, in one fused call.
+    With binary gates it skips what the closed channels make zero (skip_closed_conv): the input
+    channels whose slots ``in_slots`` holds (set where the network's probe found them zero when
+    closed) and the gradient of its closed output channels."""
+
+    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: str, index: torch.Tensor,
+                 in_slots: torch.Tensor, open_channels: _OpenChannels):
         nn.Module.__init__(self)
         self._hold((conv, bn), act, index)
+        object.__setattr__(self, "_open", open_channels)
+        self._out_slots = index.cpu().numpy()
+        self._conv_in_slots = in_slots.cpu().numpy()  # the packed slot of each conv input channel
+        self.in_slots: np.ndarray | None = None        # the same where the probe allows skipping
 
     conv = property(lambda self: self._layers[0])
     bn = property(lambda self: self._layers[1])
 
     def forward(self, x, values):
-        return self.fused_forward(x, values.index_select(0, self.index))
+        return self.fused_forward(x, values.index_select(0, self.index), skip=self._skip(x.device))
+
+    def _skip(self, device):
+        if self._open.values is None or not skip_closed_ok(self.conv):
+            return None
+        in_open = self._open.index(self.in_slots, device)
+        out_open = self._open.index(self._out_slots, device)
+        return None if in_open is None and out_open is None else (in_open, out_open)
 
     def _load_from_state_dict(self, *args, **kwargs):  # no gate of its own to default
         nn.Module._load_from_state_dict(self, *args, **kwargs)
@@ -200,6 +243,11 @@ class GatedNetwork(nn.Module):
         oneDNN and cuDNN convolve it faster, and the fused ops take it natively), "contiguous"
         keeps NCHW. The export is contiguous either way.
     exclude, leaf_modules: as for :func:`nasprune.graph.trace`.
+    skip_closed: with a binary gate (threshold, fixed), skip the convolution work closed channels
+        make zero (:func:`nasprune.nn.gated_conv.skip_closed_conv`): the closed input channels
+        (where a probe at construction finds a closed slot's channels zero at the conv's input)
+        and the backward of closed output channels. None (default): on the CPU; True: on every
+        device; False: never. The values are the dense convolution's up to summation order.
 
     ``graph`` is the ChannelGraph of ``model``: its group indices key every keep set and every
     dict of gate values, and a keep set applies to the user's model with
@@ -207,7 +255,7 @@ class GatedNetwork(nn.Module):
     """
 
     def __init__(self, model: nn.Module, example_inputs, *, gate="continuous", fuse: bool = True,
-                 memory_format: str = "auto", exclude=(), leaf_modules=()):
+                 memory_format: str = "auto", exclude=(), leaf_modules=(), skip_closed: bool | None = None):
         super().__init__()
         inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
         self.graph: ChannelGraph = trace(model, inputs, exclude=exclude, leaf_modules=leaf_modules)
@@ -232,6 +280,8 @@ class GatedNetwork(nn.Module):
         self.gate = nn.Parameter(torch.full((self.num_gates,), self.gate_fn.init_value, device=device))
         self.sites = nn.ModuleDict()
         self.site_info: dict[str, list[Site]] = {}
+        self.skip_closed = skip_closed
+        self._open = _OpenChannels()
         modes = {}
         for mode, traced in graphs.items():
             modes[mode] = self._rewrite(traced, mode)
@@ -239,6 +289,8 @@ class GatedNetwork(nn.Module):
         self._cost = _GateCost(self)
         self.sites.to(device)  # the gathered slots and the cost's tables live beside the weights
         self._cost.to(device)
+        if self.gate_fn.binary and skip_closed is not False:
+            self._probe_closed_inputs(inputs)
 
     # ------------------------------------------------------------------ construction
     def _trace_modes(self, inputs) -> dict:
@@ -377,8 +429,9 @@ class GatedNetwork(nn.Module):
             if fused is not None:
                 conv_node, act_node, act = fused
                 first = conv_node if conv_node is not None else node
-                site = _FusedSite(modules[conv_node.target], m, act, index) if conv_node is not None \
-                    else _NormSite(m, act, index)
+                site = _FusedSite(modules[conv_node.target], m, act, index,
+                                  self._slots(self.graph.records[conv_node.target][1]["in"]), self._open) \
+                    if conv_node is not None else _NormSite(m, act, index)
                 last = act_node if act_node is not None else node
                 with graph.inserting_after(last):
                     new = graph.call_module(f"sites.{name}", (first.args[0], values))
@@ -406,6 +459,37 @@ class GatedNetwork(nn.Module):
             if node.op == "get_attr" and "." not in node.target and not hasattr(root, node.target):
                 root.register_buffer(node.target, getattr(traced, node.target))
         return fx.GraphModule(root, graph, type(self.model).__name__)
+
+    @torch.no_grad()
+    def _probe_closed_inputs(self, inputs) -> None:
+        """Set ``in_slots`` of every fused site whose conv input is exactly zero on every channel
+        a closed gate slot holds: one eval forward of each traced mode on random inputs of the
+        example's shapes with a random half of the slots closed. A conv reached from a closed
+        channel through anything that does not keep zero (a BN with no gate after it, x + 1)
+        fails the probe and convolves all its inputs."""
+        gen = torch.Generator().manual_seed(0)
+        values = torch.cat([(torch.rand(self.num_gates, generator=gen) < 0.5).float(), torch.ones(1)])
+        device = self.gate.device
+        probe = [torch.randn(x.shape, generator=gen, dtype=x.dtype).to(device) if isinstance(x, torch.Tensor)
+                 and x.is_floating_point() else x for x in self._inputs(inputs)]
+        seen: dict[str, torch.Tensor] = {}   # fused site -> its input (each belongs to one mode)
+        hooks = [site.register_forward_pre_hook(lambda m, args, name=name: seen.__setitem__(name, args[0]))
+                 for name, site in self.sites.items() if isinstance(site, _FusedSite)]
+        try:
+            with preserved_state(self):
+                self.eval()
+                for gm in self._modes.values():
+                    gm(*probe, **{_GATES: values.to(device=device, dtype=self.gate.dtype)})
+        finally:
+            for h in hooks:
+                h.remove()
+        for name, x in seen.items():
+            site = self.sites[name]
+            slots = torch.from_numpy(site._conv_in_slots)
+            closed = (values[slots] == 0).nonzero().flatten()
+            if len(closed) and x.dim() == 4 and x.shape[1] == len(slots) and \
+                    bool((x.index_select(1, closed.to(x.device)) == 0).all()):
+                site.in_slots = site._conv_in_slots
 
     def _fusable(self, bn_node: fx.Node, modules: dict):
         """(conv node or None, act node or None, act) when bn_node is a BatchNorm2d: the conv when
@@ -458,7 +542,21 @@ class GatedNetwork(nn.Module):
         if self.channels_last:
             inputs = [x.contiguous(memory_format=torch.channels_last)
                       if isinstance(x, torch.Tensor) and x.dim() == 4 else x for x in inputs]
-        return gm(*inputs, **{_GATES: self.gate_vector()})
+        values = self.gate_vector()
+        if not self._skipping(values):
+            return gm(*inputs, **{_GATES: values})
+        self._open.values = values.detach().cpu().numpy()
+        try:
+            return gm(*inputs, **{_GATES: values})
+        finally:
+            self._open.values = None
+
+    def _skipping(self, values: torch.Tensor) -> bool:
+        """Whether this forward skips closed channels: a binary gate, skip_closed on for the
+        device, and no compiler or autocast to keep the plain path for."""
+        on = self.skip_closed if self.skip_closed is not None else values.device.type == "cpu"
+        return bool(on and self.fuse and self.gate_fn.binary and not torch.compiler.is_compiling()
+                    and not torch.is_autocast_enabled(values.device.type))
 
     def _resumable(self) -> "_Resumable":
         gm = self._modes.get("train" if self.training else "eval", self._modes["train"])

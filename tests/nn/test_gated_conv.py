@@ -222,3 +222,43 @@ def test_compiles_fullgraph(backend):
     plain = Plain(layer)
     compiled = torch.compile(layer, fullgraph=True, backend=backend)
     _compare_step(compiled, plain, torch.randn(2, 4, 6, 6), atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel,stride,padding,dilation", [(3, 1, 1, 1), (1, 2, 0, 1), (3, 2, 1, 1), (3, 1, 2, 2)])
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+@pytest.mark.parametrize("closed", ["in", "out", "both"])
+def test_skip_closed_conv_equals_the_dense_conv(kernel, stride, padding, dilation, layout, closed):
+    """skip_closed_conv on an input zero outside `in_open` and an output gradient zero outside
+    `out_open`: the output, the input gradient and the weight gradient of the dense conv (the
+    skipped weight-gradient entries exactly zero, as the dense conv's are)."""
+    from nasprune.nn.gated_conv import skip_closed_conv
+    g = torch.Generator().manual_seed(kernel * 7 + stride)
+    conv = nn.Conv2d(12, 20, kernel, stride, padding, dilation, bias=False)
+    x = torch.randn(3, 12, 9, 9, generator=g)
+    in_open = torch.tensor([0, 2, 3, 7, 11]) if closed in ("in", "both") else None
+    out_open = torch.tensor([1, 4, 5, 6, 12, 19]) if closed in ("out", "both") else None
+    if in_open is not None:
+        x = torch.zeros_like(x).index_copy(1, in_open, x.index_select(1, in_open))
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    conv, x = conv.to(memory_format=fmt), x.contiguous(memory_format=fmt)
+    dense_x, skip_x = x.clone().requires_grad_(), x.clone().requires_grad_()
+    dense, skip = conv(dense_x), skip_closed_conv(conv, skip_x, in_open, out_open)
+    assert skip.is_contiguous(memory_format=fmt)
+    dz = torch.randn(dense.shape, generator=g)
+    if out_open is not None:
+        dz = torch.zeros_like(dz).index_copy(1, out_open, dz.index_select(1, out_open))
+    dw_dense, dx_dense = torch.autograd.grad(dense, [conv.weight, dense_x], dz)
+    dw_skip, dx_skip = torch.autograd.grad(skip, [conv.weight, skip_x], dz)
+    torch.testing.assert_close(skip, dense, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx_skip, dx_dense, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dw_skip, dw_dense, rtol=1e-5, atol=1e-4)
+    assert torch.equal(dw_skip == 0, dw_dense == 0)
+
+
+def test_gather_channels_keeps_the_memory_format():
+    from nasprune.nn.gated_conv import gather_channels
+    x = torch.randn(2, 10, 5, 6)
+    index = torch.tensor([1, 4, 9])
+    for fmt in (torch.channels_last, torch.contiguous_format):
+        out = gather_channels(x.contiguous(memory_format=fmt), index)
+        assert torch.equal(out, x[:, index]) and out.is_contiguous(memory_format=fmt)

@@ -7,6 +7,7 @@ API on small models in detail.
 """
 from __future__ import annotations
 
+import copy
 import sys
 from pathlib import Path
 
@@ -462,3 +463,78 @@ def test_forward_candidates_equal_one_forward_each(resnet20a, name):
     with pytest.raises(ValueError, match="other gate values"):
         gn.forward_candidates(x, candidates=candidates[:1], reference=candidates[1], cache=cache)
     gn.set_gates({gi: torch.ones(gn.sizes[gi]) for gi in gn.groups})
+
+
+class _Shifted(nn.Module):
+    """conv-BN-ReLU, then x + 0.5 before the next conv: a closed channel reaches conv2 as 0.5."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 48, 3, padding=1, bias=False), nn.BatchNorm2d(48)
+        self.conv2, self.bn2 = nn.Conv2d(48, 48, 3, padding=1, bias=False), nn.BatchNorm2d(48)
+        self.fc = nn.Linear(48, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x))) + 0.5
+        return self.fc(torch.relu(self.bn2(self.conv2(x))).mean((2, 3)))
+
+
+def _skip_counted(gn, x, monkeypatch):
+    """(output, gradients, running statistics, calls of the skipping conv) of one training step."""
+    from nasprune.nn import gated_conv
+    calls = []
+    apply = gated_conv._SkipClosed.apply
+    monkeypatch.setattr(gated_conv._SkipClosed, "apply", lambda *a: calls.append(a) or apply(*a))
+    gn.train()
+    torch.manual_seed(1)            # the same dropout masks
+    out = gn(x)
+    out.square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in gn.named_parameters() if p.grad is not None}
+    stats = {n: b.clone() for n, b in gn.named_buffers() if "running" in n}
+    monkeypatch.undo()
+    return out.detach(), grads, stats, calls
+
+
+@pytest.mark.parametrize("name", ["repvgg", "cifar_resnet20A", "mobilenet_v2", "densenet121", "efficientnet_b0",
+                                  "shifted"])
+def test_skipping_closed_channels_equals_the_dense_network(name, monkeypatch):
+    """Binary (threshold) gates, half of them closed: skipping what the closed channels make zero
+    (the closed conv inputs the probe allows, the backward of closed outputs) gives the dense
+    network's outputs, gradients and running statistics. The probe allows every conv input
+    reached from gates alone, none reached through x + 0.5."""
+    from nasprune.models import repvgg_a0
+    from nasprune.search.gated import _FusedSite
+    if name == "repvgg":
+        model, x = zoo.randomize(repvgg_a0(cifar=True, num_classes=10)), torch.randn(4, 3, 32, 32)
+    elif name == "shifted":
+        model, x = zoo.randomize(_Shifted()), torch.randn(4, 3, 8, 8)
+    else:
+        model, x = zoo.build(name)
+        x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    gn = GatedNetwork(model, x[:1], gate="threshold")
+    assert gn.skip_closed is None                        # the default: on, on the CPU
+    with torch.no_grad():
+        gn.gate.copy_(torch.rand(gn.num_gates, generator=torch.Generator().manual_seed(2)))
+    sites = [s for s in gn.sites.values() if isinstance(s, _FusedSite)]
+    probed = {n: s.in_slots is not None for n, s in gn.sites.items() if isinstance(s, _FusedSite)}
+    dense_gn = copy.deepcopy(gn)
+    dense_gn.skip_closed = False
+    out, grads, stats, calls = _skip_counted(gn, x, monkeypatch)
+    out_d, grads_d, stats_d, calls_d = _skip_counted(dense_gn, x, monkeypatch)
+    assert calls and not calls_d
+    if name == "shifted":
+        assert list(probed.values()) == [False, False]   # conv1 reads the image, conv2 x + 0.5
+        assert all(a[2] is None and a[3] is not None for a in calls)   # closed outputs skipped
+    else:   # every fused conv with a gated input (not the image's) may skip its closed inputs
+        gated_input = {n: bool((s._conv_in_slots < gn.num_gates).any()) for n, s in gn.sites.items()
+                       if isinstance(s, _FusedSite)}
+        assert probed == gated_input and sum(probed.values()) >= len(sites) - 2
+        assert any(a[2] is not None for a in calls)
+    assert zoo.max_rel_diff(out, out_d) <= 1e-5
+    assert grads.keys() == grads_d.keys()
+    top = max(float(g.abs().max()) for g in grads_d.values())
+    for n in grads_d:       # rounding alone (the skipped products are zero), through 17-54 layers
+        scale = max(float(grads_d[n].abs().max()), 1e-3 * top)
+        assert float((grads[n] - grads_d[n]).abs().max()) <= 1e-3 * scale, n
+    for n in stats_d:
+        torch.testing.assert_close(stats[n], stats_d[n], rtol=1e-5, atol=1e-6, msg=n)
