@@ -13,7 +13,13 @@
    weights and the gates, the gates projected) of nasprune.search.PaS against an eager PaS as the
    official code writes it: plain modules with a depthwise 1x1 convolution per DBC (its kernel
    the binarised gate, straight-through), the MACs of the mask summed layer by layer in Python,
-   on a gated ResNet-56 and RepVGG-A0 at 32x32, batch 64. Both hold the same weights and gates.
+   on a gated ResNet-56 and RepVGG-A0 at 32x32, batch 64. Both hold the same weights and gates,
+   restored before every timed step (a step moves the gates, and with them what is closed), in
+   three states: ``spread`` (gates uniform in [0, 1]: about 45 % of the channels closed, 0.25-0.27
+   of the MACs; the state of the earlier sessions' figures), ``target`` (a random keep at 0.5 of
+   the MACs, the budget keep's: a search at its target) and ``open`` (every gate at its initial
+   1.0: the first step, where nasprune's skipping of closed channels has nothing to skip).
+   ``--skip-closed`` sets GatedNetwork.skip_closed (auto: on on the CPU, off on a GPU).
 
     python benchmarks/bench_pas.py                      # CPU, 2 threads
     python benchmarks/bench_pas.py --device cuda        # GPU (step batch 256)
@@ -35,6 +41,7 @@ from bench_gated import build, eager_macs, eager_network  # noqa: E402
 
 from nasprune import flops, models  # noqa: E402
 from nasprune.search import PaS  # noqa: E402
+from nasprune.search.gated_searcher import gates_as  # noqa: E402
 
 
 # ------------------------------------------------------------------ 1. the deployed network
@@ -140,13 +147,20 @@ class EagerPaS:
                 v[top] = v[top].clamp_min(s.gate_floor)
 
 
-def step_rows(name, batch, size, device) -> list[dict]:
+def step_rows(name, batch, size, device, gates="spread", skip_closed=None) -> list[dict]:
     torch.manual_seed(0)
     model = build(name)
     x0 = torch.zeros(1, 3, size, size)
     s = PaS(model, 0.5, example_inputs=x0, gate_lr=0.1, device=device)
-    with torch.no_grad():   # gates spread around the threshold, so the mask and its MACs are not trivial
-        s.gn.gate.copy_(torch.rand(s.gn.num_gates, generator=torch.Generator().manual_seed(1)).to(device))
+    s.gn.skip_closed = skip_closed
+    with torch.no_grad():
+        if gates != "open":  # gates around the threshold, so the mask and its MACs are not trivial
+            s.gn.gate.copy_(torch.rand(s.gn.num_gates, generator=torch.Generator().manual_seed(1)).to(device))
+        if gates == "target":   # the budget keep ranks by the gate values: rank by the raw ones
+            with gates_as(s.gn, s.gn.gate.detach().clone()):
+                keep = s.gn.keep("budget", macs=0.5)
+            s.gn.gate.copy_(0.25 + 0.5 * s.gn.keep_vector(keep).to(s.gn.gate))
+    held = s.gn.gate.detach().clone()
     eager = eager_pas_network(model, x0).to(device)
     eager.gate_fn = s.gn.gate_fn
     with torch.no_grad():
@@ -162,10 +176,20 @@ def step_rows(name, batch, size, device) -> list[dict]:
     assert err < 1e-4, f"{name}: the eager twin differs by {err:.2e} of its largest logit"
     assert macs_err < 1e-6 * s.gn.base_macs, f"{name}: the eager MACs differ by {macs_err}"
     e = EagerPaS(eager, s)
-    times = _common.compare_ms({"eager": lambda: e.step(batch_xy), "nasprune": lambda: s.step(batch_xy)},
+
+    def hold():  # both networks back at the state's gates
+        with torch.no_grad():
+            s.gn.gate.copy_(held), eager.gate.copy_(held)
+    times = _common.compare_ms({"eager": lambda: (hold(), e.step(batch_xy)),
+                                "nasprune": lambda: (hold(), s.step(batch_xy))},
                                device, rounds=6, reps=2, warmup=1)
+    hold()
+    closed = float((s.gn.gate_fn(s.gn.gate) == 0).float().mean())
     return [{"bench": "pas_step", "impl": impl, "model": name, "size": size, "batch": batch, "median_ms": ms,
-             "speedup_vs_eager": times["eager"] / ms, "gates": s.gn.num_gates, "threads": torch.get_num_threads()}
+             "speedup_vs_eager": times["eager"] / ms, "gates": s.gn.num_gates, "gate_state": gates,
+             "closed": closed, "macs_ratio": float(s.gn.expected_macs(mask)) / s.gn.base_macs,
+             "skip_closed": {None: "auto", True: "on", False: "off"}[skip_closed],
+             "threads": torch.get_num_threads()}
             for impl, ms in times.items()]
 
 
@@ -173,6 +197,9 @@ def main():
     p = _common.step_parser(__doc__)
     p.add_argument("--models", default="resnet56,repvgg_a0", help="models of the step benchmark")
     p.add_argument("--skip", choices=("deploy", "step"), default=None)
+    p.add_argument("--gate-states", default="spread,target,open", help="step gate states: spread, target, open")
+    p.add_argument("--skip-closed", choices=("auto", "on", "off"), default="auto",
+                   help="GatedNetwork.skip_closed in the step (auto: on on the CPU, off on a GPU)")
     args = p.parse_args()
     device, batch = _common.step_setup(args)
     rows = []
@@ -182,9 +209,12 @@ def main():
                                    "only_3x3"]),
               flush=True)
     if args.skip != "step":
+        skip_closed = {"auto": None, "on": True, "off": False}[args.skip_closed]
         for name in args.models.split(","):
-            rows += step_rows(name, batch, args.size, device)
-            print(_common.table(rows[-2:], ["impl", "model", "batch", "median_ms", "speedup_vs_eager"]), flush=True)
+            for gates in args.gate_states.split(","):
+                rows += step_rows(name, batch, args.size, device, gates, skip_closed)
+                print(_common.table(rows[-2:], ["impl", "model", "gate_state", "closed", "macs_ratio", "median_ms",
+                                                "speedup_vs_eager"]), flush=True)
     _common.finish("pas", device, rows, args)
 
 

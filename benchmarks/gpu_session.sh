@@ -22,6 +22,7 @@
 #   bench_tas 90, bench_gated 90 (the gated network's training step; never run on a GPU yet),
 #   bench_dais 90 (the DAIS step against an eager DAIS; never run on a GPU yet),
 #   bench_pas 90 (PaS's slimmed deploy network and its step; never run on a GPU yet),
+#   bench_pas_skip 60 (the step with closed channels skipped, off by default on a GPU until measured),
 #   bench_ffp 90 (an FFP fine step's candidate scoring, resumed vs full forwards; never run on a GPU yet),
 #   quality_study 240 (the quality protocol's noise study on the GPU, STUDY_ARGS the grid; carry
 #     gpu-data/, below), quality_dais 200 (DAIS's CPU-budget row on the GPU, controls included),
@@ -157,6 +158,7 @@ step bench_tas              90 $PY benchmarks/bench_tas.py --device cuda
 step bench_gated            90 $PY benchmarks/bench_gated.py --device cuda
 step bench_dais             90 $PY benchmarks/bench_dais.py --device cuda
 step bench_pas              90 $PY benchmarks/bench_pas.py --device cuda
+step bench_pas_skip         60 $PY benchmarks/bench_pas.py --device cuda --skip deploy --skip-closed on
 step bench_ffp              90 $PY benchmarks/bench_ffp.py --device cuda
 # The quality protocol's noise study (issue 13) for the CPU budget's ResNet-20, on the GPU: the
 # uniform control over a grid of KD learning rates and epochs, 3 seeds a cell, one record a cell
