@@ -464,9 +464,10 @@ class GatedNetwork(nn.Module):
     def _probe_closed_inputs(self, inputs) -> None:
         """Set ``in_slots`` of every fused site whose conv input is exactly zero on every channel
         a closed gate slot holds: one eval forward of each traced mode on random inputs of the
-        example's shapes with a random half of the slots closed. A conv reached from a closed
-        channel through anything that does not keep zero (a BN with no gate after it, x + 1)
-        fails the probe and convolves all its inputs."""
+        example's shapes, with random weights and statistics (so that a zero-initialised bias
+        cannot pass for a structural zero; the model's own come back after) and a random half of
+        the slots closed. A conv reached from a closed channel through anything that does not
+        keep zero (a BN with no gate after it, x + 1) fails the probe and convolves all its inputs."""
         gen = torch.Generator().manual_seed(0)
         values = torch.cat([(torch.rand(self.num_gates, generator=gen) < 0.5).float(), torch.ones(1)])
         device = self.gate.device
@@ -475,14 +476,18 @@ class GatedNetwork(nn.Module):
         seen: dict[str, torch.Tensor] = {}   # fused site -> its input (each belongs to one mode)
         hooks = [site.register_forward_pre_hook(lambda m, args, name=name: seen.__setitem__(name, args[0]))
                  for name, site in self.sites.items() if isinstance(site, _FusedSite)]
+        params = [(p, p.detach().clone()) for p in self.model.parameters()]
         try:
-            with preserved_state(self):
+            with preserved_state(self):   # modes and buffers
                 self.eval()
+                _randomise(self.model, gen)
                 for gm in self._modes.values():
                     gm(*probe, **{_GATES: values.to(device=device, dtype=self.gate.dtype)})
         finally:
             for h in hooks:
                 h.remove()
+            for p, saved in params:
+                p.copy_(saved)
         for name, x in seen.items():
             site = self.sites[name]
             slots = torch.from_numpy(site._conv_in_slots)
@@ -837,6 +842,18 @@ class GatedNetwork(nn.Module):
             w.mul_(s.to(w.dtype).view(s.shape + (1,) * (w.dim() - 2)))
         else:
             raise ValueError(f"export: cannot fold gate values into the inputs of {type(layer).__name__} {name}")
+
+
+def _randomise(model: nn.Module, gen: torch.Generator) -> None:
+    """Random floating parameters (fan-in scaled) and buffers (variances in [0.5, 1.5])."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            fan_in = p[0].numel() if p.dim() > 1 else 1
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) / fan_in ** 0.5)
+    for name, b in model.named_buffers():
+        if b.is_floating_point():
+            b.copy_(torch.rand(b.shape, generator=gen, dtype=b.dtype) + 0.5 if name.endswith("var")
+                    else torch.randn(b.shape, generator=gen, dtype=b.dtype))
 
 
 _IN_PLACE_FUNCS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.iand, operator.ior}

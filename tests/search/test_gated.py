@@ -466,16 +466,19 @@ def test_forward_candidates_equal_one_forward_each(resnet20a, name):
 
 
 class _Shifted(nn.Module):
-    """conv-BN-ReLU, then x + 0.5 before the next conv: a closed channel reaches conv2 as 0.5."""
+    """conv-BN-ReLU, then a shift before the next conv: a closed channel reaches conv2 as the
+    shift, 0.5 or a learnable one that starts at zero (the probe must not take it for a zero)."""
 
-    def __init__(self):
+    def __init__(self, learnable: bool = False):
         super().__init__()
         self.conv1, self.bn1 = nn.Conv2d(3, 48, 3, padding=1, bias=False), nn.BatchNorm2d(48)
         self.conv2, self.bn2 = nn.Conv2d(48, 48, 3, padding=1, bias=False), nn.BatchNorm2d(48)
         self.fc = nn.Linear(48, 3)
+        self.shift = nn.Parameter(torch.zeros(1, 48, 1, 1)) if learnable else None
 
     def forward(self, x):
-        x = torch.relu(self.bn1(self.conv1(x))) + 0.5
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = x + (0.5 if self.shift is None else self.shift)
         return self.fc(torch.relu(self.bn2(self.conv2(x))).mean((2, 3)))
 
 
@@ -496,18 +499,20 @@ def _skip_counted(gn, x, monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["repvgg", "cifar_resnet20A", "mobilenet_v2", "densenet121", "efficientnet_b0",
-                                  "shifted"])
+                                  "shifted", "shifted_by_zero"])
 def test_skipping_closed_channels_equals_the_dense_network(name, monkeypatch):
     """Binary (threshold) gates, half of them closed: skipping what the closed channels make zero
     (the closed conv inputs the probe allows, the backward of closed outputs) gives the dense
     network's outputs, gradients and running statistics. The probe allows every conv input
-    reached from gates alone, none reached through x + 0.5."""
+    reached from gates alone, none reached through x + 0.5 or x + a parameter that is still zero."""
     from nasprune.models import repvgg_a0
     from nasprune.search.gated import _FusedSite
     if name == "repvgg":
         model, x = zoo.randomize(repvgg_a0(cifar=True, num_classes=10)), torch.randn(4, 3, 32, 32)
-    elif name == "shifted":
-        model, x = zoo.randomize(_Shifted()), torch.randn(4, 3, 8, 8)
+    elif name.startswith("shifted"):
+        model, x = zoo.randomize(_Shifted(learnable=name == "shifted_by_zero")), torch.randn(4, 3, 8, 8)
+        if model.shift is not None:
+            nn.init.zeros_(model.shift)     # as trained from scratch: zero until the first step
     else:
         model, x = zoo.build(name)
         x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
@@ -522,8 +527,8 @@ def test_skipping_closed_channels_equals_the_dense_network(name, monkeypatch):
     out, grads, stats, calls = _skip_counted(gn, x, monkeypatch)
     out_d, grads_d, stats_d, calls_d = _skip_counted(dense_gn, x, monkeypatch)
     assert calls and not calls_d
-    if name == "shifted":
-        assert list(probed.values()) == [False, False]   # conv1 reads the image, conv2 x + 0.5
+    if name.startswith("shifted"):
+        assert list(probed.values()) == [False, False]   # conv1 reads the image, conv2 x + shift
         assert all(a[2] is None and a[3] is not None for a in calls)   # closed outputs skipped
     else:   # every fused conv with a gated input (not the image's) may skip its closed inputs
         gated_input = {n: bool((s._conv_in_slots < gn.num_gates).any()) for n, s in gn.sites.items()
