@@ -20,6 +20,10 @@
    the MACs, the budget keep's: a search at its target) and ``open`` (every gate at its initial
    1.0: the first step, where nasprune's skipping of closed channels has nothing to skip).
    ``--skip-closed`` sets GatedNetwork.skip_closed (auto: on on the CPU, off on a GPU).
+3. ``--trajectory N`` (off by default): the first N steps of a search from the open state
+   (gate_lr 0.1, random batches), two identical searchers stepping alternately, one skipping
+   closed channels and one not, the eager step timed every tenth step: what the skipping buys as
+   the regulariser closes channels, step by step (per-step times and the mask's MACs).
 
     python benchmarks/bench_pas.py                      # CPU, 2 threads
     python benchmarks/bench_pas.py --device cuda        # GPU (step batch 256)
@@ -28,6 +32,7 @@ Interleaved in one process; appends rows to benchmarks/results/pas.jsonl.
 """
 from __future__ import annotations
 
+import statistics
 import sys
 from pathlib import Path
 
@@ -193,11 +198,54 @@ def step_rows(name, batch, size, device, gates="spread", skip_closed=None) -> li
             for impl, ms in times.items()]
 
 
+def trajectory_rows(name, batch, size, device, steps) -> list[dict]:
+    torch.manual_seed(0)
+    model = build(name)
+    x0 = torch.zeros(1, 3, size, size)
+    searchers = {}
+    for skip in (True, False):
+        searchers[skip] = PaS(model, 0.5, example_inputs=x0, gate_lr=0.1, device=device, seed=0)
+        searchers[skip].gn.skip_closed = skip
+    eager = eager_pas_network(model, x0).to(device)
+    eager.gate_fn = searchers[True].gn.gate_fn
+    with torch.no_grad():
+        eager.gate.copy_(searchers[True].gn.gate)
+    e = EagerPaS(eager, searchers[True])
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(batch, 3, size, size, generator=g).to(device),
+                torch.randint(0, 10, (batch,), generator=g).to(device)) for _ in range(8)]
+    rows, eager_ms = [], []
+    for i in range(steps):
+        xy = batches[i % len(batches)]
+        row = {"bench": "pas_trajectory", "model": name, "size": size, "batch": batch, "step": i,
+               "threads": torch.get_num_threads()}
+        for skip in ((True, False) if i % 2 == 0 else (False, True)):
+            s = searchers[skip]
+            if skip:
+                with torch.no_grad():
+                    row["macs_ratio"] = float(s.gn.expected_macs(s.mask())) / s.gn.base_macs
+            row["skip_ms" if skip else "dense_ms"] = _common.median_ms(lambda: s.step(xy), device, warmup=0, reps=1,
+                                                                       min_time_s=0.0)
+        if i % 10 == 0:
+            eager_ms.append(_common.median_ms(lambda: e.step(xy), device, warmup=0, reps=1, min_time_s=0.0))
+        rows.append(row)
+    summary = {"bench": "pas_trajectory_summary", "model": name, "size": size, "batch": batch, "steps": steps,
+               "skip_ms_mean": sum(r["skip_ms"] for r in rows[1:]) / (steps - 1),
+               "dense_ms_mean": sum(r["dense_ms"] for r in rows[1:]) / (steps - 1),
+               "eager_ms_median": statistics.median(eager_ms[1:] or eager_ms),
+               "macs_ratio_last": rows[-1]["macs_ratio"], "threads": torch.get_num_threads()}
+    summary["skip_vs_dense"] = summary["dense_ms_mean"] / summary["skip_ms_mean"]
+    summary["skip_vs_eager"] = summary["eager_ms_median"] / summary["skip_ms_mean"]
+    summary["dense_vs_eager"] = summary["eager_ms_median"] / summary["dense_ms_mean"]
+    return rows + [summary]
+
+
 def main():
     p = _common.step_parser(__doc__)
     p.add_argument("--models", default="resnet56,repvgg_a0", help="models of the step benchmark")
     p.add_argument("--skip", choices=("deploy", "step"), default=None)
     p.add_argument("--gate-states", default="spread,target,open", help="step gate states: spread, target, open")
+    p.add_argument("--trajectory", type=int, default=0, help="steps of the search trajectory (0: none)")
     p.add_argument("--skip-closed", choices=("auto", "on", "off"), default="auto",
                    help="GatedNetwork.skip_closed in the step (auto: on on the CPU, off on a GPU)")
     args = p.parse_args()
@@ -215,6 +263,14 @@ def main():
                 rows += step_rows(name, batch, args.size, device, gates, skip_closed)
                 print(_common.table(rows[-2:], ["impl", "model", "gate_state", "closed", "macs_ratio", "median_ms",
                                                 "speedup_vs_eager"]), flush=True)
+    if args.trajectory:
+        for name in args.models.split(","):
+            traj = trajectory_rows(name, batch, args.size, device, args.trajectory)
+            rows += traj
+            marks = [r for r in traj[:-1] if r["step"] % max(1, args.trajectory // 8) == 0]
+            print(_common.table(marks, ["model", "step", "macs_ratio", "skip_ms", "dense_ms"]), flush=True)
+            print(_common.table(traj[-1:], ["model", "steps", "skip_ms_mean", "dense_ms_mean", "eager_ms_median",
+                                            "skip_vs_dense", "skip_vs_eager", "dense_vs_eager"]), flush=True)
     _common.finish("pas", device, rows, args)
 
 
