@@ -543,3 +543,30 @@ def test_skipping_closed_channels_equals_the_dense_network(name, monkeypatch):
         assert float((grads[n] - grads_d[n]).abs().max()) <= 1e-3 * scale, n
     for n in stats_d:
         torch.testing.assert_close(stats[n], stats_d[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["cifar_resnet20A", "mobilenet_v2"])
+def test_skipping_closed_channels_on_cuda(name, monkeypatch):
+    """skip_closed=True on a GPU (off by default there): the dense network's outputs and
+    gradients, in strict fp32 (no TF32)."""
+    model, _ = zoo.build(name)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    gn = GatedNetwork(model, x[:1], gate="threshold", skip_closed=True)
+    with torch.no_grad():
+        gn.gate.copy_(torch.rand(gn.num_gates, generator=torch.Generator().manual_seed(2)))
+    dense_gn = copy.deepcopy(gn)
+    dense_gn.skip_closed = False
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        out, grads, _, calls = _skip_counted(gn.cuda(), x.cuda(), monkeypatch)
+        out_d, grads_d, _, calls_d = _skip_counted(dense_gn.cuda(), x.cuda(), monkeypatch)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    assert calls and not calls_d and any(a[2] is not None for a in calls)
+    assert zoo.max_rel_diff(out.cpu(), out_d.cpu()) <= 1e-5
+    top = max(float(g.abs().max()) for g in grads_d.values())
+    for n in grads_d:
+        scale = max(float(grads_d[n].abs().max()), 1e-3 * top)
+        assert float((grads[n] - grads_d[n]).abs().max()) <= 1e-3 * scale, n
