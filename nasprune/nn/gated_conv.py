@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nasprune import ops
+from nasprune.ops._checks import memory_format
 from nasprune.nn import gates as gate_params
 
 
@@ -171,7 +172,7 @@ def skip_closed_conv(conv: nn.Conv2d, x: Tensor, in_open: Tensor | None,
 def gather_channels(x: Tensor, index: Tensor) -> Tensor:
     """x[:, index] of a 4-D tensor in its own memory format, in one pass (index_select along the
     channels of a channels-last tensor would return NCHW)."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+    if memory_format(x) == torch.channels_last:
         n, _, h, w = x.shape
         nhwc = x.permute(0, 2, 3, 1)
         return torch.gather(nhwc, 3, index.view(1, 1, 1, -1).expand(n, h, w, -1)).permute(0, 3, 1, 2)
@@ -193,7 +194,7 @@ class _SkipClosed(torch.autograd.Function):
         x, xa, weight, in_open, out_open = ctx.saved_tensors
         stride, padding, dilation = ctx.conv
         conv_args = (None, stride, padding, dilation, False, [0] * len(stride), 1)
-        dz = dz.contiguous(memory_format=_format(xa))
+        dz = dz.contiguous(memory_format=memory_format(xa))
         dza = dz if out_open is None else gather_channels(dz, out_open)
         wo = weight if out_open is None else _like(weight.index_select(0, out_open), weight)
         dx = dw = None
@@ -212,13 +213,8 @@ class _SkipClosed(torch.autograd.Function):
         return dx, dw, None, None, None, None, None
 
 
-def _format(t: Tensor) -> torch.memory_format:
-    cl = t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
-    return torch.channels_last if cl else torch.contiguous_format
-
-
 def _like(t: Tensor, ref: Tensor) -> Tensor:
-    return t.contiguous(memory_format=_format(ref))
+    return t.contiguous(memory_format=memory_format(ref))
 
 
 class GatedConv2d(_Gated, nn.Conv2d):
