@@ -184,14 +184,18 @@ class _SkipClosed(torch.autograd.Function):
     def forward(ctx, x, weight, in_open, out_open, stride, padding, dilation):
         xa = x if in_open is None else gather_channels(x, in_open)
         wa = weight if in_open is None else _like(weight.index_select(1, in_open), weight)
-        ctx.save_for_backward(x, xa, weight, in_open, out_open)
+        # only the open part of x is kept: the input gradient needs x's shape and layout alone
+        ctx.save_for_backward(xa, weight, in_open, out_open)
+        ctx.x = (x.shape, x.dtype, x.device, memory_format(x))
         ctx.conv = (stride, padding, dilation)
         return F.conv2d(xa, wa, None, stride, padding, dilation)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dz):
-        x, xa, weight, in_open, out_open = ctx.saved_tensors
+        xa, weight, in_open, out_open = ctx.saved_tensors
+        shape, dtype, device, layout = ctx.x
+        x = xa if in_open is None else torch.empty(shape, dtype=dtype, device=device, memory_format=layout)
         stride, padding, dilation = ctx.conv
         conv_args = (None, stride, padding, dilation, False, [0] * len(stride), 1)
         dz = dz.contiguous(memory_format=memory_format(xa))
