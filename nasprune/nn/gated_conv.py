@@ -156,7 +156,7 @@ def skip_closed_ok(conv: nn.Conv2d) -> bool:
 
 
 def skip_closed_conv(conv: nn.Conv2d, x: Tensor, in_open: Tensor | None,
-                     out_open: Tensor | None) -> Tensor:
+                     out_open: Tensor | None, gathered: Tensor | None = None) -> Tensor:
     """conv(x) without bias, for an `x` whose input channels outside `in_open` are zero and whose
     output gradient will be zero outside `out_open` (the channels binary gates close; None: all
     open). The forward convolves the open input channels into every output channel (a closed
@@ -164,8 +164,9 @@ def skip_closed_conv(conv: nn.Conv2d, x: Tensor, in_open: Tensor | None,
     takes the input gradient from the open output channels and the weight gradient on open
     outputs x open inputs, zero elsewhere. Every product skipped has a zero factor, so the values
     are the dense conv's up to the order of summation. Indices sorted, distinct, in range;
-    `skip_closed_ok(conv)` must hold."""
-    return _SkipClosed.apply(x, conv.weight, in_open, out_open, conv.stride, conv.padding,
+    `skip_closed_ok(conv)` must hold. `gathered`: x[:, in_open] (`gather_channels`) where the
+    caller has it already (convs reading one input share it)."""
+    return _SkipClosed.apply(x, conv.weight, in_open, out_open, gathered, conv.stride, conv.padding,
                              conv.dilation)
 
 
@@ -181,8 +182,8 @@ def gather_channels(x: Tensor, index: Tensor) -> Tensor:
 
 class _SkipClosed(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, in_open, out_open, stride, padding, dilation):
-        xa = x if in_open is None else gather_channels(x, in_open)
+    def forward(ctx, x, weight, in_open, out_open, gathered, stride, padding, dilation):
+        xa = x if in_open is None else gathered if gathered is not None else gather_channels(x, in_open)
         wa = weight if in_open is None else _like(weight.index_select(1, in_open), weight)
         # only the open part of x is kept: the input gradient needs x's shape and layout alone
         ctx.save_for_backward(xa, weight, in_open, out_open)
@@ -214,7 +215,7 @@ class _SkipClosed(torch.autograd.Function):
                 dw.index_copy_(0, out_open, dwa)
             elif in_open is not None:
                 dw.index_copy_(1, in_open, dwa)
-        return dx, dw, None, None, None, None, None
+        return dx, dw, None, None, None, None, None, None
 
 
 def _like(t: Tensor, ref: Tensor) -> Tensor:
@@ -290,12 +291,12 @@ class GatedConvBNAct2d(_Gated, nn.Module):
         return self.fused_forward(x, g, self.active_index() if _sparse_ok(self.conv) else None)
 
     def fused_forward(self, x: Tensor, g: Tensor, index: Tensor | None = None,
-                      skip: tuple[Tensor | None, Tensor | None] | None = None) -> Tensor:
+                      skip: tuple | None = None) -> Tensor:
         """`g * act(bn(conv(x)))` for gate values `g` given by the caller (a gated network
         gathers them from one packed vector); `index`: the open channels to convolve, or None.
-        `skip`: (in_open, out_open) of :func:`skip_closed_conv`, where the caller knows which
-        input channels are zero and `g` is 0 at every output channel outside out_open (the
-        epilogue's backward then gives those channels a zero gradient)."""
+        `skip`: (in_open, out_open, gathered) of :func:`skip_closed_conv`, where the caller
+        knows which input channels are zero and `g` is 0 at every output channel outside
+        out_open (the epilogue's backward then gives those channels a zero gradient)."""
         conv = self.conv
         self._check_input(x, conv.in_channels, conv.weight)
         if skip is not None and index is None:

@@ -44,7 +44,7 @@ from nasprune.handlers.layers import ConvHandler, LinearHandler
 from nasprune.handlers.norm import BatchNormHandler
 from nasprune.nn import gates as gate_params
 from nasprune.nn.gate import apply_gate
-from nasprune.nn.gated_conv import GatedConvBNAct2d, bn_act_gate, skip_closed_ok
+from nasprune.nn.gated_conv import GatedConvBNAct2d, bn_act_gate, gather_channels, skip_closed_ok
 from nasprune.nn.select import ChannelSelect
 from nasprune.slim.uniform import group_keep
 
@@ -154,12 +154,18 @@ SKIP_MULTIPLE = 16
 class _OpenChannels:
     """The binary gate values of the forward being run, on the host (None outside such a
     forward): GatedNetwork.forward sets them, each fused site reads the open channels of its
-    conv's output and input from them (one copy to the host per forward, not one per layer)."""
+    conv's output and input from them (one copy to the host per forward, not one per layer).
+    It also holds the last input it gathered, so that convs reading one input (RepVGG's 3x3 and
+    1x1 branches) share one gathered copy."""
 
     def __init__(self):
         self.values: np.ndarray | None = None
+        self._last = None   # (x, host index, gathered x) of the last gather
 
-    def index(self, slots: np.ndarray | None, device) -> torch.Tensor | None:
+    def clear(self) -> None:
+        self.values, self._last = None, None
+
+    def index(self, slots: np.ndarray | None) -> np.ndarray | None:
         """Sorted indices of the open channels among ``slots``, padded with closed ones up to a
         multiple of SKIP_MULTIPLE (at least one multiple); None when that leaves none closed."""
         if slots is None:
@@ -171,7 +177,18 @@ class _OpenChannels:
             return None
         chosen = open_.copy()
         chosen[np.flatnonzero(~open_)[:k - n]] = True
-        return torch.from_numpy(np.flatnonzero(chosen)).to(device)
+        return np.flatnonzero(chosen)
+
+    @torch.no_grad()
+    def gathered(self, x: torch.Tensor, index: np.ndarray, device_index: torch.Tensor) -> torch.Tensor:
+        """x[:, index] in x's layout, shared with the previous call when it gathered the same
+        channels of the same (unmodified) x."""
+        last = self._last
+        if last is not None and last[0] is x and last[1] == x._version and np.array_equal(last[2], index):
+            return last[3]
+        xa = gather_channels(x.detach(), device_index)
+        self._last = (x, x._version, index, xa)
+        return xa
 
 
 class _FusedSite(_HeldSite, GatedConvBNAct2d):
@@ -193,14 +210,18 @@ class _FusedSite(_HeldSite, GatedConvBNAct2d):
     bn = property(lambda self: self._layers[1])
 
     def forward(self, x, values):
-        return self.fused_forward(x, values.index_select(0, self.index), skip=self._skip(x.device))
+        return self.fused_forward(x, values.index_select(0, self.index), skip=self._skip(x))
 
-    def _skip(self, device):
+    def _skip(self, x):
         if self._open.values is None or not skip_closed_ok(self.conv):
             return None
-        in_open = self._open.index(self.in_slots, device)
-        out_open = self._open.index(self._out_slots, device)
-        return None if in_open is None and out_open is None else (in_open, out_open)
+        in_host, out_host = self._open.index(self.in_slots), self._open.index(self._out_slots)
+        if in_host is None and out_host is None:
+            return None
+        in_open = None if in_host is None else torch.from_numpy(in_host).to(x.device)
+        out_open = None if out_host is None else torch.from_numpy(out_host).to(x.device)
+        gathered = None if in_open is None else self._open.gathered(x, in_host, in_open)
+        return in_open, out_open, gathered
 
     def _load_from_state_dict(self, *args, **kwargs):  # no gate of its own to default
         nn.Module._load_from_state_dict(self, *args, **kwargs)
@@ -554,7 +575,7 @@ class GatedNetwork(nn.Module):
         try:
             return gm(*inputs, **{_GATES: values})
         finally:
-            self._open.values = None
+            self._open.clear()
 
     def _skipping(self, values: torch.Tensor) -> bool:
         """Whether this forward skips closed channels: a binary gate, skip_closed on for the
