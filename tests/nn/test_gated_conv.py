@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from nasprune.nn import GatedConv2d, GatedConvBNAct2d, gates
+from nasprune.nn import GatedConv2d, GatedConvBNAct2d
 
 
 class Plain(nn.Module):

@@ -1,6 +1,5 @@
 """channel_stats: the CPU kernel against fp64 statistics over shapes, dtypes, layouts, large means;
 opcheck; its autograd against the reference."""
-import math
 
 import pytest
 import torch
