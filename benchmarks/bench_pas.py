@@ -120,6 +120,15 @@ def eager_pas_network(model, x):
     return gn
 
 
+def eager_twin(model, x, s: PaS, device):
+    """The eager network of ``model`` on ``device`` with searcher ``s``'s gate function and values."""
+    eager = eager_pas_network(model, x).to(device)
+    eager.gate_fn = s.gn.gate_fn
+    with torch.no_grad():
+        eager.gate.copy_(s.gn.gate)
+    return eager
+
+
 class EagerPaS:
     """PaS's step on the eager network: CE + lambda * (MACs(m) / MACs_0 - rho)^2 with the MACs
     summed per layer, one SGD optimiser for weights and gates, then the gates clamped to [0, 1]
@@ -166,10 +175,7 @@ def step_rows(name, batch, size, device, gates="spread", skip_closed=None) -> li
                 keep = s.gn.keep("budget", macs=0.5)
             s.gn.gate.copy_(0.25 + 0.5 * s.gn.keep_vector(keep).to(s.gn.gate))
     held = s.gn.gate.detach().clone()
-    eager = eager_pas_network(model, x0).to(device)
-    eager.gate_fn = s.gn.gate_fn
-    with torch.no_grad():
-        eager.gate.copy_(s.gn.gate)
+    eager = eager_twin(model, x0, s, device)
     g = torch.Generator().manual_seed(0)
     batch_xy = (torch.randn(batch, 3, size, size, generator=g).to(device),
                 torch.randint(0, 10, (batch,), generator=g).to(device))
@@ -206,11 +212,7 @@ def trajectory_rows(name, batch, size, device, steps) -> list[dict]:
     for skip in (True, False):
         searchers[skip] = PaS(model, 0.5, example_inputs=x0, gate_lr=0.1, device=device, seed=0)
         searchers[skip].gn.skip_closed = skip
-    eager = eager_pas_network(model, x0).to(device)
-    eager.gate_fn = searchers[True].gn.gate_fn
-    with torch.no_grad():
-        eager.gate.copy_(searchers[True].gn.gate)
-    e = EagerPaS(eager, searchers[True])
+    e = EagerPaS(eager_twin(model, x0, searchers[True], device), searchers[True])
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randn(batch, 3, size, size, generator=g).to(device),
                 torch.randint(0, 10, (batch,), generator=g).to(device)) for _ in range(8)]

@@ -140,7 +140,7 @@ def _convolve(conv: nn.Conv2d, x: Tensor, index: Tensor | None) -> Tensor:
     if conv.padding_mode != "zeros" or conv.groups != conv.in_channels or \
             conv.out_channels != conv.in_channels:
         raise NotImplementedError  # callers check `_sparse_ok` first
-    return F.conv2d(x.index_select(1, index), weight, None, conv.stride, conv.padding,
+    return F.conv2d(gather_channels(x, index), weight, None, conv.stride, conv.padding,
                     conv.dilation, index.numel())
 
 

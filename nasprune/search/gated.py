@@ -160,7 +160,7 @@ class _OpenChannels:
 
     def __init__(self):
         self.values: np.ndarray | None = None
-        self._last = None   # (x, host index, gathered x) of the last gather
+        self._last = None   # (x, its version, host index, gathered x) of the last gather
 
     def clear(self) -> None:
         self.values, self._last = None, None
