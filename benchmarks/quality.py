@@ -106,6 +106,18 @@ def _stats(values: list[float]) -> dict:
             "n": len(values)}
 
 
+def _weights_id(model) -> str:
+    """A short hash of a network's weights and buffers: which baseline a run started from. Training
+    is not bit-reproducible across thread counts or GPUs, so a baseline recomputed in a fresh
+    folder (the cache is git-ignored; a lent GPU machine starts bare) can differ from the one
+    earlier runs used, and an arm resumes only the runs of its own baseline."""
+    h = hashlib.sha1()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
 def compare(a: dict, b: dict) -> dict:
     """a - b with the standard error of the difference of two independent means. With fewer than
     two seeds on either side a standard deviation is not measured, so neither is the standard
@@ -132,6 +144,7 @@ class Protocol:
         self.x = torch.zeros(1, 3, self.size, self.size)
         self.cache = Path(cache) / self.version
         self.baseline = self._baseline()
+        self.baseline_id = _weights_id(self.baseline)
         self.base_macs = flops.count(self.baseline.cpu(), self.x)
         self.baseline.to(self.device)
 
@@ -225,14 +238,23 @@ class Protocol:
         return {"acc": acc, "macs": macs, "macs_fraction": macs / self.base_macs,
                 "epochs": self.control_epochs, "search_minutes": search_min,
                 "minutes": search_min + (time.time() - t) / 60, "args": vars(args) | {"tie": None},
-                "export": job.metrics.get("export")}
+                "export": job.metrics.get("export"), **_chosen(job.architecture)}
+
+
+def _chosen(arch: dict) -> dict:
+    """What a run exported, kept with its record: the kept width of every layer (and a TAS
+    network's blocks per stage)."""
+    out = {"kept": [layer["kept"] for layer in arch["layer_widths"]]}
+    if "blocks" in arch:
+        out["blocks"] = arch["blocks"]
+    return out
 
 
 def _arm_row(prot: Protocol, arm: str, runs: dict) -> dict:
     seeds = sorted(runs)
     accs = [runs[s]["acc"] for s in seeds]
     return {"bench": "quality", "protocol_version": prot.version, "protocol": prot.p, "arm": arm,
-            "seeds": seeds, "acc": accs, **{f"acc_{k}": v for k, v in _stats(accs).items()},
+            "baseline": prot.baseline_id, "seeds": seeds, "acc": accs, **{f"acc_{k}": v for k, v in _stats(accs).items()},
             "macs": [runs[s]["macs"] for s in seeds], "base_macs": prot.base_macs,
             "macs_fraction": statistics.fmean(runs[s]["macs_fraction"] for s in seeds),
             "epochs": runs[seeds[0]]["epochs"], "minutes": [runs[s]["minutes"] for s in seeds],
@@ -256,10 +278,12 @@ def _same_device(row: dict, device) -> bool:
     return _device_key(row.get("device")) == _device_key(_common.device_name(torch.device(device)))
 
 
-def _latest(arm: str, ver: str, device, folder) -> dict | None:
-    """The latest row of ``arm`` under protocol ``ver`` measured on a device of this kind."""
+def _latest(arm: str, ver: str, device, folder, baseline: str | None = None) -> dict | None:
+    """The latest row of ``arm`` under protocol ``ver`` measured on a device of this kind (and,
+    given ``baseline``, from that baseline or from one recorded before rows named theirs)."""
     rows = [r for r in _records(folder) if r.get("bench") == "quality" and r.get("arm") == arm
-            and r.get("protocol_version") == ver and _same_device(r, device)]
+            and r.get("protocol_version") == ver and _same_device(r, device)
+            and (baseline is None or r.get("baseline", baseline) == baseline)]
     return rows[-1] if rows else None
 
 
@@ -408,8 +432,8 @@ def main(argv=None):
     prot = Protocol(protocol, device, args.data, progress=args.progress, cache=args.cache,
                     pretrained=args.pretrained_dir)
     base_acc = prot.accuracy(prot.baseline)
-    print(f"protocol {prot.version} ({args.budget}): baseline {base_acc:.4f}, {prot.base_macs / 1e6:.2f} MMACs",
-          flush=True)
+    print(f"protocol {prot.version} ({args.budget}): baseline {base_acc:.4f} ({prot.baseline_id}), "
+          f"{prot.base_macs / 1e6:.2f} MMACs", flush=True)
     rows = []
 
     def record(rs):
@@ -440,9 +464,11 @@ def main(argv=None):
     def arm(name, seeds, run, fresh=False):
         """The arm's runs, one per seed: each recorded as it finishes (bench quality_run), so an
         interrupted protocol resumes from the runs it has; then the arm's row."""
+        # runs recorded before runs named their baseline (session 16) are taken as of this one
         done = {} if fresh else {r["seed"]: r["run"] for r in _records(args.results)
                                  if r.get("bench") == "quality_run" and r.get("arm") == name
-                                 and r.get("protocol_version") == prot.version and _same_device(r, device)}
+                                 and r.get("protocol_version") == prot.version and _same_device(r, device)
+                                 and r.get("baseline", prot.baseline_id) == prot.baseline_id}
         runs = {}
         for seed in seeds:
             if seed in done:
@@ -451,19 +477,21 @@ def main(argv=None):
                 continue
             runs[seed] = run(seed)
             record([{"bench": "quality_run", "protocol_version": prot.version, "arm": name, "seed": seed,
-                     "run": runs[seed]}])
+                     "baseline": prot.baseline_id, "run": runs[seed]}])
         return _arm_row(prot, name, runs)
 
     seeds = protocol["seeds"]
     controls = {}
     for name in ("uniform", "l1"):
-        latest = None if args.controls else _latest(name, prot.version, device, args.results)
+        latest = None if args.controls else _latest(name, prot.version, device, args.results, prot.baseline_id)
         if latest is None or not set(seeds) <= set(latest["seeds"]):
             latest = arm(name, seeds, lambda seed, name=name: prot.control(name, seed), fresh=args.controls)
             record([latest])
         controls[name] = latest
-    if args.controls or _latest("baseline", prot.version, device, args.results) is None:
+    latest = _latest("baseline", prot.version, device, args.results)
+    if args.controls or latest is None or latest.get("baseline") != prot.baseline_id:
         record([{"bench": "quality", "protocol_version": prot.version, "protocol": protocol, "arm": "baseline",
+                 "baseline": prot.baseline_id,
                  "seeds": [0], "acc": [base_acc], "acc_mean": base_acc, "acc_std": 0.0, "acc_n": 1,
                  "macs": [prot.base_macs], "base_macs": prot.base_macs, "macs_fraction": 1.0,
                  "epochs": protocol["baseline_epochs"], "minutes": [0.0]}])
@@ -471,7 +499,7 @@ def main(argv=None):
         name = " ".join([args.method] + extra)
         row = arm(name, seeds, lambda seed: prot.method(args.method, seed, extra))
         row["compare"] = {a: compare(_arm_stats(row), _arm_stats(c)) for a, c in controls.items()}
-        row["baseline_acc"] = base_acc
+        row["baseline_acc"], row["baseline"] = base_acc, prot.baseline_id
         row["minus_baseline"] = row["acc_mean"] - base_acc
         record([row])
         for a, c in row["compare"].items():

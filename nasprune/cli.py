@@ -176,7 +176,8 @@ def _tas_build(job):
     a = job.args
     return TAS(job.teacher, a.flops_target, input_size=job.size, tau=(a.tau_max, a.tau_min),
                tau_schedule=a.tau_schedule, lr=a.lr, arch_lr=a.arch_lr, cost_weight=a.cost_weight,
-               flops_tolerance=a.flops_tolerance, device=job.device, seed=a.seed)
+               flops_tolerance=a.flops_tolerance, search_depth=not a.widths_only, device=job.device,
+               seed=a.seed)
 
 
 def _tas_select(job):
@@ -213,6 +214,9 @@ TAS_METHOD = Method(
         Option(("--init",), dict(choices=("base", "inherit", "random"), default="base",
                                  help="pruned net init: the baseline's prefix weights (default), the searched "
                                       "supernet's prefix weights, or random as the TAS paper")),
+        Option(("--widths-only",), dict(action="store_true",
+                                        help="search the widths only and keep every block (TAS searches the "
+                                             "stages' depths too)")),
     ),
     check_model=_tas_check_model, build=_tas_build, select=_tas_select, export=_tas_export)
 

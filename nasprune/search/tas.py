@@ -64,6 +64,7 @@ class TAS(Searcher):
     align: how the supernet sums candidates of unequal width: "prefix" (default, zero channels
     beyond a candidate's width) or "cwi" (TAS's channel-wise interpolation, Eqs. 4-5); docs/tas.md,
     Search health.
+    search_depth: False searches the widths only and keeps every block (docs/tas.md, Quality).
     """
 
     method = "tas"
@@ -73,7 +74,7 @@ class TAS(Searcher):
                  tau_schedule: str = "cosine", lr: float = 0.1, momentum: float = 0.9,
                  weight_decay: float = 5e-4, arch_lr: float = 1e-3, arch_betas=(0.5, 0.999),
                  arch_weight_decay: float = 1e-3, init_from_model: bool = True, align: str = "prefix",
-                 device=None, seed: int = 0):
+                 search_depth: bool = True, device=None, seed: int = 0):
         if not 0 < flops_target <= 1:
             raise ValueError(f"flops_target is the fraction of FLOPs kept, in (0, 1]; got {flops_target}")
         if tau_schedule not in TAU_SCHEDULES:
@@ -84,7 +85,7 @@ class TAS(Searcher):
         super().__init__(seed=seed, device=device)
         spec = resnet_spec(model)
         with seeded(self.seed):        # the supernet's initial weights and logits; the global RNG is left alone
-            self.model = TASSupernet(spec, input_size, align)
+            self.model = TASSupernet(spec, input_size, align, search_depth)
         self.base_model = model      # for export(init="base"); not copied, not modified
         if init_from_model:
             self.model.load_base(model)
@@ -112,7 +113,8 @@ class TAS(Searcher):
                            flops_tolerance=flops_tolerance, cost_weight=cost_weight, tau=list(tau),
                            tau_schedule=tau_schedule, lr=lr, momentum=momentum, weight_decay=weight_decay,
                            arch_lr=arch_lr, arch_betas=list(arch_betas), arch_weight_decay=arch_weight_decay,
-                           init_from_model=init_from_model, align=align, seed=seed)
+                           init_from_model=init_from_model, align=align, search_depth=search_depth,
+                           seed=seed)
 
     # -- one iteration
     def _sample(self):

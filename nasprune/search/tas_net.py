@@ -373,9 +373,12 @@ class SearchBlock(nn.Module):
 class TASSupernet(nn.Module):
     """Width- and depth-searchable ResNet of a :class:`ResNetSpec` (an int n: the CIFAR
     ResNet-(6n+2) of TAS). align: how the width and depth aggregations sum tensors of unequal
-    width, "prefix" (default) or TAS's "cwi" (:func:`aggregate_widths`)."""
+    width, "prefix" (default) or TAS's "cwi" (:func:`aggregate_widths`). search_depth: False
+    keeps every block (a single depth candidate per stage, the stage's own block count): only
+    the widths are searched."""
 
-    def __init__(self, spec: ResNetSpec | int, input_size: int = 32, align: str = "prefix"):
+    def __init__(self, spec: ResNetSpec | int, input_size: int = 32, align: str = "prefix",
+                 search_depth: bool = True):
         super().__init__()
         if align not in ALIGNS:
             raise ValueError(f"align must be one of {ALIGNS}, got {align!r}")
@@ -397,7 +400,8 @@ class TASSupernet(nn.Module):
         table = torch.zeros(len(self.convs), k, dtype=torch.float64)
         for i, c in enumerate(self.convs):
             table[i, :len(c.choices)] = torch.tensor(c.choices, dtype=torch.float64)
-        self.depth_choices = [depth_choices(n) for n in spec.layers]
+        self.search_depth = search_depth
+        self.depth_choices = [depth_choices(n) if search_depth else [n] for n in spec.layers]
         d = max(len(c) for c in self.depth_choices)
         dtable = torch.tensor([c + [0] * (d - len(c)) for c in self.depth_choices], dtype=torch.float64)
         self.register_buffer("width_table", table, persistent=False)

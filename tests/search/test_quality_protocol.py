@@ -9,6 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+import nasprune
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import quality  # noqa: E402
@@ -67,6 +70,26 @@ def test_a_methods_row_against_the_controls(tmp_path):
     assert ffp["arm"] == "ffp" and ffp["macs_fraction"] <= 0.5 and 0.5 < ffp["acc_mean"] <= 1
     banks = list((tmp_path / "cache" / version).glob("ffp-*-seed0/memory_bank.safetensors"))
     assert len(banks) == 1
+
+    # every run names its baseline and what it exported; a different baseline (a fresh folder, a
+    # bare GPU machine: training is not bit-reproducible) reuses none of the runs of the first
+    runs = _rows(tmp_path, "quality_run")
+    first = runs[0]["baseline"]
+    assert all(r["baseline"] == first for r in runs) and all(len(r["run"]["kept"]) > 0 for r in runs
+                                                              if r["arm"] != "uniform" and r["arm"] != "l1")
+    cached = tmp_path / "cache" / version / "baseline.safetensors"
+    base = nasprune.load(cached)
+    with torch.no_grad():
+        next(base.parameters()).add_(1e-3)
+    arch = nasprune.io.read_architecture(cached)
+    nasprune.save(base, cached, constructor=arch["constructor"], kwargs=arch["kwargs"])
+    quality.main(["--method", "dais", "--seeds", "0"] + common)
+    rerun = _rows(tmp_path, "quality_run")[len(runs):]
+    assert sorted(r["arm"] for r in rerun) == ["dais", "l1", "uniform"]
+    assert len({r["baseline"] for r in rerun}) == 1 and rerun[0]["baseline"] != first
+    rows = _rows(tmp_path)
+    assert [r["arm"] for r in rows[-4:]] == ["uniform", "l1", "baseline", "dais"]
+    assert {r["baseline"] for r in rows[-4:]} == {rerun[0]["baseline"]}
 
 
 def test_compare_is_the_standard_error_of_the_difference():

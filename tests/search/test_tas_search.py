@@ -52,6 +52,25 @@ def test_tiny_search_meets_flops_target_and_export_matches_estimate(splits):
     assert (s.model.width_logits.detach() - start).abs().max() > 0.05
 
 
+def test_widths_only_search_keeps_every_block_and_meets_the_budget(splits):
+    w, a = splits
+    s = _searcher(arch_lr=0.1, search_depth=False)
+    assert s.model.depth_logits.shape == (3, 1) and s.config["search_depth"] is False
+    # the largest network is the same full-depth one: the widths alone carry the budget
+    assert s.max_flops == _searcher().max_flops
+    s.search(w, a, epochs=4, batch_size=64)
+    assert all(h["blocks"] == [2, 2, 2] for h in s.history)
+    arch = s.select("in-budget")
+    assert arch["blocks"] == [2, 2, 2]
+    band = (0.5 - 0.05 * s.max_flops / s.base_flops, 0.5)
+    assert band[0] <= arch["flops"] / s.base_flops <= band[1], [h["flops_ratio"] for h in s.history]
+    net = s.export(architecture=arch)
+    assert flops.count(net, torch.zeros(1, 3, SIZE, SIZE)) == arch["flops"]
+    def k3(model):   # every block kept: as many 3x3 convs (1x1 projections may join where widths differ)
+        return sum(1 for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3))
+    assert k3(net) == k3(CifarResNet(14)) == 13
+
+
 def test_exported_network_inherits_supernet_weights(splits):
     s = _searcher()
     net = s.export(init="inherit")
