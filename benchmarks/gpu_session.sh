@@ -44,10 +44,17 @@
 # before any compile error: setup.py build_ext --inplace plus a nasprune/kernels link and
 # PYTHONPATH=$PWD.
 #
-# $OUT after every step (at most 8 files come back from a lent machine, so few files):
-#   session.log                  every step's command and full output, one after another
-#   steps.txt                    one line per step: ok / FAIL (rc) / TIMEOUT / SKIP, seconds
-#   results/<name>.jsonl         only the lines this run appended to benchmarks/results/<name>.jsonl
+# $OUT after every step (at most 8 files come back from a lent machine, and a full run touches a
+# dozen results files, so three files):
+#   session.log    every step's command and full output, one after another
+#   steps.txt      one line per step: ok / FAIL (rc) / TIMEOUT / SKIP, seconds
+#   results.tar    results/<name>.jsonl: only the lines this run appended to
+#                  benchmarks/results/<name>.jsonl; and quality/<version>/baseline.safetensors: the
+#                  quality protocol's baselines (a bare machine's recomputed baseline is not bit-equal
+#                  to an earlier one, and a row resumes only its own baseline's runs). Here:
+#                    tar -xf results.tar -C /tmp/gpu-res; for f in /tmp/gpu-res/results/*.jsonl; do
+#                      cat "$f" >> benchmarks/results/$(basename "$f"); done
+#                    cp -r /tmp/gpu-res/quality gpu-data/    # carried next time: the row resumes
 #
 # The CIFAR-10 data for the quality steps travels in the git-ignored gpu-data/ (carry it):
 #   here:  mkdir -p gpu-data && cp ../shared/data/cifar10-jpeg.tar.gz \
@@ -59,7 +66,8 @@ set -u
 OUT=${OUT:-gpu-out}
 PY=${PYTHON:-python3}
 BUDGET_S=${BUDGET_S:-540}
-mkdir -p "$OUT/results"
+STAGE=$(mktemp -d)     # what results.tar holds, built after every step
+mkdir -p "$OUT" "$STAGE/results"
 LOG=$OUT/session.log
 SUMMARY=$OUT/steps.txt
 : > "$LOG"; : > "$SUMMARY"
@@ -85,8 +93,15 @@ save_results() {
     [ -e "$f" ] || continue
     n0=${before[$f]:-0}
     n=$(wc -l < "$f")
-    if (( n > n0 )); then tail -n +$((n0 + 1)) "$f" > "$OUT/results/$(basename "$f")"; fi
+    if (( n > n0 )); then tail -n +$((n0 + 1)) "$f" > "$STAGE/results/$(basename "$f")"; fi
   done
+  if compgen -G "gpu-data/quality/*/baseline.safetensors" > /dev/null; then
+    mkdir -p "$STAGE/quality"
+    for f in gpu-data/quality/*/baseline.safetensors; do
+      mkdir -p "$STAGE/quality/$(basename "$(dirname "$f")")" && cp "$f" "$STAGE/quality/$(basename "$(dirname "$f")")/"
+    done
+  fi
+  tar -cf "$OUT/results.tar.part" -C "$STAGE" . && mv "$OUT/results.tar.part" "$OUT/results.tar"
 }
 
 step() {  # step NAME LIMIT_S COMMAND...: run under timeout, log, time, remember failures, save results
@@ -163,7 +178,7 @@ step bench_ffp              90 $PY benchmarks/bench_ffp.py --device cuda
 # The quality protocol's noise study (issue 13) for the CPU budget's ResNet-20, on the GPU: the
 # uniform control over a grid of KD learning rates and epochs, 3 seeds a cell, one record a cell
 # (needs gpu-data/ carried: the CIFAR-10 JPEG copy and the pretrained CIFAR ResNets).
-QUALITY=(--device cuda --data gpu-data/cifar10-jpeg.tar.gz --pretrained-dir gpu-data)
+QUALITY=(--device cuda --data gpu-data/cifar10-jpeg.tar.gz --pretrained-dir gpu-data --cache gpu-data/quality)
 step quality_study        240 $PY benchmarks/quality.py --study "${QUALITY[@]}" ${STUDY_ARGS:---lrs 0.02 0.05 0.01 --epochs-grid 1 2 3}
 # A preview of DAIS's row of the CPU budget on the GPU (the controls first, once per protocol).
 step quality_dais         200 $PY benchmarks/quality.py --method dais "${QUALITY[@]}"
