@@ -410,6 +410,9 @@ def main(argv=None):
     p.add_argument("--epochs-grid", type=int, nargs="+", default=[1, 2], help="--study: KD epochs")
     p.add_argument("--results", default=str(_common.RESULTS),
                    help="folder of quality.jsonl: the records read (controls reused) and appended")
+    p.add_argument("--fresh", action="store_true",
+                   help="--method: run every seed again, ignoring the arm's recorded runs (after a change to "
+                        "the method's code; the rows then record the new runs)")
     p.add_argument("--progress", action="store_true")
     p.add_argument("--no-record", action="store_true")
     args, extra = p.parse_known_args(argv)
@@ -500,7 +503,7 @@ def main(argv=None):
                  "epochs": protocol["baseline_epochs"], "minutes": [0.0]}])
     if args.method:
         name = " ".join([args.method] + extra)
-        row = arm(name, seeds, lambda seed: prot.method(args.method, seed, extra))
+        row = arm(name, seeds, lambda seed: prot.method(args.method, seed, extra), fresh=args.fresh)
         row["compare"] = {a: compare(_arm_stats(row), _arm_stats(c)) for a, c in controls.items()}
         row["baseline_acc"], row["baseline"] = base_acc, prot.baseline_id
         row["minus_baseline"] = row["acc_mean"] - base_acc

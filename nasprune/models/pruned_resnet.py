@@ -160,9 +160,11 @@ class ConvBN(nn.Module):
 class DerivedBlock(nn.Module):
     """TAS's inferred block (basic or bottleneck) with pruned widths ``widths`` (one per conv).
     Shortcut: the base block's projection when it has one (AvgPool + 1x1 conv without BN, or
-    1x1 conv with the stride + BN); else a 1x1 conv + BN when in-width != out-width; else identity."""
+    1x1 conv with the stride + BN); else a 1x1 conv + BN when in-width != out-width (without the
+    BN when not ``projection_bn``); else identity."""
 
-    def __init__(self, block, cin, widths, stride, *, base_projection=False, shortcut="avg"):
+    def __init__(self, block, cin, widths, stride, *, base_projection=False, shortcut="avg",
+                 projection_bn=True):
         super().__init__()
         cout, i = widths[-1], cin
         shapes = block_shapes(block, cin, widths[0], cout, stride)
@@ -172,8 +174,10 @@ class DerivedBlock(nn.Module):
         self.convs = [self.conv_a, self.conv_b] + ([self.conv_c] if block == "bottleneck" else [])
         if stride != 1 and shortcut == "avg":
             self.shortcut = nn.Sequential(nn.AvgPool2d(stride), nn.Conv2d(cin, cout, 1, bias=False))
-        elif base_projection or cin != cout:
+        elif base_projection or projection_bn and cin != cout:
             self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        elif cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False))
         else:
             self.shortcut = nn.Identity()
 
@@ -186,9 +190,14 @@ class DerivedBlock(nn.Module):
 
 class TASResNet(nn.Module):
     """The plain pruned ResNet a TAS architecture dict describes: ``widths`` one per conv row of
-    the spec (rows of dropped blocks are ignored), ``blocks`` the blocks kept per stage."""
+    the spec (rows of dropped blocks are ignored), ``blocks`` the blocks kept per stage.
+    projection_bn: whether a 1x1 projection that only the pruned widths call for (a stride-1
+    block whose input and output widths differ) has a BN (TAS's inferred networks do). Without
+    it, the projection initialised as the identity embedding is exactly the supernet's residual
+    add of unequal widths: a warm-started export keeps what the shortcut carried, where a fresh
+    BN in training mode would standardise it (docs/tas.md, Quality)."""
 
-    def __init__(self, widths, blocks, spec: ResNetSpec):
+    def __init__(self, widths, blocks, spec: ResNetSpec, projection_bn: bool = True):
         super().__init__()
         rows, block_rows = spec.row_widths(), spec.block_rows()
         if len(widths) != len(rows) or len(blocks) != len(spec.layers):
@@ -201,7 +210,8 @@ class TASResNet(nn.Module):
             raise ValueError(f"architecture width {w} of conv row {r} is outside 1..{c}")
         self.spec = spec
         self.constructor_kwargs = {**spec.to_dict(), "widths": [int(w) for w in widths],
-                                   "blocks": [int(b) for b in blocks]}
+                                   "blocks": [int(b) for b in blocks],
+                                   **({} if projection_bn else {"projection_bn": False})}
         self.stem = ConvBN(spec.in_channels, widths[0], spec.stem_kernel, spec.stem_stride)
         self.pool = nn.MaxPool2d(3, 2, 1) if spec.stem_pool else nn.Identity()
         cin, stages, i = widths[0], [], 0
@@ -215,7 +225,8 @@ class TASResNet(nn.Module):
                 base_in = spec.stem_width if (s == 0 and a == 0) else spec.stage_widths[s - (a == 0)]
                 ws = [widths[r] for r in block_rows[i + a]]
                 layer.append(DerivedBlock(spec.block, cin, ws, stride, shortcut=spec.shortcut,
-                                          base_projection=has_projection(base_in, spec.stage_widths[s], stride)))
+                                          base_projection=has_projection(base_in, spec.stage_widths[s], stride),
+                                          projection_bn=projection_bn))
                 cin = ws[-1]
             stages.append(nn.Sequential(*layer))
             i += n
@@ -237,5 +248,5 @@ class TASResNet(nn.Module):
 
 def tas_resnet(**arch) -> TASResNet:
     """Build the pruned network of an architecture dict (``TAS.architecture()``; keys other than
-    the spec's, ``widths`` and ``blocks`` are ignored)."""
-    return TASResNet(arch["widths"], arch["blocks"], ResNetSpec.from_dict(arch))
+    the spec's, ``widths``, ``blocks`` and ``projection_bn`` are ignored)."""
+    return TASResNet(arch["widths"], arch["blocks"], ResNetSpec.from_dict(arch), arch.get("projection_bn", True))

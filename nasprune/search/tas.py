@@ -187,6 +187,7 @@ class TAS(Searcher):
 
     def _describe(self, arch: dict, flops: float, expected_flops) -> dict:
         spec = self.model.spec
+        arch = {**arch, "projection_bn": False}   # what export()'s default (a warm start) builds
         kept = spec.kept_widths(arch["widths"], arch["blocks"])
         layers = [{"name": n, "original": o, "kept": k}
                   for n, o, k in zip(spec.row_names(), spec.row_widths(), kept)]
@@ -215,18 +216,23 @@ class TAS(Searcher):
                 return {**self._describe(arch, h["flops"], h.get("expected_flops")), "epoch": h["epoch"]}
         return final
 
-    def export(self, init: str = "base", architecture: dict | None = None) -> nn.Module:
+    def export(self, init: str = "base", architecture: dict | None = None,
+               projection_bn: bool | None = None) -> nn.Module:
         """The derived network (plain nn.Module, CPU, train mode) of ``architecture`` (default:
         the current arg-max; or one from :meth:`select`). init: "base" (default: prefix filters
         and BN slices of the unpruned model passed in, as uniform pruning would start),
         "inherit" (prefix filters and the chosen candidates' BNs of the searched supernet), or
         "random" (as the TAS paper, trained from scratch). docs/tas.md, Quality, has the
-        measurement behind the default."""
+        measurement behind the default. projection_bn: whether a 1x1 projection that only the
+        pruned widths call for has a BN (TASResNet); default: only for ``init="random"``, TAS's
+        own network; a warm start without it begins as the supernet's residual add computed."""
         if init not in INIT_MODES:
             raise ValueError(f"init must be one of {INIT_MODES}, got {init!r}")
         arch = architecture if architecture is not None else self.model.architecture()
         with seeded(self.seed):          # the random init is the seed's; the caller's RNG is left alone
-            net = tas_resnet(**arch)
+            if projection_bn is None:
+                projection_bn = init == "random"
+            net = tas_resnet(**{**arch, "projection_bn": projection_bn})
             if init == "inherit":
                 inherit_weights(net, self.model.cpu(), arch["widths"])
                 self.model.to(self.device)

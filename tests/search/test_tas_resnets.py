@@ -178,6 +178,19 @@ def test_export_base_init_takes_the_unpruned_models_prefix_weights():
     assert isinstance(proj, nn.Sequential)
     w = proj[0].weight[:, :, 0, 0]
     torch.testing.assert_close(w, torch.eye(*w.shape))
+    # warm-started exports: no BN on it, so in training mode too the shortcut carries the input
+    # into the leading channels, as the supernet's residual add did (a fresh BN would standardise it)
+    assert len(proj) == 1 and not any(isinstance(m, nn.BatchNorm2d) for m in inherited.stages[0][0].shortcut)
+    x = torch.randn(4, w.size(1), 8, 8)
+    base.train()
+    torch.testing.assert_close(proj(x), torch.nn.functional.pad(x, (0, 0, 0, 0, 0, w.size(0) - w.size(1)))
+                               if w.size(0) >= w.size(1) else x[:, :w.size(0)])
+    # TAS's own inferred network (init random, or asked for) has the BN; either rebuilds from its kwargs
+    for net in (s.export(init="random", architecture=arch), s.export(architecture=arch, projection_bn=True)):
+        assert isinstance(net.stages[0][0].shortcut[1], nn.BatchNorm2d)
+    assert base.constructor_kwargs["projection_bn"] is False and "projection_bn" not in net.constructor_kwargs
+    rebuilt = tas_resnet(**base.constructor_kwargs)
+    assert rebuilt.state_dict().keys() == base.state_dict().keys()
     with pytest.raises(ValueError, match="init must be one of"):
         s.export(init="scratch")
 
