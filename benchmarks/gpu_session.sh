@@ -1,7 +1,14 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one run (a lent GPU machine gives 15 minutes in all, 10 a call):
+# Everything that needs a GPU, in one run (a lent GPU machine gives 15 minutes in all, its start
+# included, 10 a call: in practice one call of about 9 minutes a session):
 # build the extension against the machine's own torch, run the CUDA tests, time every benchmark
 # on the GPU, and leave in $OUT (default ./gpu-out) what came of it.
+# What a session's one call should run, in order of what is owed (issue notes say which):
+#   1. the default steps (build, the CUDA tests, the bench_* timings): the steps past the budget
+#      are skipped and named in steps.txt; the next session gives them STEPS=...;
+#   2. STEPS=quality_gpu QUALITY_METHOD=dais (issue 13's ResNet-56 row, controls included,
+#      sized for one call, docs/quality.md; it resumes in a later call from results.tar);
+#   3. STEPS=pas_repvgg, STEPS=ast_cold: a call each.
 #
 #   PYTHONUNBUFFERED=1 OUT=$OUT PYTHON=python3 bash benchmarks/gpu_session.sh   # on the GPU machine,
 #                                                   # from the repository root; call timeout ~570 s

@@ -183,10 +183,12 @@ def _tas_build(job):
 def _tas_select(job):
     s = job.searcher
     chosen = s.select(job.args.select)
-    if "epoch" in chosen:       # an earlier epoch's arg-max (see TAS.select)
+    if "epoch" in chosen:       # an earlier arg-max (see TAS.select)
         final = s.architecture()["flops"]
+        when = f"step {chosen['step']} (epoch {chosen['epoch']})" if chosen.get("step") else f"epoch {chosen['epoch']}"
         job.run.log(f"final arg-max: {final / 1e6:.2f} MFLOPs = {final / s.base_flops:.3f} of the baseline, "
-                    f"outside the budget band; exporting the arg-max of epoch {chosen['epoch']}")
+                    f"outside the budget band; exporting the arg-max of {when}, "
+                    f"{chosen['flops'] / s.base_flops:.3f} of the baseline")
     return chosen
 
 

@@ -94,7 +94,8 @@ def test_method_registry_declares_each_methods_options(monkeypatch):
     another method is refused (a second method registered here, as DAIS or PaS will be)."""
     from nasprune import cli
     assert {o.dest for o in cli.METHODS["tas"].options} == {
-        "arch_lr", "cost_weight", "flops_tolerance", "select", "tau_schedule", "tau_max", "tau_min", "init"}
+        "arch_lr", "cost_weight", "flops_tolerance", "select", "tau_schedule", "tau_max", "tau_min", "init",
+        "widths_only"}
     other = cli.Method(name="other", summary="a test method",
                        options=(cli.Option(("--other-rate",), dict(type=float, default=0.5)),
                                 cli.Option(("--init",), dict(choices=("gates", "random"), default="gates"))),

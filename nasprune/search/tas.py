@@ -20,6 +20,7 @@ from nasprune.search.tas_net import ALIGNS, TASSupernet, inherit_weights, resnet
 from nasprune.train import seeded
 
 TAU_SCHEDULES = ("cosine", "linear")
+BAND_CHECK_EVERY = 10     # steps between looks at whether the arg-max lies in the budget band (TAS.select)
 SELECT_RULES = ("in-budget", "final")
 INIT_MODES = ("base", "inherit", "random")    # export(init=...); the first is the default
 
@@ -107,7 +108,8 @@ class TAS(Searcher):
         self.optimizers.update(w_opt=self.w_opt, a_opt=self.a_opt)     # averaged across ranks under torchrun
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(self.seed)
-        self.total_steps = 0
+        self.total_steps = self.epoch = 0
+        self.in_band: dict | None = None    # the latest arg-max seen in the budget band (select)
         self._sums = torch.zeros(5, dtype=torch.float64, device=self.device)  # loss, acc_w, acc_a, n, cost-loss
         self.config = dict(model=spec.to_dict(), flops_target=flops_target, input_size=input_size,
                            flops_tolerance=flops_tolerance, cost_weight=cost_weight, tau=list(tau),
@@ -159,17 +161,34 @@ class TAS(Searcher):
         with torch.no_grad():
             self._sums += torch.stack([loss_w.detach().double(), acc_w, acc_a, acc_w.new_ones(()),
                                        l_cost.detach().double()])
+        if self.global_step % BAND_CHECK_EVERY == BAND_CHECK_EVERY - 1:
+            self._check_band()
         return {"loss": loss_w.detach(), "arch_loss": loss_a.detach(), "acc": acc_w, "arch_acc": acc_a,
                 "cost_loss": l_cost.detach(), "expected_flops": expected.detach(), "flops": current, "tau": self.tau}
+
+    def _in_band(self, flops: float) -> bool:
+        return self.target - self.tolerance <= flops <= self.target
+
+    def _check_band(self):
+        """Remember the current arg-max if its MACs lie in the cost loss's zero band (one host
+        copy of the cost; every BAND_CHECK_EVERY steps and at each epoch end)."""
+        flops = float(self.model.argmax_cost())
+        if self._in_band(flops):
+            arch = self.model.architecture()
+            self.in_band = {"widths": arch["widths"], "blocks": arch["blocks"], "flops": flops,
+                            "expected_flops": float(self.model.expected_cost().detach()),
+                            "epoch": self.epoch, "step": self.global_step + 1}
 
     # -- schedule hooks
     def begin_epoch(self, epoch, epochs, steps_per_epoch):
         self.tau = temperature(epoch, epochs, self.tau_max, self.tau_min, self.tau_schedule)
         self.total_steps = epochs * steps_per_epoch
+        self.epoch = epoch + 1
 
     def epoch_metrics(self) -> dict:
         loss, acc_w, acc_a, n, lc = (self._sums / self._sums[3].clamp_min(1)).tolist()
         self._sums.zero_()
+        self._check_band()
         arch = self.architecture()
         return {"loss": loss, "train_acc": acc_w, "arch_acc": acc_a, "cost_loss": lc, "tau": self.tau,
                 "flops": arch["flops"], "expected_flops": arch["expected_flops"],
@@ -200,21 +219,26 @@ class TAS(Searcher):
 
     def select(self, rule: str = "in-budget") -> dict:
         """The architecture to export. "final": the arg-max at the end of the search (TAS).
-        "in-budget": the latest of the epoch-end arg-max architectures (and the final one) whose
-        MACs lie in the cost loss's zero band [target - tolerance, target]; the final one if none
-        does. A short search ends wherever the arg-max happens to be as it oscillates around the
-        budget (a stage's depth flipping moves it by 10-15 % of the MACs); this keeps the result
-        within the budget. An earlier epoch's architecture carries its ``epoch``."""
+        "in-budget": the final arg-max if its MACs lie in the cost loss's zero band [target -
+        tolerance, target], else the latest arg-max seen there (looked at every
+        BAND_CHECK_EVERY steps and at each epoch end), else the final one. A short search ends
+        wherever the arg-max happens to be as it oscillates around the budget (a stage's depth
+        flipping moves it by 10-15 % of the MACs); this keeps the result within the budget. An
+        earlier architecture carries its ``epoch`` (the epoch it was seen in) and ``step``."""
         if rule not in SELECT_RULES:
             raise ValueError(f"rule must be one of {SELECT_RULES}, got {rule!r}")
         final = self.architecture()
-        if rule == "final" or self.target - self.tolerance <= final["flops"] <= self.target:
+        if rule == "final" or self._in_band(final["flops"]):
             return final
-        for h in reversed(self.history):
-            if "widths" in h and self.target - self.tolerance <= h["flops"] <= self.target:
-                arch = {**self.model.architecture(), "widths": h["widths"], "blocks": h["blocks"]}
-                return {**self._describe(arch, h["flops"], h.get("expected_flops")), "epoch": h["epoch"]}
-        return final
+        seen = self.in_band
+        if seen is None:      # a checkpoint of an earlier nasprune: its epoch-end rows
+            seen = next(({**h, "step": None} for h in reversed(self.history)
+                         if "widths" in h and self._in_band(h["flops"])), None)
+        if seen is None or not self._in_band(seen["flops"]):
+            return final
+        arch = {**self.model.architecture(), "widths": seen["widths"], "blocks": seen["blocks"]}
+        return {**self._describe(arch, seen["flops"], seen.get("expected_flops")), "epoch": seen["epoch"],
+                "step": seen["step"]}
 
     def export(self, init: str = "base", architecture: dict | None = None,
                projection_bn: bool | None = None) -> nn.Module:
@@ -246,7 +270,7 @@ class TAS(Searcher):
     def method_state(self) -> dict:
         return {"model": self.model.state_dict(), "w_opt": self.w_opt.state_dict(),
                 "a_opt": self.a_opt.state_dict(), "generator": self.generator.get_state(),
-                "sums": self._sums, "tau": self.tau}
+                "sums": self._sums, "tau": self.tau, "epoch": self.epoch, "in_band": self.in_band}
 
     def load_method_state(self, state):
         self.model.load_state_dict(state["model"])
@@ -255,3 +279,4 @@ class TAS(Searcher):
         self.generator.set_state(state["generator"])
         self._sums.copy_(state["sums"])
         self.tau = float(state["tau"])
+        self.epoch, self.in_band = int(state.get("epoch", 0)), state.get("in_band")

@@ -111,7 +111,15 @@ def test_bad_arguments():
         TAS(torch.nn.Linear(3, 3), 0.5, device="cpu")
 
 
-def test_select_in_budget_takes_latest_epoch_arch_in_band_and_export_builds_it():
+def _logits_of(s, widths):
+    """Width logits whose arg-max is ``widths``."""
+    logits = torch.full_like(s.model.width_logits, -5.0)
+    for row, (conv, w) in enumerate(zip(s.model.convs, widths)):
+        logits[row, conv.choices.index(w)] = 5.0
+    return logits
+
+
+def test_select_in_budget_takes_latest_arch_in_band_and_export_builds_it():
     s = _searcher()
     g = torch.Generator().manual_seed(3)
     archs = []
@@ -124,8 +132,21 @@ def test_select_in_budget_takes_latest_epoch_arch_in_band_and_export_builds_it()
     final = archs[2]
     assert len({a["flops"] for a in archs}) == 3
     s.target, s.tolerance = archs[0]["flops"] + 1.0, 2.0     # only epoch 1 lies in the band
-    chosen = s.select()
-    assert chosen["widths"] == archs[0]["widths"] and chosen["epoch"] == 1
+    chosen = s.select()      # no band check recorded (a checkpoint of an earlier nasprune): the rows
+    assert chosen["widths"] == archs[0]["widths"] and chosen["epoch"] == 1 and chosen["step"] is None
+    # the checks between epoch ends: the latest arg-max seen in the band, with its step and epoch
+    s.epoch = 2
+    for step, a in ((40, archs[1]), (50, archs[0]), (60, archs[1])):
+        s.global_step = step - 1
+        with torch.no_grad():
+            s.model.width_logits.copy_(_logits_of(s, a["widths"]))
+        s._check_band()
+    assert s.in_band["step"] == 50 and s.in_band["epoch"] == 2 and s.in_band["widths"] == archs[0]["widths"]
+    with torch.no_grad():
+        s.model.width_logits.copy_(_logits_of(s, final["widths"]))
+    mid = s.select()
+    assert mid["widths"] == archs[0]["widths"] and (mid["step"], mid["epoch"]) == (50, 2)
+    assert mid["macs"] == chosen["macs"] == archs[0]["flops"]
     assert s.select("final")["widths"] == final["widths"]
     s.target = final["flops"]                                # the final one in band: it wins
     assert s.select()["widths"] == final["widths"]
