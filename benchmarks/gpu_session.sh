@@ -59,9 +59,10 @@
 #                  benchmarks/results/<name>.jsonl; and quality/<version>/baseline.safetensors: the
 #                  quality protocol's baselines (a bare machine's recomputed baseline is not bit-equal
 #                  to an earlier one, and a row resumes only its own baseline's runs). Here:
-#                    tar -xf results.tar -C /tmp/gpu-res; for f in /tmp/gpu-res/results/*.jsonl; do
-#                      cat "$f" >> benchmarks/results/$(basename "$f"); done
-#                    cp -r /tmp/gpu-res/quality gpu-data/    # carried next time: the row resumes
+#                    mkdir -p /tmp/gpu-res && tar -xf results.tar -C /tmp/gpu-res
+#                    for f in /tmp/gpu-res/results/*.jsonl; do
+#                      [ -e "$f" ] && cat "$f" >> "benchmarks/results/$(basename "$f")"; done
+#                    [ -d /tmp/gpu-res/quality ] && cp -r /tmp/gpu-res/quality gpu-data/   # the row resumes
 #
 # The CIFAR-10 data for the quality steps travels in the git-ignored gpu-data/ (carry it):
 #   here:  mkdir -p gpu-data && cp ../shared/data/cifar10-jpeg.tar.gz \
@@ -74,6 +75,7 @@ OUT=${OUT:-gpu-out}
 PY=${PYTHON:-python3}
 BUDGET_S=${BUDGET_S:-540}
 STAGE=$(mktemp -d)     # what results.tar holds, built after every step
+trap 'rm -rf "$STAGE"' EXIT
 mkdir -p "$OUT" "$STAGE/results"
 LOG=$OUT/session.log
 SUMMARY=$OUT/steps.txt

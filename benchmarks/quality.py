@@ -281,12 +281,21 @@ def _same_device(row: dict, device) -> bool:
     return _device_key(row.get("device")) == _device_key(_common.device_name(torch.device(device)))
 
 
+def _of_baseline(records: list[dict], baseline: str) -> list[dict]:
+    """The records of one arm from ``baseline``. Records before session 16 name no baseline:
+    they are taken as of this one only while none of the arm's records names one."""
+    if any("baseline" in r for r in records):
+        return [r for r in records if r.get("baseline") == baseline]
+    return records
+
+
 def _latest(arm: str, ver: str, device, folder, baseline: str | None = None) -> dict | None:
     """The latest row of ``arm`` under protocol ``ver`` measured on a device of this kind (and,
-    given ``baseline``, from that baseline or from one recorded before rows named theirs)."""
+    given ``baseline``, from that baseline: :func:`_of_baseline`)."""
     rows = [r for r in _records(folder) if r.get("bench") == "quality" and r.get("arm") == arm
-            and r.get("protocol_version") == ver and _same_device(r, device)
-            and (baseline is None or r.get("baseline", baseline) == baseline)]
+            and r.get("protocol_version") == ver and _same_device(r, device)]
+    if baseline is not None:
+        rows = _of_baseline(rows, baseline)
     return rows[-1] if rows else None
 
 
@@ -470,11 +479,9 @@ def main(argv=None):
     def arm(name, seeds, run, fresh=False):
         """The arm's runs, one per seed: each recorded as it finishes (bench quality_run), so an
         interrupted protocol resumes from the runs it has; then the arm's row."""
-        # runs recorded before runs named their baseline (session 16) are taken as of this one
-        done = {} if fresh else {r["seed"]: r["run"] for r in _records(args.results)
-                                 if r.get("bench") == "quality_run" and r.get("arm") == name
-                                 and r.get("protocol_version") == prot.version and _same_device(r, device)
-                                 and r.get("baseline", prot.baseline_id) == prot.baseline_id}
+        recorded = [r for r in _records(args.results) if r.get("bench") == "quality_run" and r.get("arm") == name
+                    and r.get("protocol_version") == prot.version and _same_device(r, device)]
+        done = {} if fresh else {r["seed"]: r["run"] for r in _of_baseline(recorded, prot.baseline_id)}
         runs = {}
         for seed in seeds:
             if seed in done:

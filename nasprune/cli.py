@@ -182,7 +182,7 @@ def _tas_build(job):
 
 def _tas_select(job):
     s = job.searcher
-    chosen = s.select(job.args.select)
+    chosen = s.select(job.args.select, projection_bn=job.args.init == "random")   # what _tas_export builds
     if "epoch" in chosen:       # an earlier arg-max (see TAS.select)
         final = s.architecture()["flops"]
         when = f"step {chosen['step']} (epoch {chosen['epoch']})" if chosen.get("step") else f"epoch {chosen['epoch']}"
@@ -208,8 +208,9 @@ TAS_METHOD = Method(
                                             help="t of the cost loss, a fraction of the supernet's MACs "
                                                  "(default 0.05)")),
         Option(("--select",), dict(choices=("in-budget", "final"), default="in-budget",
-                                   help="architecture to export: the latest epoch-end arg-max within the budget "
-                                        "band (default), or the final arg-max as TAS")),
+                                   help="architecture to export: the final arg-max if within the budget band, "
+                                        "else the latest one seen there, checked every 10 steps (default), or "
+                                        "the final arg-max as TAS")),
         Option(("--tau-schedule",), dict(choices=("cosine", "linear"), default="cosine")),
         Option(("--tau-max",), dict(type=_positive_float, default=5.0)),
         Option(("--tau-min",), dict(type=_positive_float, default=0.1)),

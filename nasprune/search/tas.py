@@ -115,8 +115,8 @@ class TAS(Searcher):
                            flops_tolerance=flops_tolerance, cost_weight=cost_weight, tau=list(tau),
                            tau_schedule=tau_schedule, lr=lr, momentum=momentum, weight_decay=weight_decay,
                            arch_lr=arch_lr, arch_betas=list(arch_betas), arch_weight_decay=arch_weight_decay,
-                           init_from_model=init_from_model, align=align, search_depth=search_depth,
-                           seed=seed)
+                           init_from_model=init_from_model, align=align, seed=seed,
+                           **({} if search_depth else {"search_depth": False}))   # earlier checkpoints resume
 
     # -- one iteration
     def _sample(self):
@@ -161,23 +161,23 @@ class TAS(Searcher):
         with torch.no_grad():
             self._sums += torch.stack([loss_w.detach().double(), acc_w, acc_a, acc_w.new_ones(()),
                                        l_cost.detach().double()])
-        if self.global_step % BAND_CHECK_EVERY == BAND_CHECK_EVERY - 1:
-            self._check_band()
+        if (self.global_step + 1) % BAND_CHECK_EVERY == 0:     # the base counts this step after it returns
+            self._check_band(self.global_step + 1)
         return {"loss": loss_w.detach(), "arch_loss": loss_a.detach(), "acc": acc_w, "arch_acc": acc_a,
                 "cost_loss": l_cost.detach(), "expected_flops": expected.detach(), "flops": current, "tau": self.tau}
 
     def _in_band(self, flops: float) -> bool:
         return self.target - self.tolerance <= flops <= self.target
 
-    def _check_band(self):
-        """Remember the current arg-max if its MACs lie in the cost loss's zero band (one host
-        copy of the cost; every BAND_CHECK_EVERY steps and at each epoch end)."""
+    def _check_band(self, step: int):
+        """Remember the current arg-max (after ``step`` steps) if its MACs lie in the cost loss's
+        zero band (one host copy of the cost; every BAND_CHECK_EVERY steps and at each epoch end)."""
         flops = float(self.model.argmax_cost())
         if self._in_band(flops):
             arch = self.model.architecture()
             self.in_band = {"widths": arch["widths"], "blocks": arch["blocks"], "flops": flops,
                             "expected_flops": float(self.model.expected_cost().detach()),
-                            "epoch": self.epoch, "step": self.global_step + 1}
+                            "epoch": self.epoch, "step": step}
 
     # -- schedule hooks
     def begin_epoch(self, epoch, epochs, steps_per_epoch):
@@ -188,7 +188,7 @@ class TAS(Searcher):
     def epoch_metrics(self) -> dict:
         loss, acc_w, acc_a, n, lc = (self._sums / self._sums[3].clamp_min(1)).tolist()
         self._sums.zero_()
-        self._check_band()
+        self._check_band(self.global_step)
         arch = self.architecture()
         return {"loss": loss, "train_acc": acc_w, "arch_acc": acc_a, "cost_loss": lc, "tau": self.tau,
                 "flops": arch["flops"], "expected_flops": arch["expected_flops"],
@@ -196,17 +196,19 @@ class TAS(Searcher):
                 "blocks": arch["blocks"]}
 
     # -- results
-    def architecture(self) -> dict:
+    def architecture(self, projection_bn: bool = False) -> dict:
         """The arg-max architecture, keep-based (method, per-conv original and kept widths, MACs
         and params of export()), with TAS's own keys: the search space (ResNetSpec fields,
-        ``widths`` per conv row, ``blocks`` per stage; ``tas_resnet(**arch)`` builds it), its MACs
-        as ``flops`` (= the exact MACs of export()), ``expected_flops`` and the budget."""
+        ``widths`` per conv row, ``blocks`` per stage, ``projection_bn``; ``tas_resnet(**arch)``
+        builds it), its MACs as ``flops`` (= the exact MACs of export()), ``expected_flops`` and
+        the budget. projection_bn: that of the export described (False: a warm start's, the
+        default; True: ``export(init="random")``'s)."""
         return self._describe(self.model.architecture(), float(self.model.argmax_cost()),
-                              float(self.model.expected_cost().detach()))
+                              float(self.model.expected_cost().detach()), projection_bn)
 
-    def _describe(self, arch: dict, flops: float, expected_flops) -> dict:
+    def _describe(self, arch: dict, flops: float, expected_flops, projection_bn: bool = False) -> dict:
         spec = self.model.spec
-        arch = {**arch, "projection_bn": False}   # what export()'s default (a warm start) builds
+        arch = {**arch, "projection_bn": bool(projection_bn)}
         kept = spec.kept_widths(arch["widths"], arch["blocks"])
         layers = [{"name": n, "original": o, "kept": k}
                   for n, o, k in zip(spec.row_names(), spec.row_widths(), kept)]
@@ -217,17 +219,18 @@ class TAS(Searcher):
                                  expected_flops=expected_flops, base_flops=self.base_flops,
                                  target_flops=self.target)
 
-    def select(self, rule: str = "in-budget") -> dict:
+    def select(self, rule: str = "in-budget", projection_bn: bool = False) -> dict:
         """The architecture to export. "final": the arg-max at the end of the search (TAS).
         "in-budget": the final arg-max if its MACs lie in the cost loss's zero band [target -
         tolerance, target], else the latest arg-max seen there (looked at every
         BAND_CHECK_EVERY steps and at each epoch end), else the final one. A short search ends
         wherever the arg-max happens to be as it oscillates around the budget (a stage's depth
         flipping moves it by 10-15 % of the MACs); this keeps the result within the budget. An
-        earlier architecture carries its ``epoch`` (the epoch it was seen in) and ``step``."""
+        earlier architecture carries its ``epoch`` (the epoch it was seen in) and ``step``.
+        projection_bn: as :meth:`architecture`'s."""
         if rule not in SELECT_RULES:
             raise ValueError(f"rule must be one of {SELECT_RULES}, got {rule!r}")
-        final = self.architecture()
+        final = self.architecture(projection_bn)
         if rule == "final" or self._in_band(final["flops"]):
             return final
         seen = self.in_band
@@ -237,7 +240,7 @@ class TAS(Searcher):
         if seen is None or not self._in_band(seen["flops"]):
             return final
         arch = {**self.model.architecture(), "widths": seen["widths"], "blocks": seen["blocks"]}
-        return {**self._describe(arch, seen["flops"], seen.get("expected_flops")), "epoch": seen["epoch"],
+        return {**self._describe(arch, seen["flops"], seen.get("expected_flops"), projection_bn), "epoch": seen["epoch"],
                 "step": seen["step"]}
 
     def export(self, init: str = "base", architecture: dict | None = None,

@@ -191,6 +191,12 @@ def test_export_base_init_takes_the_unpruned_models_prefix_weights():
     assert base.constructor_kwargs["projection_bn"] is False and "projection_bn" not in net.constructor_kwargs
     rebuilt = tas_resnet(**base.constructor_kwargs)
     assert rebuilt.state_dict().keys() == base.state_dict().keys()
+    # the architecture dict describes the export it is asked for: its params, and what it rebuilds
+    for bn, init in ((False, "base"), (True, "random")):
+        described = s.select("final", projection_bn=bn)
+        net = s.export(init=init, architecture=described)
+        assert described["params"] == flops.count_params(net)
+        assert tas_resnet(**described).state_dict().keys() == net.state_dict().keys()
     with pytest.raises(ValueError, match="init must be one of"):
         s.export(init="scratch")
 

@@ -102,6 +102,7 @@ def test_resume_after_kill_mid_epoch_reaches_the_same_architecture(splits, tmp_p
     torch.testing.assert_close(second.model.width_logits, full.model.width_logits, rtol=0, atol=0)
     torch.testing.assert_close(second.model.stem.conv.weight, full.model.stem.conv.weight, rtol=0, atol=0)
     assert [h["loss"] for h in second.history] == pytest.approx([h["loss"] for h in full.history], rel=1e-12)
+    assert second.in_band == full.in_band and second.select() == full.select()   # the band's record resumes too
 
 
 def test_bad_arguments():
@@ -137,10 +138,9 @@ def test_select_in_budget_takes_latest_arch_in_band_and_export_builds_it():
     # the checks between epoch ends: the latest arg-max seen in the band, with its step and epoch
     s.epoch = 2
     for step, a in ((40, archs[1]), (50, archs[0]), (60, archs[1])):
-        s.global_step = step - 1
         with torch.no_grad():
             s.model.width_logits.copy_(_logits_of(s, a["widths"]))
-        s._check_band()
+        s._check_band(step)
     assert s.in_band["step"] == 50 and s.in_band["epoch"] == 2 and s.in_band["widths"] == archs[0]["widths"]
     with torch.no_grad():
         s.model.width_logits.copy_(_logits_of(s, final["widths"]))
