@@ -109,18 +109,6 @@ def _stats(values: list[float]) -> dict:
             "n": len(values)}
 
 
-def _weights_id(model) -> str:
-    """A short hash of a network's weights and buffers: which baseline a run started from. Training
-    is not bit-reproducible across thread counts or GPUs, so a baseline recomputed in a fresh
-    folder (the cache is git-ignored; a lent GPU machine starts bare) can differ from the one
-    earlier runs used, and an arm resumes only the runs of its own baseline."""
-    h = hashlib.sha1()
-    for name, t in model.state_dict().items():
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:12]
-
-
 def compare(a: dict, b: dict) -> dict:
     """a - b with the standard error of the difference of two independent means. With fewer than
     two seeds on either side a standard deviation is not measured, so neither is the standard
@@ -147,7 +135,12 @@ class Protocol:
         self.x = torch.zeros(1, 3, self.size, self.size)
         self.cache = Path(cache) / self.version
         self.baseline = self._baseline()
-        self.baseline_id = _weights_id(self.baseline)
+        # which baseline a run started from: the digest nasprune.save wrote into the cached file
+        # (weights and architecture). Training is not bit-reproducible across thread counts or
+        # GPUs, so a baseline recomputed in a fresh folder (the cache is git-ignored; a lent GPU
+        # machine starts bare) can differ from the one earlier runs used, and an arm resumes
+        # only the runs of its own baseline.
+        self.baseline_id = nasprune.io.read_architecture(self.cache / "baseline.safetensors")["_sha256"][:12]
         self.base_macs = flops.count(self.baseline.cpu(), self.x)
         self.baseline.to(self.device)
 

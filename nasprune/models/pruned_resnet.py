@@ -174,10 +174,9 @@ class DerivedBlock(nn.Module):
         self.convs = [self.conv_a, self.conv_b] + ([self.conv_c] if block == "bottleneck" else [])
         if stride != 1 and shortcut == "avg":
             self.shortcut = nn.Sequential(nn.AvgPool2d(stride), nn.Conv2d(cin, cout, 1, bias=False))
-        elif base_projection or projection_bn and cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-        elif cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False))
+        elif base_projection or cin != cout:
+            bn = [nn.BatchNorm2d(cout)] if base_projection or projection_bn else []
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), *bn)
         else:
             self.shortcut = nn.Identity()
 

@@ -400,7 +400,6 @@ class TASSupernet(nn.Module):
         table = torch.zeros(len(self.convs), k, dtype=torch.float64)
         for i, c in enumerate(self.convs):
             table[i, :len(c.choices)] = torch.tensor(c.choices, dtype=torch.float64)
-        self.search_depth = search_depth
         self.depth_choices = [depth_choices(n) if search_depth else [n] for n in spec.layers]
         d = max(len(c) for c in self.depth_choices)
         dtable = torch.tensor([c + [0] * (d - len(c)) for c in self.depth_choices], dtype=torch.float64)
